@@ -1,0 +1,57 @@
+"""Lag counters of one channel: posted / arrived / released iterations.
+
+On CPU they are host integers guarded by one condition variable. The GPU path keeps the same counters
+in device memory (kernels/lag_counters.cuh); the engine only calls the methods below, so both paths run
+the same protocol code. Every count is "how many iterations", so it is k+1 once iteration k is done.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class HostCounters:
+    """Posted / arrived / released counts of one rank, plus what it learned of its peers."""
+
+    def __init__(self, world_size: int, rank: int):
+        self.cond = threading.Condition()
+        self.peers = [p for p in range(world_size) if p != rank]
+        self.posted = 0
+        self.arrived = 0
+        self.released = 0
+        # Per peer: headers received (= iterations that peer has posted, as far as we know) and the
+        # release count that peer reported in its latest header.
+        self.peer_posted = [0] * world_size
+        self.peer_released = [0] * world_size
+        self.max_lag = 0
+
+    def post(self, k: int) -> None:
+        with self.cond:
+            self.posted = k + 1
+            self.max_lag = max(self.max_lag, self.lag())
+
+    def arrive(self, k: int) -> None:
+        with self.cond:
+            self.arrived = k + 1
+            self.cond.notify_all()
+
+    def release(self, k: int) -> None:
+        with self.cond:
+            self.released = k + 1
+
+    def learn(self, peer: int, k: int, released: int) -> None:
+        """Peer's header for iteration k arrived, reporting `released` iterations released there."""
+        with self.cond:
+            self.peer_posted[peer] = max(self.peer_posted[peer], k + 1)
+            self.peer_released[peer] = max(self.peer_released[peer], released)
+
+    def lag(self) -> int:
+        """Iterations this rank has posted that the slowest peer has not posted yet (<= B+1)."""
+        if not self.peers:
+            return 0
+        return self.posted - min(self.peer_posted[p] for p in self.peers)
+
+    def min_peer_released(self) -> int:
+        if not self.peers:
+            return self.released
+        return min(self.peer_released[p] for p in self.peers)

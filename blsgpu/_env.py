@@ -1,0 +1,45 @@
+"""Every BLSGPU_* environment variable, read in this one module.
+
+Arguments come first; these only reach what an argument cannot (e.g. a backend built by
+torch.distributed, or a test harness).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not a number") from e
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not an integer") from e
+
+
+def backend_bound() -> int:
+    """Lag bound B used by the "bls" torch.distributed backend (default 4)."""
+    return _int("BLSGPU_BOUND", 4)
+
+
+def default_timeout() -> timedelta:
+    """Timeout of a channel when none is given (default 300 s)."""
+    return timedelta(seconds=_float("BLSGPU_TIMEOUT_S", 300.0))
+
+
+def nvtx_enabled() -> bool:
+    """NVTX ranges on (default) unless BLSGPU_NVTX=0."""
+    return os.environ.get("BLSGPU_NVTX", "1") != "0"

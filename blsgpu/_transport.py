@@ -1,0 +1,92 @@
+"""Transports move bytes between ranks for the engine; they know nothing of iterations' meaning.
+
+A transport offers non-blocking point-to-point sends and receives of uint8 tensors, matched per
+(peer, kind, iteration), and a blocking wait with a timeout. The CPU transport is torch.distributed's
+gloo; the GPU transport (NCCL through CuPy, blsgpu/_nccl.py) keeps the same methods.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Message kinds; each gets its own tag space so headers and data never match each other.
+HEADER = 0
+DATA = 1
+_KINDS = 2
+_ITER_BITS = 16  # iterations in flight per pair are <= 2B+2, far below 2**16
+_MAX_CHANNELS = (2**31 - 1) >> (_ITER_BITS + 1)
+
+_channel_counts: dict[int, int] = {}
+
+
+def _next_channel_id(pg: Any) -> int:
+    # Channels are created collectively in the same order on every rank, so a per-group counter
+    # gives the same id everywhere without a message.
+    n = _channel_counts.get(id(pg), 0)
+    if n >= _MAX_CHANNELS // _KINDS:
+        raise RuntimeError(f"too many BLS channels on one process group ({n})")
+    _channel_counts[id(pg)] = n + 1
+    return n
+
+
+def gloo_backend_of(group: Any):
+    """The ProcessGroupGloo that carries CPU point-to-point traffic for `group` (None: default)."""
+    from blsgpu._backend import BLSProcessGroup  # lazy: the backend imports the engine
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call dist.init_process_group first "
+            "(or use blsgpu.run_world)"
+        )
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if isinstance(pg, BLSProcessGroup):
+        return pg.gloo
+    if isinstance(pg, dist.ProcessGroupGloo):
+        return pg
+    try:
+        backend = pg._get_backend(torch.device("cpu"))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"process group {pg!r} has no CPU backend; the gloo transport needs one "
+            "(init with backend 'gloo', 'bls' or 'cpu:gloo,cuda:nccl')"
+        ) from e
+    if not isinstance(backend, dist.ProcessGroupGloo):
+        raise ValueError(
+            f"the CPU backend of {pg!r} is {type(backend).__name__}, not gloo; the gloo transport "
+            "needs gloo (init with backend 'gloo', 'bls' or 'cpu:gloo,cuda:nccl')"
+        )
+    return backend
+
+
+class GlooTransport:
+    """Point-to-point over a gloo process group; tags keep channels, kinds and iterations apart."""
+
+    name = "gloo"
+
+    def __init__(self, group: Any = None):
+        self.pg = gloo_backend_of(group)
+        self.rank = self.pg.rank()
+        self.world_size = self.pg.size()
+        self.channel_id = _next_channel_id(self.pg)
+
+    def _tag(self, kind: int, k: int) -> int:
+        return ((self.channel_id * _KINDS + kind) << _ITER_BITS) | (k & ((1 << _ITER_BITS) - 1))
+
+    def isend(self, buf: torch.Tensor, peer: int, kind: int, k: int):
+        return self.pg.send([buf], peer, self._tag(kind, k))
+
+    def irecv(self, buf: torch.Tensor, peer: int, kind: int, k: int):
+        return self.pg.recv([buf], peer, self._tag(kind, k))
+
+    @staticmethod
+    def wait(req, timeout_s: float) -> None:
+        # A gloo wait that times out closes the pair, so the engine waits once with all the time it
+        # has and treats a timeout as final.
+        req.wait(timedelta(seconds=max(timeout_s, 0.001)))
+
+    def close(self) -> None:
+        pass
