@@ -28,7 +28,6 @@ class HostCounters:
     def post(self, k: int) -> None:
         with self.cond:
             self.posted = k + 1
-            self.max_lag = max(self.max_lag, self.lag())
 
     def arrive(self, k: int) -> None:
         with self.cond:
@@ -38,6 +37,7 @@ class HostCounters:
     def release(self, k: int) -> None:
         with self.cond:
             self.released = k + 1
+            self.max_lag = max(self.max_lag, self.lag())
 
     def learn(self, peer: int, k: int, released: int) -> None:
         """Peer's header for iteration k arrived, reporting `released` iterations released there."""
@@ -46,10 +46,14 @@ class HostCounters:
             self.peer_released[peer] = max(self.peer_released[peer], released)
 
     def lag(self) -> int:
-        """Iterations this rank has posted that the slowest peer has not posted yet (<= B+1)."""
+        """Iterations this rank released beyond the slowest peer's releases, as its headers told.
+
+        Finishing iteration k needs every peer's header k, posted only after that peer released
+        k-B-1, so the lag never exceeds B+1; a rank blocked on the bound sits at exactly B+1.
+        """
         if not self.peers:
             return 0
-        return self.posted - min(self.peer_posted[p] for p in self.peers)
+        return self.released - min(self.peer_released[p] for p in self.peers)
 
     def min_peer_released(self) -> int:
         if not self.peers:

@@ -18,3 +18,11 @@ class PeerError(BLSError):
         self.peer = peer
         self.channel = channel
         self.iteration = iteration
+
+    def __reduce__(self):
+        # Keyword-only fields: tell pickle how to rebuild (errors cross process boundaries).
+        return (_rebuild_peer_error, (str(self), self.peer, self.channel, self.iteration))
+
+
+def _rebuild_peer_error(message: str, peer: int, channel: str, iteration: int) -> PeerError:
+    return PeerError(message, peer=peer, channel=channel, iteration=iteration)

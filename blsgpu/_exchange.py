@@ -298,14 +298,20 @@ class BoundedLagAllToAll:
         flat = slot.reshape(-1).view(torch.uint8) if nbytes else None
         offsets = _prefix(send_splits)
         tr = self.transport
-        for p in self._peers:
-            it.header_recvs[p] = tr.irecv(header_in[p], p, HEADER, k)
-        for p in self._peers:
-            it.send_works.append((p, tr.isend(header_out[p], p, HEADER, k)))
-            if send_splits[p]:
-                chunk = flat[offsets[p] * row_bytes : (offsets[p] + send_splits[p]) * row_bytes]
-                it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
-                self._bytes_sent += chunk.numel()
+        p = self.rank
+        try:
+            for p in self._peers:
+                it.header_recvs[p] = tr.irecv(header_in[p], p, HEADER, k)
+            for p in self._peers:
+                it.send_works.append((p, tr.isend(header_out[p], p, HEADER, k)))
+                if send_splits[p]:
+                    lo = offsets[p] * row_bytes
+                    chunk = flat[lo : lo + send_splits[p] * row_bytes]
+                    it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
+                    self._bytes_sent += chunk.numel()
+        except Exception as e:  # the transport refuses to post: that peer is gone
+            self._broken = self._peer_error(p, k, "posting", e)
+            raise self._broken from e
         self._records[k] = it
         self._next_k = k + 1
         self._counters.post(k)
@@ -370,10 +376,8 @@ class BoundedLagAllToAll:
         if self._closed:
             raise ValueError(f"channel {self.name!r} is closed")
         if self._broken is not None:
-            raise BLSError(
-                f"channel {self.name!r} (rank {self.rank}) is unusable after an earlier error: "
-                f"{self._broken}"
-            ) from self._broken
+            # The first failure says it all (peer, channel, iteration): raise it again.
+            raise self._broken
 
     def _check_bound(self, k: int) -> None:
         outstanding = k - self._next_wait
@@ -449,6 +453,12 @@ class BoundedLagAllToAll:
             iteration=k,
         )
 
+    def _post_recv(self, buf: torch.Tensor, peer: int, k: int):
+        try:
+            return self.transport.irecv(buf, peer, DATA, k)
+        except Exception as e:
+            raise self._peer_error(peer, k, "posting the data receive", e) from e
+
     def _progress(self) -> None:
         cond = self._counters.cond
         while True:
@@ -459,10 +469,7 @@ class BoundedLagAllToAll:
                     return
                 it = self._queue.popleft()
             if self._broken is not None:
-                it.error = BLSError(
-                    f"channel {self.name!r} (rank {self.rank}) is unusable after an earlier "
-                    f"error: {self._broken}"
-                )
+                it.error = self._broken
             else:
                 try:
                     self._receive(it)
@@ -533,7 +540,7 @@ class BoundedLagAllToAll:
                 if n * p_row_bytes:
                     buf = torch.empty(n * p_row_bytes, dtype=torch.uint8)
                     scratch.append(buf)
-                    data_recvs.append((p, tr.irecv(buf, p, DATA, k)))
+                    data_recvs.append((p, self._post_recv(buf, p, k)))
                 if known is None:
                     rows[p] = 0
                 continue
@@ -543,7 +550,7 @@ class BoundedLagAllToAll:
                     pending.append((p, n))
             elif n:
                 lo = offsets[p] * row_bytes
-                data_recvs.append((p, tr.irecv(out_bytes[lo : lo + n * row_bytes], p, DATA, k)))
+                data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
 
         if out is None:
             out = torch.empty((sum(rows), *trailing), dtype=send.dtype)
@@ -551,7 +558,7 @@ class BoundedLagAllToAll:
             offsets = _prefix(rows)
             for p, n in pending:
                 lo = offsets[p] * row_bytes
-                data_recvs.append((p, tr.irecv(out_bytes[lo : lo + n * row_bytes], p, DATA, k)))
+                data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
 
         for p, work in data_recvs:
             try:

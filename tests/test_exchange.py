@@ -1,0 +1,488 @@
+"""The BLS exchange contract (design.md) on gloo: exact, bounded, loud, live, not spinning."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import blsgpu
+from blsgpu import BoundedLagAllToAll, PeerError, run_world
+from blsgpu._exchange import BoundError
+from blsgpu._world import RankError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32]
+VARIANTS = [(dt, tr) for dt in DTYPES for tr in [(), (64,)]]
+
+
+def _split_matrix(seed: int, k: int, w: int) -> np.ndarray:
+    """splits[src, dst] for iteration k: random, many zeros, and now and then a silent sender."""
+    g = np.random.default_rng([seed, k])
+    m = g.integers(0, 7, size=(w, w))
+    m[g.random((w, w)) < 0.3] = 0
+    if k % 5 == 2:
+        m[k % w, :] = 0  # this rank sends nothing at all
+    return m
+
+
+def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, trailing) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
+    x = torch.randn((n, *trailing), generator=g) * 1000
+    return x.round().to(dtype) if not dtype.is_floating_point else x.to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _exact_body(rank, w, bound, iters, seed):
+    # 1. The synchronous reference: gloo's all_to_all_single, iteration by iteration.
+    reference = []
+    for k in range(iters):
+        dtype, trailing = VARIANTS[k % len(VARIANTS)]
+        m = _split_matrix(seed, k, w)
+        send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
+        out = torch.empty((int(m[:, rank].sum()), *trailing), dtype=dtype)
+        dist.all_to_all_single(out, send, m[:, rank].tolist(), m[rank].tolist())
+        reference.append(out)
+
+    # 2. The BLS channel under seeded per-rank delays, with a driver that keeps a random number
+    #    (1..B+1) of exchanges outstanding; half the iterations pass known recv_splits.
+    rng = np.random.default_rng([seed, rank, 7])
+    delays = rng.exponential(0.001, size=iters) * (rng.random(iters) < 0.4)
+    window = rng.integers(1, bound + 2, size=iters)
+    bad = []
+    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+        pending = []
+
+        def check(k, handle):
+            recv, recv_splits = handle.wait()
+            m = _split_matrix(seed, k, w)
+            ok = (
+                recv.dtype == reference[k].dtype
+                and recv.shape == reference[k].shape
+                and torch.equal(_bits(recv), _bits(reference[k]))
+                and recv_splits == m[:, rank].tolist()
+            )
+            if not ok:
+                bad.append(k)
+
+        for k in range(iters):
+            dtype, trailing = VARIANTS[k % len(VARIANTS)]
+            m = _split_matrix(seed, k, w)
+            send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
+            known = m[:, rank].tolist() if k % 2 else None
+            pending.append((k, a2a.exchange(send, m[rank].tolist(), known)))
+            while len(pending) >= window[k]:
+                check(*pending.pop(0))
+            time.sleep(delays[k])
+        for item in pending:
+            check(*item)
+        stats = a2a.stats()
+    return bad, stats
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+@pytest.mark.parametrize("bound", [0, 1, 4])
+def test_exact_against_synchronous_reference(w, bound):
+    iters = 200
+    results = run_world(w, _exact_body, bound, iters, 17 + w * 10 + bound, timeout_s=240)
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], f"rank {rank}: iterations differ from all_to_all_single: {bad[:10]}"
+        assert stats["posted"] == stats["released"] == iters
+        assert 0 <= stats["max_lag"] <= bound + 1
+
+
+def _property_body(rank, w, bound, matrices, trailing):
+    out = []
+    with BoundedLagAllToAll(bound=bound, timeout=30) as a2a:
+        handles = []
+        for k, m in enumerate(matrices):
+            m = np.asarray(m)
+            n = int(m[rank].sum())
+            send = (torch.arange(n * int(np.prod(trailing)), dtype=torch.int64) + 10**6 * rank
+                    + 10**9 * k).view(n, *trailing)
+            handles.append(a2a.exchange(send, m[rank].tolist()))
+            if len(handles) == bound + 1:
+                out.append(handles.pop(0).wait())
+        out.extend(h.wait() for h in handles)
+    return [(r.tolist(), s) for r, s in out]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    w=st.integers(2, 3),
+    bound=st.integers(0, 3),
+    data=st.data(),
+)
+def test_property_random_splits(w, bound, data):
+    iters = data.draw(st.integers(1, 8))
+    cell = st.integers(0, 4)
+    matrices = [
+        data.draw(st.lists(st.lists(cell, min_size=w, max_size=w), min_size=w, max_size=w))
+        for _ in range(iters)
+    ]
+    trailing = tuple(data.draw(st.lists(st.integers(1, 3), max_size=2)))
+    results = run_world(w, _property_body, bound, matrices, trailing, timeout_s=60)
+    width = int(np.prod(trailing))
+    for rank, per_iter in enumerate(results):
+        for k, (recv, splits) in enumerate(per_iter):
+            m = np.asarray(matrices[k])
+            assert splits == m[:, rank].tolist()
+            expected = []
+            for src in range(w):
+                base = 10**6 * src + 10**9 * k
+                lo = int(m[src, :rank].sum()) * width
+                hi = lo + int(m[src, rank]) * width
+                expected.extend(base + i for i in range(lo, hi))
+            got = torch.tensor(recv, dtype=torch.int64).reshape(-1).tolist()
+            assert got == expected
+
+
+def _bounded_body(rank, w, bound, iters, slow_rank, slow_s):
+    """Pipelined driver: post k, then wait k-B. The slow rank sleeps between the two (its compute),
+    which is when the others can run B+1 iterations ahead of its releases."""
+    posted_at, finished_at = [], []
+    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+        handles = []
+        for k in range(iters + bound):
+            if k < iters:
+                posted_at.append(time.monotonic())
+                handles.append(a2a.exchange(torch.full((w,), float(k)), [1] * w))
+            if rank == slow_rank:
+                time.sleep(slow_s)
+            if k >= bound:
+                j = k - bound
+                recv, _ = handles.pop(0).wait()
+                finished_at.append(time.monotonic())
+                assert recv.tolist() == [float(j)] * w
+        stats = a2a.stats()
+    return posted_at, finished_at, stats
+
+
+@pytest.mark.parametrize("bound", [0, 2, 4])
+def test_bounded_lag(bound):
+    w, iters, slow = 3, 14, 1
+    results = run_world(w, _bounded_body, bound, iters, slow, 0.03, timeout_s=120)
+    finished = [r[1] for r in results]
+    # No rank finishes iteration k before every peer released (finished) iteration k-B-1.
+    for r in range(w):
+        for k in range(bound + 1, iters):
+            for p in range(w):
+                assert finished[r][k] >= finished[p][k - bound - 1], (r, p, k)
+    # The fast ranks do get B+1 iterations ahead of the sleeping one, and never more.
+    for r in range(w):
+        if r == slow:
+            continue
+        ahead = 0
+        for k in range(iters):
+            slow_released = sum(t <= finished[r][k] for t in finished[slow])
+            ahead = max(ahead, (k + 1) - slow_released)
+        assert ahead == bound + 1, f"rank {r} got {ahead} ahead, expected {bound + 1}"
+        assert results[r][2]["max_lag"] == bound + 1
+        assert results[r][2]["waiting_for_data_s"] > 0.2  # it waited on the slow rank
+
+
+def _outstanding_body(rank, w, bound):
+    a2a = BoundedLagAllToAll(bound=bound, timeout=30)
+    x = torch.ones(w)
+    handles = [a2a.exchange(x, [1] * w) for _ in range(bound + 1)]
+    t0 = time.monotonic()
+    with pytest.raises(BoundError, match="outstanding"):
+        a2a.exchange(x, [1] * w)
+    with pytest.raises(BoundError):
+        a2a.send_buffer((w,), torch.float32)
+    elapsed = time.monotonic() - t0
+    # The refused call sent nothing: the channel stays in step.
+    results = [h.wait()[0].tolist() for h in handles]
+    last = a2a.exchange(x * 2, [1] * w).wait()[0].tolist()
+    a2a.close()
+    return elapsed, results, last
+
+
+def test_more_than_b_plus_one_outstanding_raises_at_once():
+    for elapsed, results, last in run_world(2, _outstanding_body, 2):
+        assert elapsed < 1.0
+        assert results == [[1.0, 1.0]] * 3
+        assert last == [2.0, 2.0]
+
+
+def _death_body(rank, w, die_rank, die_at, pid_dir):
+    with open(os.path.join(pid_dir, f"{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    a2a = BoundedLagAllToAll(bound=2, timeout=8, name="deathwatch")
+    handles = []
+    t_fail = None
+    try:
+        for k in range(50):
+            if rank == die_rank and k == die_at:
+                os._exit(3)
+            handles.append(a2a.exchange(torch.ones(w, 4), [1] * w))
+            if len(handles) == 3:
+                handles.pop(0).wait()
+            time.sleep(0.01)
+    except PeerError:
+        t_fail = time.monotonic()
+        raise
+    return t_fail
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_dead_peer_raises_on_every_survivor(tmp_path):
+    w, die = 3, 2
+    t0 = time.monotonic()
+    results = run_world(w, _death_body, die, 6, str(tmp_path), return_exceptions=True,
+                        timeout_s=60)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 8 + 5, "survivors must fail within the channel timeout"
+    assert isinstance(results[die], RankError) and "died" in str(results[die])
+    for r in range(w):
+        if r == die:
+            continue
+        err = results[r]
+        assert isinstance(err, PeerError), f"rank {r}: {err!r}"
+        assert err.peer == die and err.channel == "deathwatch"
+        assert f"peer {die}" in str(err) and "deathwatch" in str(err)
+        assert f"iteration {err.iteration}" in str(err) and 4 <= err.iteration <= 8
+    time.sleep(0.5)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == w
+    assert not [p for p in pids if _alive(p)], "run_world left processes behind"
+
+
+def _silent_body(rank, w, silent_rank):
+    a2a = BoundedLagAllToAll(bound=1, timeout=2.0, name="quiet")
+    if rank == silent_rank:
+        time.sleep(5)  # never posts: a hung peer, not a dead one
+        return "slept"
+    t0 = time.monotonic()
+    try:
+        a2a.exchange(torch.ones(w), [1] * w).wait()
+    except PeerError as e:
+        return ("raised", e.peer, e.iteration, time.monotonic() - t0, str(e))
+    return "no error"
+
+
+def test_silent_peer_times_out_naming_it():
+    results = run_world(3, _silent_body, 0, timeout_s=30)
+    assert results[0] == "slept"
+    for r in (1, 2):
+        kind, peer, iteration, elapsed, msg = results[r]
+        assert (kind, peer, iteration) == ("raised", 0, 0)
+        assert 1.5 < elapsed < 4.0
+        assert "timed out" in msg and "quiet" in msg
+
+
+def _bad_local_args_body(rank, w):
+    a2a = BoundedLagAllToAll(bound=1, timeout=30)
+    x = torch.arange(6.0)
+    cases = [
+        (ValueError, "negative", lambda: a2a.exchange(x, [7, -1])),
+        (ValueError, "sum to 5", lambda: a2a.exchange(x, [2, 3])),
+        (ValueError, "one per rank", lambda: a2a.exchange(x, [2, 2, 2])),
+        (ValueError, "one per rank", lambda: a2a.exchange(x, [3, 3], [3, 3, 0])),
+        (ValueError, "to itself", lambda: a2a.exchange(x, [3, 3], [4, 4])),
+        (TypeError, "torch.Tensor", lambda: a2a.exchange([1, 2], [1, 1])),
+        (TypeError, "integers", lambda: a2a.exchange(x, [2.5, 3.5])),
+        (ValueError, "at least one dimension", lambda: a2a.exchange(torch.tensor(1.0), [1, 0])),
+    ]
+    seen = []
+    for exc, text, call in cases:
+        try:
+            call()
+            seen.append(f"no error for {text}")
+        except exc as e:
+            seen.append(text in str(e) or f"{text!r} not in {e}")
+    # Nothing was sent: the next valid exchange is iteration 0 everywhere and correct.
+    recv, splits = a2a.exchange(x + 10 * rank, [3, 3]).wait()
+    a2a.close()
+    closed = []
+    try:
+        a2a.exchange(x, [3, 3])
+    except ValueError as e:
+        closed.append("closed" in str(e))
+    return seen, recv.tolist(), splits, closed
+
+
+def test_bad_local_arguments_raise_before_sending():
+    for rank, (seen, recv, splits, closed) in enumerate(run_world(2, _bad_local_args_body)):
+        assert all(s is True for s in seen), seen
+        lo = 3 * rank
+        assert recv == [float(lo + i) for i in range(3)] + [float(10 + lo + i) for i in range(3)]
+        assert splits == [3, 3]
+        assert closed == [True]
+    with pytest.raises(ValueError, match="bound must be >= 0"):
+        BoundedLagAllToAll(bound=-1)
+    with pytest.raises(TypeError, match="bound must be an int"):
+        BoundedLagAllToAll(bound=1.5)
+
+
+def _peer_mismatch_body(rank, w, case):
+    a2a = BoundedLagAllToAll(bound=1, timeout=20)
+    send = torch.ones(w, 4)
+    recv_splits = None
+    if case == "dtype" and rank == 1:
+        send = send.half()
+    if case == "trailing" and rank == 1:
+        send = torch.ones(w, 5)
+    if case == "recv_splits":
+        recv_splits = [1] * w
+        if rank == 0:
+            recv_splits = [1, 3] + [1] * (w - 2)  # wrong expectation of what rank 1 sends
+    h = a2a.exchange(send, [1] * w, recv_splits)
+    try:
+        h.wait()
+        outcome = "ok"
+    except ValueError as e:
+        outcome = str(e)
+    # The pair's bytes were drained: the channel goes on in step for a valid iteration.
+    recv, _ = a2a.exchange(torch.full((w, 4), float(rank)), [1] * w).wait()
+    a2a.close()
+    return outcome, recv[:, 0].tolist()
+
+
+@pytest.mark.parametrize("case", ["dtype", "trailing", "recv_splits"])
+def test_mismatch_only_peers_can_see_raises_on_both_sides(case):
+    w = 3
+    results = run_world(w, _peer_mismatch_body, case, timeout_s=60)
+    outcomes = [r[0] for r in results]
+    for r in range(w):
+        assert results[r][1] == [0.0, 1.0, 2.0]  # the process survived and stays in step
+    if case in ("dtype", "trailing"):
+        assert all(o != "ok" and "disagree" in o for o in outcomes), outcomes
+        assert "rank 1 sends" in outcomes[0]
+    else:
+        assert "recv_splits[1]=3" in outcomes[0]
+        assert "rank 0 expects 3 rows from rank 1" in outcomes[1]
+        assert outcomes[2] == "ok"
+
+
+def _no_spin_body(rank, w):
+    a2a = BoundedLagAllToAll(bound=0, timeout=30)
+    if rank == 1:
+        time.sleep(2.0)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    a2a.exchange(torch.ones(w), [1] * w).wait()
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+    a2a.close()
+    return cpu, wall
+
+
+def test_waiting_does_not_spin():
+    cpu, wall = run_world(2, _no_spin_body)[0]
+    assert wall > 1.8
+    assert cpu < 0.1 * wall, f"rank 0 used {cpu:.3f} s of CPU while blocked {wall:.2f} s"
+
+
+def _close_delivers_body(rank, w, iters, out_dir):
+    a2a = BoundedLagAllToAll(bound=iters, timeout=30)
+    if rank == 0:
+        # Post everything and leave at once: close() must drain and deliver before returning,
+        # because this process exits right after it.
+        for k in range(iters):
+            a2a.exchange(torch.full((w * 1000,), float(k)), [1000] * w)
+        t0 = time.monotonic()
+        a2a.close()
+        with open(os.path.join(out_dir, "close_s"), "w") as f:
+            f.write(str(time.monotonic() - t0))
+        os._exit(0)
+    time.sleep(1.0)  # the slow peer has not even posted yet
+    handles = [a2a.exchange(torch.zeros(w * 1000), [1000] * w) for _ in range(iters)]
+    got = [h.wait()[0][:1000].unique().tolist() for h in handles]
+    a2a.close()
+    return got
+
+
+def test_close_returns_only_after_delivery(tmp_path):
+    results = run_world(2, _close_delivers_body, 3, str(tmp_path), return_exceptions=True)
+    assert "exit code 0" in str(results[0])  # rank 0 left right after close()
+    assert results[1] == [[0.0], [1.0], [2.0]]  # ... and the slow peer still got everything
+    assert float((tmp_path / "close_s").read_text()) > 0.8
+
+
+def _backend_body(rank, w):
+    """An unchanged inference-style loop: async a2a issued ahead, waited later, plus other colls."""
+    g = torch.Generator().manual_seed(rank)
+    outs, works = [], []
+    for k in range(12):
+        splits = [(rank + p + k) % 3 + 1 for p in range(w)]
+        recv_splits = [(p + rank + k) % 3 + 1 for p in range(w)]
+        inp = torch.randn(sum(splits), 8, generator=g)
+        out = torch.empty(sum(recv_splits), 8)
+        works.append((out, dist.all_to_all_single(out, inp, recv_splits, splits, async_op=True)))
+        if len(works) == 2:
+            o, wk = works.pop(0)
+            wk.wait()
+            outs.append(o.clone())
+    for o, wk in works:
+        wk.wait()
+        outs.append(o.clone())
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    b = torch.tensor([float(rank)])
+    dist.broadcast(b, src=1)
+    gathered = [torch.zeros(1) for _ in range(w)]
+    dist.all_gather(gathered, torch.tensor([float(rank)]))
+    dist.barrier()
+    blocking = torch.empty(w)
+    dist.all_to_all_single(blocking, torch.arange(w, dtype=torch.float32) + 10 * rank)
+    return ([o.tolist() for o in outs], t.item(), b.item(), [x.item() for x in gathered],
+            blocking.tolist(), dist.get_backend())
+
+
+def test_bls_backend_matches_gloo():
+    bls = run_world(3, _backend_body, backend="bls")
+    gloo = run_world(3, _backend_body, backend="gloo")
+    for r in range(3):
+        assert bls[r][:-1] == gloo[r][:-1]
+        assert bls[r][-1] == "bls" and gloo[r][-1] == "gloo"
+    assert bls[0][1] == 6.0 and bls[0][2] == 1.0 and bls[0][3] == [0.0, 1.0, 2.0]
+
+
+def _send_buffer_body(rank, w):
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        outs = []
+        for k in range(4):
+            buf = a2a.send_buffer((w, 3), torch.float32)
+            buf.copy_(torch.full((w, 3), float(10 * k + rank)))  # e.g. a fused lookup writes here
+            outs.append(a2a.exchange(buf, [1] * w).wait()[0][:, 0].tolist())
+        return outs, a2a.stats()["bytes_sent"]
+
+
+def test_send_buffer_is_posted_without_copy():
+    results = run_world(2, _send_buffer_body)
+    for outs, sent in results:
+        assert outs == [[10.0 * k, 10.0 * k + 1] for k in range(4)]
+        assert sent == 4 * 3 * 4
+
+
+def test_run_world_names_failing_rank():
+    with pytest.raises(RankError, match="rank 1 raised ZeroDivisionError"):
+        run_world(2, _fail_on_rank_one)
+
+
+def _fail_on_rank_one(rank, w):
+    if rank == 1:
+        return 1 / 0
+    return rank
+
+
+def test_import_needs_no_gpu_stack():
+    import sys
+
+    assert "cupy" not in sys.modules and "triton" not in sys.modules
+    assert "bls" in dist.Backend.backend_list
+    assert blsgpu.BoundedLagAllToAll is BoundedLagAllToAll
