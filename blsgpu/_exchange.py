@@ -31,6 +31,7 @@ import torch
 from blsgpu import _env
 from blsgpu._counters import HostCounters
 from blsgpu._errors import BLSError, PeerError
+from blsgpu._trace import span
 from blsgpu._transport import DATA, HEADER, GlooTransport
 
 MAX_BOUND = 4096
@@ -233,6 +234,10 @@ class BoundedLagAllToAll:
         the arguments are wrong, when the channel is closed, or when B+1 exchanges are already
         outstanding.
         """
+        with span("post", self.name, self._next_k):
+            return self._post(send, send_splits, recv_splits)
+
+    def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> ExchangeHandle:
         self._check_usable()
         if not isinstance(send, torch.Tensor):
             raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
@@ -429,6 +434,10 @@ class BoundedLagAllToAll:
         return it.result
 
     def _finish(self, it: _Iteration) -> None:
+        with span("wait", self.name, it.k):
+            self._finish_inner(it)
+
+    def _finish_inner(self, it: _Iteration) -> None:
         t0 = time.monotonic()
         # The progress thread enforces the timeout on every transport wait; this is a safety net.
         ok = it.done.wait(timeout=2 * self.timeout_s + 10.0)
@@ -439,7 +448,8 @@ class BoundedLagAllToAll:
             )
             self._broken = it.error
         it.waited = True
-        self._counters.release(it.k)
+        with span("release", self.name, it.k):
+            self._counters.release(it.k)
         self._next_wait = it.k + 1
         if it.error is not None and not isinstance(it.error, ValueError):
             self._broken = it.error
@@ -472,7 +482,8 @@ class BoundedLagAllToAll:
                 it.error = self._broken
             else:
                 try:
-                    self._receive(it)
+                    with span("receive", self.name, it.k):
+                        self._receive(it)
                 except BaseException as e:  # handed to the waiting caller
                     it.error = e
                     if not isinstance(e, ValueError):
