@@ -13,7 +13,7 @@ def _gpu_count() -> int:
 def pytest_collection_modifyitems(config, items):
     n = _gpu_count()
     for item in items:
-        if "gpu" in item.keywords and n < 1:
+        if item.get_closest_marker("gpu") is not None and n < 1:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible"))
         mark = item.get_closest_marker("multigpu")
         if mark is not None:
