@@ -100,6 +100,7 @@ def run_world(
     backend: str = "gloo",
     timeout_s: float = 300.0,
     return_exceptions: bool = False,
+    grace_s: float = 30.0,
 ) -> list[Any]:
     """Run fn(rank, world_size, *args) on world_size local processes; return each rank's result.
 
@@ -107,8 +108,9 @@ def run_world(
     torch.set_num_threads(1), and prefixes its output with [rankN]. A rank that raises makes
     run_world raise RankError naming the rank (the first failing rank, original exception chained),
     unless return_exceptions=True, which returns the exception in that rank's place. A rank that
-    dies without reporting yields RankError with its exit code. Ranks still running after
-    timeout_s are killed and reported. No process outlives the call.
+    dies without reporting yields RankError with its exit code. Once a rank failed, the others get
+    grace_s more to finish (long enough for a BLS channel timeout to name the failed peer), then are
+    killed and reported; any rank still running after timeout_s is too. No process outlives the call.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -129,6 +131,7 @@ def run_world(
         p.start()
     outcome: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
+    grace_deadline: float | None = None
     try:
         while len(outcome) < world_size:
             try:
@@ -148,7 +151,12 @@ def run_world(
                         pass
                     if r not in outcome:
                         outcome[r] = ("died", p.exitcode)
-            if time.monotonic() > deadline:
+            failed = any(status != "ok" for status, _ in outcome.values())
+            if failed and grace_deadline is None:
+                grace_deadline = time.monotonic() + grace_s
+            if time.monotonic() > deadline or (
+                grace_deadline is not None and time.monotonic() > grace_deadline
+            ):
                 for r in range(world_size):
                     outcome.setdefault(r, ("timeout", timeout_s))
     finally:
@@ -182,6 +190,10 @@ def run_world(
                     pass
         elif status == "died":
             err = RankError(f"rank {r} died with exit code {payload} before reporting", r)
+        elif grace_deadline is not None and time.monotonic() >= grace_deadline:
+            err = RankError(
+                f"rank {r} was still running {grace_s} s after another rank failed and was killed", r
+            )
         else:
             err = RankError(f"rank {r} did not finish within {payload} s and was killed", r)
         values.append(err)

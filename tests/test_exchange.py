@@ -486,3 +486,19 @@ def test_import_needs_no_gpu_stack():
     assert "cupy" not in sys.modules and "triton" not in sys.modules
     assert "bls" in dist.Backend.backend_list
     assert blsgpu.BoundedLagAllToAll is BoundedLagAllToAll
+
+
+def _one_fails_others_block(rank, w):
+    if rank == 1:
+        raise RuntimeError("boom")
+    dist.barrier()  # never completes: rank 1 is gone
+    return rank
+
+
+def test_run_world_fails_fast_after_grace():
+    t0 = time.monotonic()
+    results = run_world(2, _one_fails_others_block, grace_s=2.0, timeout_s=120,
+                        return_exceptions=True)
+    assert time.monotonic() - t0 < 20
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "boom"
+    assert isinstance(results[0], RankError) and "after another rank failed" in str(results[0])
