@@ -1,0 +1,447 @@
+"""Sharded EmbeddingBagCollection: TorchRec's sharded forward with both alltoallvs on BLS channels.
+
+One batch (a KJT of N local samples on every rank) goes through:
+  input dist   one int64 message per destination r: [N, lengths of r's slots (N each), their ids]
+               (row-wise: only the ids in r's row block, shifted to local rows); the per-id weights
+               travel on their own float32 channel when the collection is weighted.
+  lookup       rank r pools, for every sample of every rank, the slots it holds, straight into the
+               send buffer of the output channel: rows grouped by the sample's rank, in comm_dtype.
+  output dist  rank r sends [N_p, D_r] to every rank p; rank p puts each block into its columns of
+               [N, sum(D)] (row-wise partial sums are added in rank order, then mean divides by
+               the bag length).
+forward(kjt) runs one batch through; pipeline(batches) keeps up to B+1 batches in flight on both
+channels, which is what lets a fast rank run up to B+1 batches ahead of a slow one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from blsgpu._exchange import BoundedLagAllToAll
+from blsgpu._lookup import QuantizedTable
+from blsgpu.embedding._collection import check_features, init_weight, offsets_of, pool_into
+from blsgpu.embedding._config import as_configs
+from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt
+from blsgpu.embedding._plan import make_plan
+
+_COMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Shard(nn.Module):
+    """Rows [row_start, row_end) of one table; `weight` is named as in the unsharded module.
+
+    int8 shards keep FBGEMM's fused 8-bit row-wise layout (uint8 [rows, D + 8]) in `weight`.
+    """
+
+    def __init__(self, weight: torch.Tensor, row_start: int, row_end: int, quantized: bool):
+        super().__init__()
+        self.row_start = row_start
+        self.row_end = row_end
+        self.quantized = quantized
+        if quantized:
+            self.register_buffer("weight", QuantizedTable.from_float(weight).data)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def table(self):
+        """What the lookup reads: the float tensor or a QuantizedTable over the same bytes."""
+        return QuantizedTable(self.weight) if self.quantized else self.weight
+
+    @torch.no_grad()
+    def load(self, src: torch.Tensor) -> None:
+        if self.quantized and src.dtype != torch.uint8:
+            src = QuantizedTable.from_float(src.to(self.weight.device)).data
+        self.weight.copy_(src)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One batch on its way through the two exchanges."""
+
+    kjt: KeyedJaggedTensor
+    key_index: list[int]
+    ids_send: torch.Tensor
+    ids_splits: list[int]
+    w_send: torch.Tensor | None
+    w_splits: list[int]
+    h_ids: Any = None
+    h_w: Any = None
+    h_out: Any = None
+
+
+class ShardedEmbeddingBagCollection(nn.Module):
+    """EmbeddingBagCollection sharded over a process group, exchanging on BLS channels.
+
+    Args:
+        tables: EmbeddingBagConfigs (ours or TorchRec's), the same on every rank.
+        plan: "table_wise", "row_wise", a dict table name -> entry, or a ShardingPlan
+            (see blsgpu.embedding._plan).
+        group: the process group (None: default). Construction is collective: it creates the
+            channels, so every rank builds its sharded collections in the same order.
+        bound: B, how many batches a rank may run ahead of its slowest peer.
+        device: where the shards live and outputs are returned (default CPU).
+        comm_dtype: dtype of pooled embeddings on the wire (float32 default, float16, bfloat16).
+        is_weighted: use the KJT's per-id weights (as TorchRec's is_weighted).
+        dtype: table dtype: float32, float16, bfloat16, or int8 for row-wise quantized tables
+            (blsgpu.QuantizedTable: D + 8 bytes a row instead of 4 D).
+        seed: with a seed, each table holds exactly the rows EmbeddingBagCollection(tables,
+            seed=seed) would (each rank draws the whole table once to slice its rows).
+    """
+
+    def __init__(self, tables, plan="table_wise", group=None, bound: int = 4, device=None,
+                 comm_dtype: torch.dtype | None = None, *, is_weighted: bool = False,
+                 dtype: torch.dtype = torch.float32, seed: int | None = None,
+                 timeout=None, _init: bool = True):
+        super().__init__()
+        configs = as_configs(tables)
+        if comm_dtype is None:
+            comm_dtype = torch.float32
+        if comm_dtype not in _COMM_DTYPES:
+            raise ValueError(f"comm_dtype must be one of {_COMM_DTYPES}, got {comm_dtype}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or int8, got {dtype}")
+        quantized = dtype == torch.int8
+        if quantized:
+            dtype = torch.float32  # drawn in float, then quantized row-wise
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "dist.init_process_group first (or use blsgpu.run_world)")
+        self._group = group
+        self._rank = dist.get_rank(group)
+        W = dist.get_world_size(group)
+        self.plan = make_plan(configs, plan, W)
+        self._tables = configs
+        self._W = W
+        self._bound = bound
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._comm_dtype = comm_dtype
+        self._is_weighted = bool(is_weighted)
+
+        self.embedding_bags = nn.ModuleDict()
+        for i, t in enumerate(configs):
+            for sh in self.plan.shards:
+                if sh.table == t.name and sh.rank == self._rank:
+                    if not _init:
+                        w = torch.zeros(sh.rows, t.embedding_dim, dtype=dtype, device=self._device)
+                    elif seed is not None:
+                        w = init_weight(t, i, seed, dtype)[sh.row_start:sh.row_end]
+                        w = w.to(self._device).clone()
+                    else:
+                        bound_ = (1.0 / t.num_embeddings) ** 0.5
+                        w = torch.empty(sh.rows, t.embedding_dim).uniform_(-bound_, bound_)
+                        w = w.to(device=self._device, dtype=dtype)
+                    self.embedding_bags[t.name] = _Shard(w, sh.row_start, sh.row_end, quantized)
+
+        slots = self.plan.slots
+        self._features = [s.feature for s in slots]
+        self._rows: dict[str, int] = {}
+        for t in configs:
+            for f in t.feature_names:
+                self._rows[f] = min(self._rows.get(f, t.num_embeddings), t.num_embeddings)
+        self._local = self.plan.local[self._rank]
+        self._local_dim = [self.plan.local_dim(r) for r in range(W)]
+        # Lookup runs: (first slot, end slot, pooling) over this rank's local slots.
+        self._runs: list[tuple[int, int, str]] = []
+        for i, ls in enumerate(self._local):
+            if self._runs and self._runs[-1][2] == ls.pooling:
+                self._runs[-1] = (self._runs[-1][0], i + 1, ls.pooling)
+            else:
+                self._runs.append((i, i + 1, ls.pooling))
+        # Output assembly: per source rank, the output columns of its local columns.
+        self._cols: list[torch.Tensor] = []
+        for r in range(W):
+            cols = [slots[ls.slot].col + d for ls in self.plan.local[r]
+                    for d in range(slots[ls.slot].dim)]
+            self._cols.append(torch.tensor(cols, dtype=torch.int64, device=self._device))
+        self._mean_rw = [(j, s.col, s.dim) for j, s in enumerate(slots)
+                         if s.kind == "row_wise" and s.pooling == "mean"]
+
+        # Channels are collective: the same ones, in the same order, on every rank.
+        kw = dict(group=group, bound=bound, device=self._device, timeout=timeout)
+        self._ch_ids = BoundedLagAllToAll(name="ebc_ids", **kw)
+        self._ch_w = BoundedLagAllToAll(name="ebc_weights", **kw) if self._is_weighted else None
+        self._ch_out = BoundedLagAllToAll(name="ebc_pooled", **kw)
+
+    # ------------------------------------------------------------------------------- public API
+
+    def embedding_bag_configs(self):
+        return list(self._tables)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def table_nbytes(self) -> int:
+        """Bytes of the table shards this rank holds."""
+        return sum(s.weight.numel() * s.weight.element_size() for s in self.embedding_bags.values())
+
+    def forward(self, features) -> KeyedTensor:
+        """Pooled embeddings of this rank's batch: [N, sum(D)] float32, keys in table order."""
+        return next(self.pipeline([features], bound=0))
+
+    def pipeline(self, batches: Iterable, bound: int | None = None) -> Iterator[KeyedTensor]:
+        """Yields one KeyedTensor per batch, in order, keeping up to B+1 batches in flight on each
+        channel: after posting the ids of batch k it looks up batch k-B (posting its pooled rows)
+        and then yields batch k-2B. Results equal forward's bit for bit. Every rank must feed the
+        same number of batches; `bound` may lower B for this call.
+        """
+        B = self._bound if bound is None else min(bound, self._bound)
+        in_q: deque[_Batch] = deque()
+        out_q: deque[_Batch] = deque()
+        for features in batches:
+            b = self._prepare(features)  # raises on bad input before anything is sent
+            self._post_input(b)
+            in_q.append(b)
+            if len(in_q) > B:
+                b0 = in_q.popleft()
+                self._lookup(b0)
+                out_q.append(b0)
+                if len(out_q) > B:
+                    yield self._assemble(out_q.popleft())
+        while in_q:
+            b0 = in_q.popleft()
+            self._lookup(b0)
+            out_q.append(b0)
+            if len(out_q) > B:
+                yield self._assemble(out_q.popleft())
+        while out_q:
+            yield self._assemble(out_q.popleft())
+
+    def stats(self) -> dict[str, dict]:
+        """Engine counters of the channels: ids, weights (when weighted), pooled."""
+        out = {"ids": self._ch_ids.stats(), "pooled": self._ch_out.stats()}
+        if self._ch_w is not None:
+            out["weights"] = self._ch_w.stats()
+        return out
+
+    def close(self) -> None:
+        """Delivers what was posted and closes the channels (collective in effect)."""
+        for ch in (self._ch_ids, self._ch_w, self._ch_out):
+            if ch is not None:
+                ch.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads the unsharded collection's state (each rank slices its rows) or this rank's own
+        shards. Tables this rank does not hold are skipped."""
+        names = {f"embedding_bags.{t.name}.weight": t for t in self._tables}
+        missing = [k for k, t in names.items() if t.name in self.embedding_bags
+                   and k not in state_dict]
+        unexpected = [k for k in state_dict if k not in names]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                               f"{unexpected}")
+        with torch.no_grad():
+            for key, t in names.items():
+                if t.name not in self.embedding_bags or key not in state_dict:
+                    continue
+                shard = self.embedding_bags[t.name]
+                src = state_dict[key]
+                rows, d = tuple(src.shape), t.embedding_dim
+                if shard.quantized and src.dtype == torch.uint8:
+                    d += 8  # fused 8-bit rows: D codes, fp32 scale, fp32 bias
+                if rows == (t.num_embeddings, d):
+                    src = src[shard.row_start:shard.row_end]
+                elif rows != (shard.row_end - shard.row_start, d):
+                    raise ValueError(f"{key}: shape {rows} is neither the table's "
+                                     f"{(t.num_embeddings, d)} nor this rank's shard "
+                                     f"{(shard.row_end - shard.row_start, d)}")
+                shard.load(src)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------------------------------------- one batch
+
+    def _prepare(self, features) -> _Batch:
+        """Checks the batch and builds its input-dist messages (no communication)."""
+        kjt = as_kjt(features)
+        key_index = check_features(kjt, self._features, self._rows, self._is_weighted)
+        if kjt.device() != self._device:
+            kjt = kjt.to(self._device)
+        n = kjt.stride()
+        lengths = kjt.lengths().to(torch.int64)
+        values = kjt.values().to(torch.int64)
+        weights = kjt.weights().to(torch.float32) if self._is_weighted else None
+        opk = kjt.offset_per_key()
+        slots = self.plan.slots
+        # Row-wise features: ids bucketed by owner (stable, so bag order survives), shifted to
+        # local rows; per owner the per-bag counts and the id range.
+        buckets: dict[int, tuple] = {}
+
+        def bucket(j: int):
+            if j not in buckets:
+                s, ki = slots[j], key_index[j]
+                ids = values[opk[ki]:opk[ki + 1]]
+                owner = torch.div(ids, s.block, rounding_mode="floor")
+                perm = torch.argsort(owner, stable=True)
+                bag = torch.repeat_interleave(torch.arange(n, device=ids.device),
+                                              lengths[ki * n:(ki + 1) * n], output_size=ids.numel())
+                counts = torch.bincount(owner * n + bag, minlength=self._W * n).view(self._W, n)
+                per_owner = counts.sum(1).tolist()
+                starts = [0]
+                for c in per_owner:
+                    starts.append(starts[-1] + c)
+                local_ids = ids[perm] - owner[perm] * s.block
+                w = None
+                if weights is not None:
+                    w = weights[opk[ki]:opk[ki + 1]][perm]
+                buckets[j] = (counts, local_ids, w, starts)
+            return buckets[j]
+
+        header = torch.tensor([n], dtype=torch.int64, device=values.device)
+        pieces: list[torch.Tensor] = []
+        w_pieces: list[torch.Tensor] = []
+        ids_splits: list[int] = []
+        w_splits: list[int] = []
+        for r in range(self._W):
+            local = self.plan.local[r]
+            if not local:
+                ids_splits.append(0)
+                w_splits.append(0)
+                continue
+            len_p, id_p, w_p = [], [], []
+            for ls in local:
+                j, ki = ls.slot, key_index[ls.slot]
+                if slots[j].kind == "row_wise":
+                    counts, local_ids, w, starts = bucket(j)
+                    len_p.append(counts[r])
+                    id_p.append(local_ids[starts[r]:starts[r + 1]])
+                    if w is not None:
+                        w_p.append(w[starts[r]:starts[r + 1]])
+                else:
+                    len_p.append(lengths[ki * n:(ki + 1) * n])
+                    id_p.append(values[opk[ki]:opk[ki + 1]])
+                    if weights is not None:
+                        w_p.append(weights[opk[ki]:opk[ki + 1]])
+            n_ids = sum(x.numel() for x in id_p)
+            pieces += [header, *len_p, *id_p]
+            ids_splits.append(1 + len(local) * n + n_ids)
+            w_pieces += w_p
+            w_splits.append(n_ids)
+        empty_i = values.new_zeros(0)
+        ids_send = torch.cat(pieces) if pieces else empty_i
+        w_send = None
+        if weights is not None:
+            w_send = torch.cat(w_pieces) if w_pieces else weights.new_zeros(0)
+        return _Batch(kjt, key_index, ids_send, ids_splits, w_send, w_splits)
+
+    def _post_input(self, b: _Batch) -> None:
+        b.h_ids = self._ch_ids.exchange(b.ids_send, b.ids_splits)
+        if self._ch_w is not None:
+            b.h_w = self._ch_w.exchange(b.w_send, b.w_splits)
+
+    def _lookup(self, b: _Batch) -> None:
+        """Waits for the batch's ids, pools them into the output send buffer, posts it."""
+        recv, rsplits = b.h_ids.wait()
+        w_recv = b.h_w.wait()[0] if b.h_w is not None else None
+        W, S, D = self._W, len(self._local), self._local_dim[self._rank]
+        n_me = b.kjt.stride()
+        if S == 0:
+            ns = [0] * W
+            send = self._ch_out.send_buffer((0,), self._comm_dtype)
+        else:
+            starts = [0]
+            for c in rsplits:
+                starts.append(starts[-1] + c)
+            ns = recv[torch.tensor(starts[:-1], device=recv.device)].tolist()
+            lens, ids_p, cnt = [], [], []
+            for p in range(W):
+                lo = starts[p] + 1
+                lp = recv[lo:lo + S * ns[p]].view(S, ns[p])
+                lens.append(lp)
+                ids_p.append(recv[lo + S * ns[p]:starts[p + 1]])
+                cnt.append(lp.sum(1))
+            cnt = torch.stack(cnt).tolist()  # [W][S] ids per (source, slot): one sync
+            n_tot = sum(ns)
+            lengths = torch.cat(lens, 1).reshape(-1)  # slot-major, then source rank, then sample
+            # Reorder ids from (source, slot) to (slot, source): bags of one slot are contiguous.
+            id_start = [[0] * (S + 1) for _ in range(W)]
+            for p in range(W):
+                for s in range(S):
+                    id_start[p][s + 1] = id_start[p][s] + cnt[p][s]
+            w_off = [0]
+            for p in range(W):
+                w_off.append(w_off[-1] + id_start[p][S])
+            ids = torch.cat([ids_p[p][id_start[p][s]:id_start[p][s + 1]]
+                             for s in range(S) for p in range(W)])
+            weights = None
+            if w_recv is not None:
+                weights = torch.cat([w_recv[w_off[p] + id_start[p][s]:w_off[p] + id_start[p][s + 1]]
+                                     for s in range(S) for p in range(W)])
+            slot_ids = [0]
+            for s in range(S):
+                slot_ids.append(slot_ids[-1] + sum(cnt[p][s] for p in range(W)))
+            offsets = offsets_of(lengths)
+            send = self._ch_out.send_buffer((n_tot * D,), self._comm_dtype)
+            dev = self._device
+            out = send.view(n_tot, D) if send.device == dev else torch.empty(
+                n_tot, D, dtype=self._comm_dtype, device=dev)
+            for s0, s1, pooling in self._runs:
+                tables = [self.embedding_bags[self.plan.slots[ls.slot].table].table()
+                          for ls in self._local[s0:s1]]
+                c0 = self._local[s0].col
+                c1 = self._local[s1 - 1].col + self.plan.slots[self._local[s1 - 1].slot].dim
+                i0, i1 = slot_ids[s0], slot_ids[s1]
+                pool_into(tables, ids[i0:i1], offsets[s0 * n_tot:s1 * n_tot + 1] - i0,
+                          None if weights is None else weights[i0:i1], pooling, out[:, c0:c1])
+            if out.data_ptr() != send.data_ptr():
+                send.view(n_tot, D).copy_(out)
+        recv_splits = [n_me * self._local_dim[r] for r in range(W)]
+        b.h_out = self._ch_out.exchange(send, [x * D for x in ns], recv_splits)
+
+    def _assemble(self, b: _Batch) -> KeyedTensor:
+        recv, _ = b.h_out.wait()
+        n = b.kjt.stride()
+        slots = self.plan.slots
+        out = torch.zeros(n, self.plan.total_dim, dtype=torch.float32, device=self._device)
+        off = 0
+        # Rank order: row-wise partial sums add in the same order in forward and pipeline.
+        for r in range(self._W):
+            d = self._local_dim[r]
+            if d:
+                block = recv[off:off + n * d].view(n, d).to(device=out.device)
+                out.index_add_(1, self._cols[r], block.to(torch.float32))
+                off += n * d
+        if self._mean_rw:
+            lengths = b.kjt.lengths()
+            for j, col, dim in self._mean_rw:
+                ki = b.key_index[j]
+                lj = lengths[ki * n:(ki + 1) * n].clamp(min=1).to(out.dtype).unsqueeze(1)
+                out[:, col:col + dim] /= lj
+        return KeyedTensor([s.name for s in slots], [s.dim for s in slots], out)
+
+
+def shard(ebc, plan="table_wise", group=None, bound: int = 4, **kwargs
+          ) -> ShardedEmbeddingBagCollection:
+    """Shards an unsharded EmbeddingBagCollection (blsgpu's or TorchRec's), weights included.
+
+    Collective: every rank of the group calls it with the same collection. kwargs go to
+    ShardedEmbeddingBagCollection (device, comm_dtype, timeout).
+    """
+    if not callable(getattr(ebc, "embedding_bag_configs", None)):
+        raise TypeError(f"expected an EmbeddingBagCollection, got {type(ebc).__name__}")
+    state = ebc.state_dict()
+    configs = as_configs(ebc.embedding_bag_configs())
+    first = state.get(f"embedding_bags.{configs[0].name}.weight")
+    kwargs.setdefault("dtype", first.dtype if first is not None else torch.float32)
+    is_weighted = getattr(ebc, "is_weighted", None)
+    kwargs.setdefault("is_weighted", bool(is_weighted()) if callable(is_weighted) else False)
+    out = ShardedEmbeddingBagCollection(configs, plan, group, bound, _init=False, **kwargs)
+    out.load_state_dict(state)
+    return out
