@@ -1,8 +1,9 @@
 """Lag counters of one channel: posted / arrived / released iterations.
 
 On CPU they are host integers guarded by one condition variable. The GPU path keeps the same counters
-in device memory (kernels/lag_counters.cuh); the engine only calls the methods below, so both paths run
-the same protocol code. Every count is "how many iterations", so it is k+1 once iteration k is done.
+in device-visible memory too (blsgpu/_device_counters.py over kernels/lag_counters.cuh); the engine only
+calls the methods below, so both paths run the same protocol code. Every count is "how many
+iterations", so it is k+1 once iteration k is done.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class HostCounters:
         with self.cond:
             self.released = k + 1
             self.max_lag = max(self.max_lag, self.lag())
+
+    def gate(self, k: int, bound: int) -> None:
+        """Hold the comm stream before iteration k until `released` reaches k-B.
+
+        Nothing to do on the host: exchange() already refuses to post k before the caller released
+        k-B-1. Device counters enqueue the same condition as a stream wait.
+        """
+
+    def extra_stats(self) -> dict:
+        """Counters beyond the host ones (the device copies on the GPU path); none here."""
+        return {}
 
     def learn(self, peer: int, k: int, released: int) -> None:
         """Peer's header for iteration k arrived, reporting `released` iterations released there."""

@@ -14,6 +14,11 @@ Iteration k on a rank:
 
 A rank may post iteration k only after it released k-B-1; asking for more raises at once. Every pair
 matches its messages in order, so no rank finishes k before every peer released k-B-1.
+
+The same code drives every transport (blsgpu/_transport.py lists what a transport offers). On a
+stream-ordered one (NCCL, or the in-process mode on a GPU) the progress thread waits for the headers
+only: it launches iteration k's data on the comm stream after the counters' device gate
+(released >= k-B), and wait(k) makes the caller's current stream wait for it instead of the host.
 """
 
 from __future__ import annotations
@@ -28,8 +33,7 @@ from typing import Any
 
 import torch
 
-from blsgpu import _env
-from blsgpu._counters import HostCounters
+from blsgpu import _env, _local
 from blsgpu._errors import BLSError, PeerError
 from blsgpu._trace import span
 from blsgpu._transport import DATA, HEADER, GlooTransport
@@ -95,6 +99,8 @@ class _Iteration:
     header_in: torch.Tensor
     header_recvs: dict[int, Any]
     send_works: list[tuple[int, Any]] = field(default_factory=list)
+    # Stream-ordered transports: the data receives that wait() hands to the caller's stream.
+    ready: list[tuple[int, Any]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple[torch.Tensor, list[int]] | None = None
     error: BaseException | None = None
@@ -115,16 +121,19 @@ class ExchangeHandle:
         return self._it.k
 
     def done(self) -> bool:
-        """True once the iteration's data from every peer has arrived (wait() will not block)."""
+        """True once wait() will not block the host: the data arrived (or, on a stream-ordered
+        transport, the headers arrived and the data is on its way on the comm stream)."""
         return self._it.done.is_set()
 
-    def wait(self) -> tuple[torch.Tensor, list[int]]:
+    def wait(self, blocking: bool = False) -> tuple[torch.Tensor, list[int]]:
         """Block until iteration k arrived, release it, return (recv, recv_splits).
 
         Earlier iterations of the channel that were not waited yet are completed first (their
-        handles keep their results), so releases stay in order.
+        handles keep their results), so releases stay in order. On a stream-ordered transport the
+        host waits for the headers only and the caller's current stream waits for the data;
+        blocking=True makes the host wait for the data too.
         """
-        return self._channel._wait(self._it)
+        return self._channel._wait(self._it, blocking)
 
     def __repr__(self) -> str:
         return f"ExchangeHandle(channel={self._channel.name!r}, iteration={self._it.k})"
@@ -138,8 +147,9 @@ class BoundedLagAllToAll:
             every rank of the group creates its channels in the same order.
         bound: B, how many iterations this rank may run ahead of its slowest peer.
         device: where received tensors are returned (default: the device of each send tensor).
-        transport: "gloo" (CPU), "nccl" (GPU, CuPy) or "auto" (nccl for a CUDA device when the GPU
-            path is available, else gloo).
+        transport: "gloo" (CPU), "nccl" (GPU, CuPy), "local" (the ranks of blsgpu._local.run_local)
+            or "auto": local inside run_local, else nccl for a CUDA device when the GPU path is
+            available, else gloo.
         timeout: how long a wait may last before a silent peer is declared failed.
         name: the channel's name in errors, stats and traces.
     """
@@ -172,8 +182,11 @@ class BoundedLagAllToAll:
         self.rank = self.transport.rank
         self.world_size = self.transport.world_size
         self.name = name or f"bls{self.transport.channel_id}"
-        self._peers = [p for p in range(self.world_size) if p != self.rank]
-        self._counters = HostCounters(self.world_size, self.rank)
+        # With a loopback transport the rank messages itself like any peer.
+        self._peers = [
+            p for p in range(self.world_size) if p != self.rank or self.transport.loopback
+        ]
+        self._counters = self.transport.make_counters(self.world_size, self.rank, self.timeout_s)
         self._slots: list[torch.Tensor | None] = [None] * (bound + 1)
         self._records: dict[int, _Iteration] = {}
         self._next_k = 0
@@ -266,7 +279,7 @@ class BoundedLagAllToAll:
         self._reclaim_slot(k)
         nbytes = send.numel() * send.element_size()
         slot_bytes = self._slot_bytes(k, nbytes)
-        if send.device.type == "cpu" and send.is_contiguous() and nbytes and (
+        if send.device == slot_bytes.device and send.is_contiguous() and nbytes and (
             send.data_ptr() == slot_bytes.data_ptr()
         ):
             slot = send  # filled in place through send_buffer()
@@ -313,9 +326,11 @@ class BoundedLagAllToAll:
                     lo = offsets[p] * row_bytes
                     chunk = flat[lo : lo + send_splits[p] * row_bytes]
                     it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
-                    self._bytes_sent += chunk.numel()
+                    if p != self.rank:
+                        self._bytes_sent += chunk.numel()
+            tr.flush(HEADER, k)
         except Exception as e:  # the transport refuses to post: that peer is gone
-            self._broken = self._peer_error(p, k, "posting", e)
+            self._broken = self._peer_error(getattr(e, "peer", p), k, "posting", e)
             raise self._broken from e
         self._records[k] = it
         self._next_k = k + 1
@@ -328,8 +343,9 @@ class BoundedLagAllToAll:
     def stats(self) -> dict[str, Any]:
         """Counters and times of this channel (design.md "Observable")."""
         c = self._counters
+        extra = c.extra_stats()  # read outside the lock: device counters need no host sync
         with c.cond:
-            return {
+            return extra | {
                 "channel": self.name,
                 "rank": self.rank,
                 "world_size": self.world_size,
@@ -359,7 +375,7 @@ class BoundedLagAllToAll:
         try:
             if self._broken is None:
                 for k in range(self._next_wait, self._next_k):
-                    self._wait(self._records[k])
+                    self._wait(self._records[k], False)
                 for k in sorted(self._records):
                     self._wait_sends(self._records.pop(k), time.monotonic() + self.timeout_s)
         finally:
@@ -410,49 +426,69 @@ class BoundedLagAllToAll:
             return
         t0 = time.monotonic()
         try:
-            self._wait_sends(old, t0 + self.timeout_s)
+            # Stream-ordered: the caller's stream (which writes the slot) waits, not the host.
+            self._wait_sends(old, t0 + self.timeout_s, order=True)
         finally:
             self._blocked_on_bound_s += time.monotonic() - t0
         del self._records[old.k]
 
-    def _wait_sends(self, it: _Iteration, deadline: float) -> None:
+    def _wait_sends(self, it: _Iteration, deadline: float, order: bool = False) -> None:
+        done = self.transport.order if order else self.transport.wait
         for p, work in it.send_works:
             try:
-                self.transport.wait(work, deadline - time.monotonic())
+                done(work, deadline - time.monotonic())
             except Exception as e:
                 err = self._peer_error(p, it.k, "delivery of this rank's messages", e)
                 self._broken = err
                 raise err from e
         it.send_works.clear()
 
-    def _wait(self, it: _Iteration) -> tuple[torch.Tensor, list[int]]:
+    def _wait(self, it: _Iteration, blocking: bool) -> tuple[torch.Tensor, list[int]]:
         while self._next_wait <= it.k:
-            self._finish(self._records[self._next_wait])
+            self._finish(self._records[self._next_wait], blocking and self._next_wait == it.k)
         if it.error is not None:
             raise it.error
         assert it.result is not None
         return it.result
 
-    def _finish(self, it: _Iteration) -> None:
+    def _finish(self, it: _Iteration, blocking: bool) -> None:
         with span("wait", self.name, it.k):
-            self._finish_inner(it)
+            self._finish_inner(it, blocking)
 
-    def _finish_inner(self, it: _Iteration) -> None:
+    def _finish_inner(self, it: _Iteration, blocking: bool) -> None:
         t0 = time.monotonic()
         # The progress thread enforces the timeout on every transport wait; this is a safety net.
         ok = it.done.wait(timeout=2 * self.timeout_s + 10.0)
-        self._waiting_for_data_s += time.monotonic() - t0
         if not ok:
             it.error = BLSError(
                 f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
             )
             self._broken = it.error
+        elif it.error is None and self.transport.stream_ordered:
+            self._hand_over(it, blocking)
+        self._waiting_for_data_s += time.monotonic() - t0
         it.waited = True
         with span("release", self.name, it.k):
             self._counters.release(it.k)
         self._next_wait = it.k + 1
         if it.error is not None and not isinstance(it.error, ValueError):
             self._broken = it.error
+
+    def _hand_over(self, it: _Iteration, blocking: bool) -> None:
+        """Stream-ordered data: the caller's current stream waits for it (the host too if asked)."""
+        done = self.transport.wait if blocking else self.transport.order
+        deadline = time.monotonic() + self.timeout_s
+        for p, work in it.ready:
+            try:
+                done(work, deadline - time.monotonic())
+            except Exception as e:
+                it.error = self._peer_error(getattr(e, "peer", p), it.k, "data", e)
+                self._broken = it.error
+                return
+        it.ready.clear()
+        out, rows = it.result
+        if out.device != it.out_device:
+            it.result = (out.to(it.out_device), rows)
 
     def _peer_error(self, peer: int, k: int, what: str, exc: BaseException) -> PeerError:
         return PeerError(
@@ -505,7 +541,7 @@ class BoundedLagAllToAll:
         data_recvs: list[tuple[int, Any]] = []
         out = out_bytes = None
         if known is not None:
-            out = torch.empty((sum(rows), *trailing), dtype=send.dtype)
+            out = tr.empty((sum(rows), *trailing), send.dtype)
             out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
         offsets = _prefix(rows)
         pending: list[tuple[int, int]] = []  # (peer, rows) whose data receive waits for `out`
@@ -549,7 +585,7 @@ class BoundedLagAllToAll:
                 # Drain the peer's bytes into scratch so its send completes; never post a receive
                 # smaller than what arrives (gloo aborts the process on that).
                 if n * p_row_bytes:
-                    buf = torch.empty(n * p_row_bytes, dtype=torch.uint8)
+                    buf = tr.empty((n * p_row_bytes,), torch.uint8)
                     scratch.append(buf)
                     data_recvs.append((p, self._post_recv(buf, p, k)))
                 if known is None:
@@ -564,30 +600,40 @@ class BoundedLagAllToAll:
                 data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
 
         if out is None:
-            out = torch.empty((sum(rows), *trailing), dtype=send.dtype)
+            out = tr.empty((sum(rows), *trailing), send.dtype)
             out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
             offsets = _prefix(rows)
             for p, n in pending:
                 lo = offsets[p] * row_bytes
                 data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
 
-        for p, work in data_recvs:
-            try:
-                tr.wait(work, deadline - time.monotonic())
-            except Exception as e:
-                raise self._peer_error(p, k, "data", e) from e
-        self._bytes_received += sum(rows[p] for p in self._peers) * row_bytes
-
+        # The device gate (released >= k-B) goes on the comm stream before the data is launched.
+        self._counters.gate(k, self.bound)
+        try:
+            tr.flush(DATA, k)
+        except Exception as e:
+            first = self._peers[0] if self._peers else self.rank
+            raise self._peer_error(getattr(e, "peer", first), k, "data", e) from e
+        if tr.stream_ordered:
+            it.ready = data_recvs  # wait() hands them to the caller's stream
+        else:
+            for p, work in data_recvs:
+                try:
+                    tr.wait(work, deadline - time.monotonic())
+                except Exception as e:
+                    raise self._peer_error(p, k, "data", e) from e
         me = self.rank
-        if rows[me]:
+        self._bytes_received += sum(rows[p] for p in self._peers if p != me) * row_bytes
+
+        if rows[me] and not tr.loopback:
             src = _prefix(it.send_splits)[me]
             out[offsets[me] : offsets[me] + rows[me]] = send[src : src + rows[me]]
         if problems:
             raise ValueError(
                 f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
             )
-        if it.out_device.type != "cpu":
-            out = out.to(it.out_device)
+        if out.device != it.out_device and not tr.stream_ordered:
+            out = out.to(it.out_device)  # stream-ordered: in wait(), once the data is there
         it.result = (out, rows)
 
 
@@ -600,8 +646,15 @@ def _prefix(splits: list[int]) -> list[int]:
 
 
 def _make_transport(kind: str, group: Any, device: torch.device | None):
-    if kind not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"transport must be 'auto', 'gloo' or 'nccl', got {kind!r}")
+    if kind not in ("auto", "gloo", "nccl", "local"):
+        raise ValueError(f"transport must be 'auto', 'gloo', 'nccl' or 'local', got {kind!r}")
+    local = _local.resolve_group(group)
+    if kind == "local" or (kind == "auto" and local is not None):
+        if local is None:
+            raise ValueError("transport 'local' needs a group of blsgpu._local.run_local")
+        return _local.LocalTransport(local)
+    if isinstance(group, _local.LocalGroup):
+        raise ValueError(f"transport {kind!r} cannot run over an in-process group; use 'local'")
     want_nccl = kind == "nccl" or (
         kind == "auto" and device is not None and device.type == "cuda" and _gpu_path_available()
     )
@@ -615,9 +668,6 @@ def _make_transport(kind: str, group: Any, device: torch.device | None):
 def _gpu_path_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    try:
-        import cupy  # noqa: F401
-        from cupy.cuda import nccl  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from blsgpu import _nccl  # noqa: PLC0415
+
+    return _nccl.available()

@@ -2,7 +2,20 @@
 
 A transport offers non-blocking point-to-point sends and receives of uint8 tensors, matched per
 (peer, kind, iteration), and a blocking wait with a timeout. The CPU transport is torch.distributed's
-gloo; the GPU transport (NCCL through CuPy, blsgpu/_nccl.py) keeps the same methods.
+gloo; the GPU transport (NCCL through CuPy, blsgpu/_nccl.py) and the in-process one
+(blsgpu/_local.py) keep the same methods:
+
+    rank, world_size, channel_id, name, device   identity; `device` holds the rings and receives
+    loopback        True: the rank messages itself like any peer (the engine copies nothing itself)
+    stream_ordered  True: data completes on streams; the engine hands it over with order(), and
+                    only close() and blocking waits hold the host
+    isend / irecv   post a message of (kind, k); may be deferred until flush(kind, k)
+    flush(kind, k)  launch what was posted for (kind, k): one NCCL group on the GPU, nothing on gloo
+    wait(work, s)   the host blocks until the work is done (raises TimeoutError after s seconds)
+    order(work, s)  what the caller runs next (its current stream) comes after the work
+    empty(...)      a buffer on `device` that the transport may write (allocated on its comm stream)
+    make_counters   the lag counters that go with the transport (host or device)
+    close()
 """
 
 from __future__ import annotations
@@ -12,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from blsgpu._counters import HostCounters
 
 # Message kinds; each gets its own tag space so headers and data never match each other.
 HEADER = 0
@@ -66,12 +81,23 @@ class GlooTransport:
     """Point-to-point over a gloo process group; tags keep channels, kinds and iterations apart."""
 
     name = "gloo"
+    device = torch.device("cpu")
+    loopback = False  # gloo cannot send to its own rank; the engine copies the self part
+    stream_ordered = False
 
     def __init__(self, group: Any = None):
         self.pg = gloo_backend_of(group)
         self.rank = self.pg.rank()
         self.world_size = self.pg.size()
         self.channel_id = _next_channel_id(self.pg)
+
+    @staticmethod
+    def make_counters(world_size: int, rank: int, timeout_s: float) -> HostCounters:
+        return HostCounters(world_size, rank)
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
 
     def _tag(self, kind: int, k: int) -> int:
         return ((self.channel_id * _KINDS + kind) << _ITER_BITS) | (k & ((1 << _ITER_BITS) - 1))
@@ -87,6 +113,11 @@ class GlooTransport:
         # A gloo wait that times out closes the pair, so the engine waits once with all the time it
         # has and treats a timeout as final.
         req.wait(timedelta(seconds=max(timeout_s, 0.001)))
+
+    order = wait  # host order is all there is on CPU
+
+    def flush(self, kind: int, k: int) -> None:
+        pass  # gloo posts each message at once
 
     def close(self) -> None:
         pass

@@ -1,0 +1,317 @@
+"""Lag counters in device-visible memory for the GPU path (design.md, "The GPU path in one paragraph").
+
+posted / arrived / released of one channel live in one small pinned host-mapped int64 array, which
+streams read and write through its device address (pinned memory is mapped under unified addressing):
+the comm stream writes posted before launching iteration k and arrived after it, the consumer's
+stream writes released when wait() hands iteration k over, and before launching k the comm stream
+waits on device until released >= k-B. The host never blocks for any of it, and stats() reads the
+three counts straight from host memory, without synchronizing the device.
+
+Stream operations, in order of preference:
+- cuStreamWaitValue64 / cuStreamWriteValue64 through cuda-bindings, where the driver runs them
+  (probed once per device: a satisfied wait and a write on a scratch stream);
+- else the kernels of kernels/lag_counters.cu, compiled at first use by CuPy (NVRTC): a spin-wait with
+  backoff and a timeout flag, and a release store.
+
+Imported only on the GPU path; CuPy and cuda-bindings load inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blsgpu._counters import HostCounters
+from blsgpu._errors import BLSError
+
+_POSTED, _ARRIVED, _RELEASED, _STATUS = 0, 1, 2, 3
+_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int64)(*addr - value) >= 0
+_WRITE_DEFAULT = 0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-scope fence precedes the write
+_KERNEL_SOURCE = "lag_counters.cu"
+
+
+def host_wait(event: Any, timeout_s: float) -> bool:
+    """Wait on the host until a CUDA event completed, sleeping between polls; False on timeout.
+
+    Polling with a growing sleep (20 us .. 1 ms) keeps a long wait far below a core's worth of CPU,
+    where event.synchronize() would either spin or block without a timeout.
+    """
+    if event.query():
+        return True
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    nap = 20e-6
+    while not event.query():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(nap)
+        nap = min(nap * 2, 1e-3)
+    return True
+
+
+class DeviceCounters(HostCounters):
+    """HostCounters plus posted / arrived / released that streams write and wait on.
+
+    The host counts stay what the engine uses (headers carry the host's release count); the device
+    counts say how far the streams really are, and are what bounds the lag on device.
+
+    Args:
+        comm_stream: the channel's comm stream; gate() and arrive() enqueue there.
+        ops: stream operations (default: the best that `stream_ops` finds for the device).
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        rank: int,
+        device: torch.device,
+        comm_stream: Any,
+        timeout_s: float,
+        ops: Any = None,
+    ):
+        super().__init__(world_size, rank)
+        self.device = device
+        self.comm_stream = comm_stream
+        self.timeout_ns = int(timeout_s * 1e9)
+        gpu = device.type == "cuda"
+        # posted, arrived, released, wait status (the spin kernel ORs a timeout flag in here).
+        self.mem = torch.zeros(4, dtype=torch.int64, pin_memory=gpu)
+        self._addr = self.mem.data_ptr()  # unified addressing: the device sees the same address
+        self.ops = ops if ops is not None else stream_ops(device)
+        self._consumer = (lambda: torch.cuda.current_stream(device)) if gpu else (lambda: None)
+
+    def _ptr(self, i: int) -> int:
+        return self._addr + 8 * i
+
+    def gate(self, k: int, bound: int) -> None:
+        self.check()
+        if k - bound > 0:
+            self.ops.wait_geq(self.comm_stream, self._ptr(_RELEASED), k - bound, self.timeout_ns,
+                              self._ptr(_STATUS))
+        self.ops.write(self.comm_stream, self._ptr(_POSTED), k + 1)
+
+    def arrive(self, k: int) -> None:
+        super().arrive(k)
+        self.ops.write(self.comm_stream, self._ptr(_ARRIVED), k + 1)
+
+    def release(self, k: int) -> None:
+        super().release(k)
+        # On the consumer's stream, after wait() made it wait for iteration k's data.
+        self.ops.write(self._consumer(), self._ptr(_RELEASED), k + 1)
+
+    def device_counts(self) -> dict[str, Any]:
+        """The counts as the streams have written them so far (no device synchronization)."""
+        posted, arrived, released, status = self.mem.tolist()
+        return {"posted": posted, "arrived": arrived, "released": released,
+                "wait_timed_out": bool(status)}
+
+    def extra_stats(self) -> dict:
+        return {"device": {**self.device_counts(), "stream_ops": self.ops.name}}
+
+    def check(self) -> None:
+        """Raise if a device wait on the release counter gave up (spin kernel timeout)."""
+        if int(self.mem[_STATUS]) != 0:
+            raise BLSError(
+                f"a device wait for the release counter timed out after {self.timeout_ns / 1e9:.0f} s "
+                f"(device counts {self.device_counts()}): the consumer stream stopped releasing"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# stream operations
+
+
+class MemOps:
+    """cuStreamWaitValue64 / cuStreamWriteValue64 through cuda-bindings (no kernel, no SM used)."""
+
+    name = "stream_mem_ops"
+
+    def __init__(self, driver: Any, index: int):
+        self.cu = driver
+        err, dev = driver.cuDeviceGet(index)
+        if int(err) == 0:
+            err, self._ctx = driver.cuDevicePrimaryCtxRetain(dev)
+        if int(err) != 0:
+            raise RuntimeError(f"no primary context on cuda:{index}: {_cu_error(driver, err)}")
+        self._bound = threading.local()
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        if not getattr(self._bound, "yes", False):
+            # Driver calls need the context current in this thread (the progress thread may have
+            # made no runtime call yet); it is torch's primary context, so nothing else changes.
+            self.cu.cuCtxSetCurrent(self._ctx)
+            self._bound.yes = True
+        result = fn(*args)
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) != 0:
+            raise RuntimeError(f"{fn.__name__} failed: CUresult {int(err)} ({_cu_error(self.cu, err)})")
+
+    def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
+        # No timeout on device: the host only ever gates k after it enqueued release(k-B-1).
+        cu = self.cu
+        self._call(cu.cuStreamWaitValue64, cu.CUstream(stream.cuda_stream), cu.CUdeviceptr(addr),
+                   cu.cuuint64_t(value), _GEQ)
+
+    def write(self, stream: Any, addr: int, value: int) -> None:
+        cu = self.cu
+        self._call(cu.cuStreamWriteValue64, cu.CUstream(stream.cuda_stream), cu.CUdeviceptr(addr),
+                   cu.cuuint64_t(value), _WRITE_DEFAULT)
+
+
+class KernelOps:
+    """The spin-wait and release-store kernels of kernels/lag_counters.cu, compiled by CuPy."""
+
+    name = "spin_kernel"
+
+    def __init__(self, device: torch.device):
+        import cupy  # noqa: PLC0415 (GPU path only)
+        import numpy as np  # noqa: PLC0415
+
+        self._cupy, self._np = cupy, np
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        with cupy.cuda.Device(self.index):
+            module = cupy.RawModule(code=kernel_source(), options=(f"-I{kernels_dir()}",))
+            self._wait = module.get_function("blsgpu_wait_geq_kernel")
+            self._store = module.get_function("blsgpu_store_release_kernel")
+        self._streams: dict[int, Any] = {}
+        self._bound = threading.local()
+
+    def _stream(self, stream: Any) -> Any:
+        if not getattr(self._bound, "yes", False):
+            self._cupy.cuda.runtime.setDevice(self.index)  # binds the primary context here
+            self._bound.yes = True
+        handle = stream.cuda_stream
+        ext = self._streams.get(handle)
+        if ext is None:
+            ext = self._cupy.cuda.ExternalStream(handle, self.index)
+            self._streams[handle] = ext
+        return ext
+
+    def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
+        np = self._np
+        args = (np.uint64(addr), np.int32(1), np.uint64(value), np.uint64(timeout_ns),
+                np.uint64(status_addr))
+        self._wait((1,), (32,), args, stream=self._stream(stream))
+
+    def write(self, stream: Any, addr: int, value: int) -> None:
+        np = self._np
+        self._store((1,), (1,), (np.uint64(addr), np.uint64(value)), stream=self._stream(stream))
+
+
+class HostOps:
+    """A CPU stand-in for the stream operations, for tests without a GPU.
+
+    The calling thread plays the stream: wait_geq blocks it (no spinning) until the counter reaches
+    the value or the timeout passes (then it sets the status word, as the spin kernel does).
+    """
+
+    name = "host_emulation"
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+
+    def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
+        cell = ctypes.c_int64.from_address(addr)
+        deadline = time.monotonic() + timeout_ns / 1e9
+        with self.cond:
+            while cell.value < value:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    ctypes.c_uint32.from_address(status_addr).value |= 1
+                    return
+                self.cond.wait(left)
+
+    def write(self, stream: Any, addr: int, value: int) -> None:
+        with self.cond:
+            ctypes.c_int64.from_address(addr).value = value
+            self.cond.notify_all()
+
+
+def kernels_dir() -> Path:
+    import blsgpu.kernels  # noqa: PLC0415 (folder kernels/, installed as blsgpu.kernels)
+
+    return Path(blsgpu.kernels.__file__).resolve().parent
+
+
+def kernel_source() -> str:
+    return (kernels_dir() / _KERNEL_SOURCE).read_text()
+
+
+def _cuda_driver() -> Any:
+    try:
+        from cuda.bindings import driver  # noqa: PLC0415 (cuda-bindings >= 12.6)
+    except ImportError:
+        from cuda import cuda as driver  # noqa: PLC0415 (older cuda-python layout)
+    return driver
+
+
+def _cu_error(cu: Any, err: Any) -> str:
+    try:
+        res, text = cu.cuGetErrorString(err)
+        return text.decode() if isinstance(text, bytes) else str(text)
+    except Exception:
+        return "unknown error"
+
+
+def _probe(ops: Any, device: torch.device) -> None:
+    """Run a satisfied wait and a write on a scratch stream; raises if the driver refuses them."""
+    scratch = torch.zeros(2, dtype=torch.int64, pin_memory=True)
+    stream = torch.cuda.Stream(device)
+    ops.wait_geq(stream, scratch.data_ptr(), 0, 10**9, scratch.data_ptr() + 8)
+    ops.write(stream, scratch.data_ptr(), 7)
+    stream.synchronize()
+    if int(scratch[0]) != 7:
+        raise RuntimeError(f"stream write did not land (read {int(scratch[0])})")
+
+
+_ops_cache: dict[tuple[int, str], Any] = {}
+_ops_lock = threading.Lock()
+_ops_notes: dict[int, str] = {}
+
+
+def stream_ops(device: torch.device, prefer: str = "auto") -> Any:
+    """The stream operations for `device`: "mem_ops", "kernel", or "auto" (mem_ops if they work).
+
+    The reason a fallback happened is kept in `fallback_reason(device)`.
+    """
+    if prefer not in ("auto", "mem_ops", "kernel"):
+        raise ValueError(f"prefer must be 'auto', 'mem_ops' or 'kernel', got {prefer!r}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _ops_lock:
+        hit = _ops_cache.get((index, prefer))
+        if hit is not None:
+            return hit
+        ops = None
+        if prefer in ("auto", "mem_ops"):
+            try:
+                # The probe decides, not a device attribute: the attribute's name and meaning
+                # changed across CUDA versions; an unsupported driver fails the probe's calls.
+                candidate = MemOps(_cuda_driver(), index)
+                _probe(candidate, torch.device("cuda", index))
+                ops = candidate
+            except Exception as e:
+                if prefer == "mem_ops":
+                    raise
+                _ops_notes[index] = f"{type(e).__name__}: {e}"
+        if ops is None:
+            ops = KernelOps(torch.device("cuda", index))
+            try:
+                _probe(ops, torch.device("cuda", index))
+            except Exception as e:
+                why = _ops_notes.get(index, "not tried")
+                raise RuntimeError(
+                    f"no working device counters on cuda:{index}: stream memory operations: {why}; "
+                    f"spin kernel on pinned host-mapped memory: {type(e).__name__}: {e}"
+                ) from e
+        _ops_cache[(index, prefer)] = ops
+        return ops
+
+
+def fallback_reason(device: torch.device) -> str | None:
+    """Why stream_ops(device) fell back to the spin kernel, if it did."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _ops_notes.get(index)

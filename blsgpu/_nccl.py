@@ -1,0 +1,496 @@
+"""The GPU transport: NCCL point-to-point through CuPy, on comm streams that the channel owns.
+
+A channel holds two NCCL communicators, each with its own stream: one for headers and one for data.
+Headers of later iterations (posted by exchange() on the caller's thread) thus never queue behind the
+data of earlier ones (launched by the progress thread once it has read their headers). Each
+communicator is driven by one thread only, in iteration order on every rank, which is what NCCL needs
+to match the groups of a pair. Per iteration k:
+
+  flush(HEADER, k)  caller's thread: one group of every header send and receive on the header stream,
+                    staged through pinned memory; an event marks where the caller's stream finished
+                    writing the send slot.
+  flush(DATA, k)    progress thread: the data stream waits for that event and for the device gate
+                    that the engine enqueued there (released >= k-B), then runs one group of every
+                    data send and receive of k, then records the iteration's event.
+  order(work)       the caller's current stream waits on that event, and record_stream keeps the
+                    caching allocator from handing out a buffer that NCCL still reads or writes;
+                    wait(work) blocks the host instead (headers, close(), blocking waits).
+
+A rank also messages itself through NCCL (loopback), so one GPU runs the whole path at W=1.
+A host wait that times out aborts both communicators, which unblocks the streams and makes every later
+call raise. CuPy (and so libnccl) loads only when a channel with transport "nccl" is built; its libnccl
+is then compared with the one torch uses (check_libnccl).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from blsgpu._transport import DATA, HEADER, _next_channel_id
+
+INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
+
+_nccl_module: Any = None
+_nccl_lock = threading.Lock()
+_nccl_check: str | None = None  # the libnccl mismatch found at first use, if any
+
+
+def _import_nccl() -> Any:
+    """cupy.cuda.nccl, imported once; the first import checks which libnccl CuPy loaded."""
+    global _nccl_module, _nccl_check
+    with _nccl_lock:
+        if _nccl_module is not None:
+            return _nccl_module
+        torch_libs = loaded_libnccl()
+        try:
+            import cupy  # noqa: F401, PLC0415
+            from cupy.cuda import nccl  # noqa: PLC0415
+        except Exception as e:
+            raise ImportError(
+                f"transport 'nccl' needs CuPy with its NCCL bindings, which could not be imported "
+                f"({type(e).__name__}: {e}); install them with: {INSTALL_HINT}"
+            ) from e
+        if not getattr(nccl, "available", True):
+            raise ImportError(f"this CuPy was built without NCCL; install: {INSTALL_HINT}")
+        cupy_version = nccl.get_version()  # loads libnccl if CuPy defers it
+        _nccl_check = libnccl_mismatch(torch_libs, loaded_libnccl(), _torch_nccl_version(),
+                                       cupy_version)
+        if _nccl_check is not None:
+            warnings.warn(_nccl_check, RuntimeWarning, stacklevel=3)
+        _nccl_module = nccl
+        return nccl
+
+
+def available() -> bool:
+    """True when CuPy's NCCL bindings import (only asked where a CUDA device exists)."""
+    try:
+        _import_nccl()
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# which libnccl: one per process, or say which two
+
+
+# libnccl.so, libnccl.so.2, libnccl.so.2.27.3; not the plugins (libnccl-net.so, libnccl-tuner.so).
+_LIBNCCL = re.compile(r"(?:^|/)libnccl\.so(?:\.[0-9]+)*$")
+
+
+def loaded_libnccl(maps: str | None = None) -> list[str]:
+    """Real paths of the libnccl files mapped into this process (from /proc/self/maps), in order."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            return []
+    seen: list[str] = []
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        path = parts[5].strip()
+        if path.endswith(" (deleted)"):
+            path = path[: -len(" (deleted)")]
+        if _LIBNCCL.search(path):
+            real = os.path.realpath(path) if os.path.exists(path) else path
+            if real not in seen:
+                seen.append(real)
+    return seen
+
+
+def nccl_version_str(version: Any) -> str:
+    """'2.27.3' from NCCL's version code (22703, or 2703 before 2.9) or torch's (2, 27, 3)."""
+    if version is None:
+        return "unknown"
+    if isinstance(version, (tuple, list)):
+        return ".".join(str(int(v)) for v in version)
+    code = int(version)
+    if code >= 10000:
+        return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
+    return f"{code // 1000}.{code % 1000 // 100}.{code % 100}"
+
+
+def libnccl_mismatch(
+    torch_libs: list[str],
+    cupy_libs: list[str],
+    torch_version: Any = None,
+    cupy_version: Any = None,
+) -> str | None:
+    """A message naming both libraries when CuPy and torch use different libnccl builds, else None.
+
+    Args:
+        torch_libs: libnccl files mapped before CuPy's NCCL was imported (what torch loaded).
+        cupy_libs: libnccl files mapped after it was imported (torch's and CuPy's).
+        torch_version, cupy_version: the NCCL versions each reports (code or tuple).
+    """
+    tv, cv = nccl_version_str(torch_version), nccl_version_str(cupy_version)
+    fix = ("One libnccl per process: point CuPy at torch's (e.g. preload it with LD_PRELOAD, or "
+           "install the nvidia-nccl wheel that torch requires) so both use the same build.")
+    if len(torch_libs) > 1:
+        return (f"two libnccl builds are loaded: {torch_libs[0]} and {torch_libs[1]} "
+                f"(torch reports NCCL {tv}, CuPy NCCL {cv}). {fix}")
+    extra = [p for p in cupy_libs if p not in torch_libs]
+    if torch_libs and extra:
+        return (f"CuPy loaded {extra[0]} (NCCL {cv}) but torch uses {torch_libs[0]} (NCCL {tv}): "
+                f"two libnccl builds in one process. {fix}")
+    if "unknown" not in (tv, cv) and tv != cv:
+        mine = cupy_libs[0] if cupy_libs else "a libnccl not found in /proc/self/maps"
+        theirs = torch_libs[0] if torch_libs else "NCCL linked into torch itself"
+        return (f"torch uses NCCL {tv} ({theirs}) but CuPy uses NCCL {cv} ({mine}): two libnccl "
+                f"builds in one process. {fix}")
+    return None
+
+
+def check_libnccl() -> str | None:
+    """The libnccl mismatch found when CuPy's NCCL was first imported (None: one libnccl)."""
+    _import_nccl()
+    return _nccl_check
+
+
+def _torch_nccl_version() -> Any:
+    try:
+        return torch.cuda.nccl.version()
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# unique id through the group's store
+
+
+def uid_to_bytes(uid: Any) -> bytes:
+    """Serialize CuPy's unique id (bytes in new CuPy, a tuple of signed chars in old) for a store."""
+    if isinstance(uid, (bytes, bytearray)):
+        return b"b" + bytes(uid)
+    return b"t" + bytes(int(x) & 0xFF for x in uid)
+
+
+def uid_from_bytes(raw: bytes) -> Any:
+    kind, body = raw[:1], raw[1:]
+    if kind == b"b":
+        return bytes(body)
+    if kind == b"t":
+        return tuple(b - 256 if b > 127 else b for b in body)
+    raise ValueError(f"not a serialized NCCL unique id (marker {kind!r})")
+
+
+def group_store(pg: Any) -> Any:
+    """The torch.distributed store of a process group (None: the default group)."""
+    c10d = dist.distributed_c10d
+    if pg is None or pg is c10d._get_default_group():
+        return c10d._get_default_store()
+    getter = getattr(c10d, "_get_process_group_store", None)
+    if getter is not None:
+        return getter(pg)
+    return c10d._world.pg_map[pg][1]
+
+
+def _make_comm(nccl: Any, store: Any, key: str, rank: int, world_size: int, index: int) -> Any:
+    import cupy  # noqa: PLC0415
+
+    if rank == 0:
+        uid = nccl.get_unique_id()
+        store.set(key, uid_to_bytes(uid))
+    else:
+        uid = uid_from_bytes(store.get(key))
+    with cupy.cuda.Device(index):
+        return nccl.NcclCommunicator(world_size, uid, rank)
+
+
+# ------------------------------------------------------------------------------------------------
+# the transport
+
+
+@dataclass(eq=False)
+class _Work:
+    kind: int
+    k: int
+    peer: int
+    buf: torch.Tensor
+    send: bool
+    event: Any = None  # the group's event once flushed
+    staged: torch.Tensor | None = None  # header receives: pinned host bytes to copy into buf
+    keep: Any = None  # staging buffers the group reads or writes, alive until it is waited
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class TorchCuda:
+    """Every CUDA call the transport makes, through torch: the GPU-specific part, kept this thin.
+
+    A CPU test substitutes a fake with the same methods to drive the transport's logic.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device)
+
+    def current_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def handle(stream: Any) -> int:
+        return stream.cuda_stream
+
+    @staticmethod
+    def record(stream: Any) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def wait_event(stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    @staticmethod
+    def copy_async(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    @staticmethod
+    def record_stream(t: torch.Tensor, stream: Any) -> None:
+        t.record_stream(stream)
+
+    @staticmethod
+    def host_wait(event: Any, timeout_s: float) -> bool:
+        from blsgpu._device_counters import host_wait  # noqa: PLC0415
+
+        return host_wait(event, timeout_s)
+
+    @staticmethod
+    def pinned(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def counters(self, world_size: int, rank: int, stream: Any, timeout_s: float) -> Any:
+        from blsgpu._device_counters import DeviceCounters  # noqa: PLC0415
+
+        return DeviceCounters(world_size, rank, self.device, stream, timeout_s)
+
+
+class NcclTransport:
+    """NCCL point-to-point for one channel (see the module docstring)."""
+
+    name = "nccl"
+    loopback = True
+    stream_ordered = True
+
+    def __init__(self, group: Any = None, device: torch.device | str | None = None):
+        nccl = _import_nccl()  # first: without CuPy the error names the extra to install
+        if not torch.cuda.is_available():
+            raise RuntimeError("transport 'nccl' needs a CUDA GPU; none is visible")
+        device = torch.device(device) if device is not None else torch.device("cuda")
+        if device.type != "cuda":
+            raise ValueError(f"transport 'nccl' needs a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised: call dist.init_process_group first "
+                "(its store carries the NCCL unique id)"
+            )
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        channel_id = _next_channel_id(pg)
+        store = group_store(group)
+        prefix = f"blsgpu/nccl/{channel_id}"
+        comms = [_make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
+                 for what in ("header", "data")]
+        self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms)
+
+    @classmethod
+    def from_parts(cls, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
+                   header_comm: Any, data_comm: Any) -> NcclTransport:
+        """A transport over given communicators and CUDA adapter (tests drive it with fakes)."""
+        self = cls.__new__(cls)
+        self._setup(nccl, cuda, rank, world_size, channel_id, header_comm, data_comm)
+        return self
+
+    def _setup(self, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
+               header_comm: Any, data_comm: Any) -> None:
+        self._nccl = nccl
+        self._cuda = cuda
+        self.device = cuda.device
+        self.rank, self.world_size, self.channel_id = rank, world_size, channel_id
+        self.header_comm, self.data_comm = header_comm, data_comm
+        self.header_stream = cuda.new_stream()
+        self.data_stream = cuda.new_stream()
+        self._pending: dict[tuple[int, int], list[_Work]] = {}  # (kind, k) -> posted, not launched
+        self._slot_ready: dict[int, Any] = {}
+        self._last_order: tuple[int, Any] | None = None  # (stream, event): holds the event
+        self._error: BaseException | None = None
+        self._closed = False
+
+    # -- what the engine calls ---------------------------------------------------------------
+
+    def make_counters(self, world_size: int, rank: int, timeout_s: float) -> Any:
+        return self._cuda.counters(world_size, rank, self.data_stream, timeout_s)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._cuda.use(self.data_stream):  # NCCL writes it on this stream: allocate here
+            return self._cuda.empty(shape, dtype)
+
+    def isend(self, buf: torch.Tensor, peer: int, kind: int, k: int) -> _Work:
+        return self._post(_Work(kind, k, peer, buf, True))
+
+    def irecv(self, buf: torch.Tensor, peer: int, kind: int, k: int) -> _Work:
+        return self._post(_Work(kind, k, peer, buf, False))
+
+    def _post(self, work: _Work) -> _Work:
+        self._check()
+        if not work.buf.is_contiguous():
+            raise ValueError("NCCL buffers must be contiguous")
+        if not 0 <= work.peer < self.world_size:
+            raise ValueError(f"rank {work.peer} is not in a world of {self.world_size}")
+        self._pending.setdefault((work.kind, work.k), []).append(work)
+        return work
+
+    def flush(self, kind: int, k: int) -> None:
+        self._check()
+        works = self._pending.pop((kind, k), [])
+        if kind == HEADER:
+            if (DATA, k) in self._pending:  # data sends of k: the caller's stream wrote the slot
+                self._slot_ready[k] = self._cuda.record(self._cuda.current_stream())
+            self._launch_headers(works)
+        else:
+            self._launch_data(k, works)
+
+    def _launch_headers(self, works: list[_Work]) -> None:
+        if not works:
+            return
+        cuda, stream = self._cuda, self.header_stream
+        sends = [w for w in works if w.send]
+        recvs = [w for w in works if not w.send]
+        out_bytes = sum(_nbytes(w.buf) for w in sends)
+        in_bytes = sum(_nbytes(w.buf) for w in recvs)
+        host_out, host_in = cuda.pinned(out_bytes), cuda.pinned(in_bytes)
+        with cuda.use(stream):
+            dev_out = cuda.empty((out_bytes,), torch.uint8)
+            dev_in = cuda.empty((in_bytes,), torch.uint8)
+        plan_s, plan_r, o = [], [], 0
+        for w in sends:  # headers are host tensors: stage them through pinned memory
+            n = _nbytes(w.buf)
+            host_out[o : o + n].copy_(w.buf.reshape(-1).view(torch.uint8))
+            plan_s.append((w.peer, dev_out[o : o + n]))
+            o += n
+        o = 0
+        for w in recvs:
+            n = _nbytes(w.buf)
+            plan_r.append((w.peer, dev_in[o : o + n]))
+            w.staged = host_in[o : o + n]
+            o += n
+        if out_bytes:
+            cuda.copy_async(dev_out, host_out, stream)
+        self._group(self.header_comm, stream, plan_s, plan_r)
+        if in_bytes:
+            cuda.copy_async(host_in, dev_in, stream)
+        ev = cuda.record(stream)
+        for w in works:
+            w.event, w.keep = ev, (dev_out, dev_in, host_out)
+
+    def _launch_data(self, k: int, works: list[_Work]) -> None:
+        cuda, stream = self._cuda, self.data_stream
+        ready = self._slot_ready.pop(k, None)
+        if ready is not None:
+            cuda.wait_event(stream, ready)
+        sends = [(w.peer, w.buf) for w in works if w.send]
+        recvs = [(w.peer, w.buf) for w in works if not w.send]
+        if works:
+            self._group(self.data_comm, stream, sends, recvs)
+        for _, buf in sends:
+            cuda.record_stream(buf, stream)  # the caller's slot is read on this stream
+        ev = cuda.record(stream)
+        for w in works:
+            w.event = ev
+
+    def _group(self, comm: Any, stream: Any, sends: list, recvs: list) -> None:
+        nccl, s = self._nccl, self._cuda.handle(stream)
+        nccl.groupStart()
+        try:
+            for peer, buf in sends:
+                comm.send(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
+            for peer, buf in recvs:
+                comm.recv(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
+        finally:
+            nccl.groupEnd()
+
+    def wait(self, work: _Work, timeout_s: float) -> None:
+        self._check()
+        if work.event is None:
+            raise RuntimeError(f"iteration {work.k}: an NCCL message was waited before flush()")
+        if not self._cuda.host_wait(work.event, timeout_s):
+            what = "header" if work.kind == HEADER else "data"
+            err = TimeoutError(
+                f"timed out after {timeout_s:.1f} s: the NCCL {what} group of iteration {work.k} "
+                f"did not complete (a peer is silent or dead; the communicators were aborted)"
+            )
+            self._abort(err)
+            raise err
+        if work.staged is not None:
+            work.buf.reshape(-1).view(torch.uint8).copy_(work.staged)
+            work.staged = None
+        work.keep = None
+
+    def order(self, work: _Work, timeout_s: float) -> None:
+        if work.kind == HEADER:
+            self.wait(work, timeout_s)
+            return
+        self._check()
+        if work.event is None:
+            raise RuntimeError(f"iteration {work.k}: an NCCL message was ordered before flush()")
+        cuda = self._cuda
+        stream = cuda.current_stream()
+        last = self._last_order
+        # Every work of a group shares one event: wait on it once. The tuple holds the event, so
+        # the identity test cannot match a new event that reused a freed one's address.
+        if last is None or last[0] != cuda.handle(stream) or last[1] is not work.event:
+            cuda.wait_event(stream, work.event)
+            self._last_order = (cuda.handle(stream), work.event)
+        if not work.send:
+            cuda.record_stream(work.buf, stream)  # the caller reads it there
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _abort(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = err
+        for comm in (self.header_comm, self.data_comm):
+            try:
+                comm.abort()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is not None:
+            return  # aborted already
+        for stream in (self.header_stream, self.data_stream):
+            if not self._cuda.host_wait(self._cuda.record(stream), 30.0):
+                self._abort(TimeoutError("NCCL streams still busy at close"))
+                return
+        for comm in (self.header_comm, self.data_comm):
+            comm.destroy()

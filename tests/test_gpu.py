@@ -1,0 +1,316 @@
+"""The GPU path on real GPUs: NCCL through the engine, device counters, stream-ordered hand-off,
+caching-allocator safety, the single-GPU multi-rank mode under GPU-side delays, and multi-GPU runs.
+
+Marked `gpu` (one GPU) or `multigpu(n)`; tests/conftest.py skips them with a reason where the GPUs
+are missing. perf/gpu_check.sh runs them all on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from blsgpu import BoundedLagAllToAll, run_world
+from blsgpu._local import gpu_sleep, run_local
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
+
+
+def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
+    x = torch.randn((n, width), generator=g) * 1000
+    return x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
+
+
+def _splits(seed: int, k: int, w: int) -> np.ndarray:
+    g = np.random.default_rng([seed, k])
+    m = g.integers(0, 300, size=(w, w))
+    m[g.random((w, w)) < 0.25] = 0
+    return m
+
+
+def _reference(seed: int, k: int, rank: int, w: int, width: int) -> torch.Tensor:
+    dtype = DTYPES[k % len(DTYPES)]
+    m = _splits(seed, k, w)
+    parts = []
+    for src in range(w):
+        send = _payload(seed, k, src, int(m[src].sum()), dtype, width)
+        lo = int(m[src, :rank].sum())
+        parts.append(send[lo : lo + int(m[src, rank])])
+    return torch.cat(parts)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
+    """Pipelined: post k, wait k-B; every iteration's result checked against the reference."""
+    bound = a2a.bound
+    # Made up front: a copy from pageable memory in the loop would synchronize the host with the
+    # stream every iteration and hide what stream ordering has to get right.
+    sends = [_payload(seed, k, rank, int(_splits(seed, k, w)[rank].sum()), DTYPES[k % len(DTYPES)],
+                      width).to(device) for k in range(iters)]
+    torch.cuda.current_stream().synchronize()
+    pending, got = [], []
+    for k in range(iters):
+        m = _splits(seed, k, w)
+        send = sends[k]
+        sends[k] = None
+        pending.append((k, a2a.exchange(send, m[rank].tolist(),
+                                        m[:, rank].tolist() if k % 2 else None)))
+        del send  # freed at once: the ring copied it on this stream
+        if len(pending) > bound:
+            k0, h = pending.pop(0)
+            recv, splits = h.wait()
+            if delay_s is not None:
+                gpu_sleep(delay_s[k0])  # the consumer is slow on the GPU, not on the host
+            got.append((k0, recv.clone(), splits))
+    for k0, h in pending:
+        recv, splits = h.wait()
+        got.append((k0, recv.clone(), splits))
+    torch.cuda.current_stream().synchronize()
+    bad = []
+    for k0, recv, splits in got:
+        want = _reference(seed, k0, rank, w, width)
+        if splits != _splits(seed, k0, w)[:, rank].tolist() or not _bits_equal(recv.cpu(), want):
+            bad.append(k0)
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------
+# NCCL, world size 1: sends to itself through the whole engine
+
+
+def _nccl_w1_body(rank, w, bound, iters):
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from blsgpu import _nccl  # noqa: PLC0415
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with BoundedLagAllToAll(bound=bound, device=dev, transport="nccl", name="w1") as a2a:
+            bad = _exact_loop(rank, w, a2a, iters, 11 + bound, 32, dev)
+            torch.cuda.synchronize()
+            stats = a2a.stats()
+    names = {e.name for e in prof.events() if e.name.startswith("blsgpu.")}
+    return bad, stats, sorted(names)[:50], _nccl.check_libnccl()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", [0, 4])
+def test_nccl_world_size_one_exact(bound):
+    iters = 60
+    bad, stats, names, libnccl = run_world(1, _nccl_w1_body, bound, iters, timeout_s=240)[0]
+    assert bad == []
+    assert stats["transport"] == "nccl"
+    assert stats["posted"] == stats["released"] == iters
+    dev = stats["device"]
+    assert (dev["posted"], dev["arrived"], dev["released"]) == (iters, iters, iters)
+    assert not dev["wait_timed_out"]
+    for what in ("post", "wait", "release"):
+        assert f"blsgpu.{what}[w1:0]" in names, names
+    assert libnccl is None, libnccl  # one libnccl in the process, or the message says which two
+
+
+def _handoff_body(rank, w):
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    n = 1 << 18
+    x = torch.arange(n, device=dev, dtype=torch.float32)
+    with BoundedLagAllToAll(bound=1, device=dev, transport="nccl") as a2a:
+        a2a.exchange(x, [n]).wait()  # warm-up: NCCL's first group sets up connections
+        torch.cuda.synchronize()
+        gpu_sleep(0.3)  # the caller's stream is busy for 300 ms
+        t0 = time.monotonic()
+        recv, _ = a2a.exchange(x * 2, [n]).wait()
+        host_s = time.monotonic() - t0
+        ok = torch.equal(recv, x * 2)  # read on the caller's stream, after the data
+        torch.cuda.synchronize()
+        gpu_sleep(0.3)
+        t0 = time.monotonic()
+        recv2, _ = a2a.exchange(x * 3, [n]).wait(blocking=True)
+        blocking_s = time.monotonic() - t0
+        ok2 = torch.equal(recv2, x * 3)
+    return host_s, ok, blocking_s, ok2
+
+
+@pytest.mark.gpu
+def test_nccl_hand_off_is_stream_ordered_unless_blocking_is_asked():
+    host_s, ok, blocking_s, ok2 = run_world(1, _handoff_body, timeout_s=120)[0]
+    assert ok and ok2
+    assert host_s < 0.15, f"wait() held the host {host_s:.3f} s while the GPU was busy"
+    assert blocking_s > 0.2, f"wait(blocking=True) returned after {blocking_s:.3f} s"
+
+
+def _allocator_body(rank, w, iters):
+    """Free everything at once and reallocate on several streams while NCCL and a slow consumer
+    still use the buffers; with record_stream missing, sums come out wrong."""
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    n = 1 << 16
+    side = torch.cuda.Stream(dev)
+    sums = []
+    with BoundedLagAllToAll(bound=4, device=dev, transport="nccl") as a2a:
+        pending = []
+        for k in range(iters):
+            gpu_sleep(0.001)  # keep the GPU behind the host so buffers are freed while in use
+            send = torch.full((n,), float(k), device=dev)
+            pending.append((k, a2a.exchange(send, [n])))
+            del send
+            junk = torch.full((n,), -1.0, device=dev)
+            del junk
+            with torch.cuda.stream(side):
+                garbage = torch.full((n,), -7.0, device=dev)
+                del garbage
+            if len(pending) > 4:
+                k0, h = pending.pop(0)
+                recv, _ = h.wait()
+                gpu_sleep(0.001)  # the read happens late on the device ...
+                sums.append((k0, recv.sum()))
+                del recv  # ... but the tensor is freed now
+        for k0, h in pending:
+            sums.append((k0, h.wait()[0].sum()))
+        torch.cuda.synchronize()
+    return [(k0, float(s)) for k0, s in sums], n
+
+
+@pytest.mark.gpu
+def test_caching_allocator_never_reuses_buffers_nccl_still_uses():
+    sums, n = run_world(1, _allocator_body, 200, timeout_s=240)[0]
+    wrong = [(k, s) for k, s in sums if s != float(k) * n]
+    assert len(sums) == 200 and wrong == []
+
+
+# ------------------------------------------------------------------------------------------------
+# device counters
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefer", ["mem_ops", "kernel"])
+def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
+    from blsgpu._device_counters import DeviceCounters, stream_ops  # noqa: PLC0415
+
+    dev = torch.device("cuda", 0)
+    try:
+        ops = stream_ops(dev, prefer)
+    except Exception as e:
+        if prefer == "mem_ops":
+            pytest.skip(f"no stream memory operations here ({type(e).__name__}: {e})")
+        raise
+    comm, consumer = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    c = DeviceCounters(1, 0, dev, comm, timeout_s=10.0, ops=ops)
+    c.gate(3, 2)  # posting iteration 3 at B=2 needs released >= 1
+    marker = torch.cuda.Event()
+    marker.record(comm)
+    time.sleep(0.2)
+    assert not marker.query(), "the comm stream ran past the gate before any release"
+    assert c.device_counts()["posted"] == 0  # the posted write queues behind the gate
+    with torch.cuda.stream(consumer):
+        gpu_sleep(0.05)
+        c.release(0)
+    marker.synchronize()
+    assert c.device_counts() == {"posted": 4, "arrived": 0, "released": 1, "wait_timed_out": False}
+
+
+@pytest.mark.gpu
+def test_spin_kernel_wait_times_out_and_says_so():
+    from blsgpu import BLSError  # noqa: PLC0415
+    from blsgpu._device_counters import DeviceCounters, stream_ops  # noqa: PLC0415
+
+    dev = torch.device("cuda", 0)
+    comm = torch.cuda.Stream(dev)
+    c = DeviceCounters(1, 0, dev, comm, timeout_s=0.2, ops=stream_ops(dev, "kernel"))
+    c.gate(5, 0)  # nobody ever releases
+    comm.synchronize()
+    assert c.device_counts()["wait_timed_out"]
+    with pytest.raises(BLSError, match="timed out"):
+        c.check()
+
+
+# ------------------------------------------------------------------------------------------------
+# the single-GPU multi-rank mode: W stream sets, device-to-device copies, device counters
+
+
+def _local_body(rank, w, bound, iters, seed, mean_delay_s):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    rng = np.random.default_rng([seed, rank])
+    delays = rng.exponential(mean_delay_s, size=iters)
+    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+        bad = _exact_loop(rank, w, a2a, iters, seed, 16, dev, delay_s=delays)
+        torch.cuda.current_stream().synchronize()
+        stats = a2a.stats()
+    return bad, stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", [0, 2, 8])
+def test_local_mode_w4_exact_under_gpu_delays(bound):
+    iters = 60
+    results = run_local(4, _local_body, bound, iters, 5 + bound, 0.002, device="cuda", timeout_s=240)
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+        assert stats["transport"] == "local"
+        dev = stats["device"]
+        assert (dev["posted"], dev["arrived"], dev["released"]) == (iters, iters, iters)
+        assert not dev["wait_timed_out"]
+
+
+def _local_bound_body(rank, w, bound, iters, slow_rank, slow_s):
+    """The slow rank's consumer stream sleeps; the device counters must keep every comm stream
+    within B+1 iterations of it. Records each rank's device counts after every post."""
+    seen = []
+    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+        pending = []
+        for k in range(iters):
+            pending.append(a2a.exchange(torch.full((w,), float(k), device="cuda"), [1] * w))
+            if len(pending) > bound:
+                pending.pop(0).wait()
+                if rank == slow_rank:
+                    gpu_sleep(slow_s)
+            seen.append(a2a.stats()["device"])
+            time.sleep(0.002)
+        for h in pending:
+            h.wait()
+        torch.cuda.current_stream().synchronize()
+    return seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", [1, 4])
+def test_local_mode_device_lag_stays_within_the_bound(bound):
+    results = run_local(3, _local_bound_body, bound, 40, 1, 0.02, device="cuda", timeout_s=240)
+    for rank, seen in enumerate(results):
+        for d in seen:
+            # A comm stream has launched (posted) at most B+1 iterations beyond its own
+            # consumer's device releases.
+            assert d["posted"] - d["released"] <= bound + 1, (rank, d)
+    slow = results[1]
+    assert max(d["posted"] - d["released"] for d in slow) == bound + 1  # it did fall behind
+
+
+# ------------------------------------------------------------------------------------------------
+# several GPUs, one process per rank
+
+
+def _multi_body(rank, w, bound, iters):
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    with BoundedLagAllToAll(bound=bound, device=dev, transport="nccl") as a2a:
+        bad = _exact_loop(rank, w, a2a, iters, 23 + bound, 32, dev)
+        stats = a2a.stats()
+    return bad, stats
+
+
+@pytest.mark.multigpu(2)
+@pytest.mark.parametrize("bound", [0, 4])
+def test_nccl_two_gpus_exact(bound):
+    w = 2
+    for rank, (bad, stats) in enumerate(run_world(w, _multi_body, bound, 50, timeout_s=300)):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+        assert stats["transport"] == "nccl" and stats["max_lag"] <= bound + 1

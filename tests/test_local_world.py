@@ -1,0 +1,220 @@
+"""The in-process multi-rank mode (blsgpu._local) on CPU: W ranks as threads, the same engine.
+
+What the GPU runs as W stream sets on one device runs here as W threads with host copies; with
+emulate_streams the engine takes its stream-ordered path (hand-over through order(), device counters
+over host-emulated stream operations), as on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from blsgpu import BoundedLagAllToAll, PeerError
+from blsgpu._exchange import BoundError
+from blsgpu._local import current_group, run_local
+from blsgpu._world import RankError
+
+DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.float16]
+VARIANTS = [(dt, tr) for dt in DTYPES for tr in [(), (8,)]]
+MODES = {  # name -> run_local options
+    "host": {},
+    "loopback": {"loopback": True},
+    "streams": {"loopback": True, "emulate_streams": True},
+}
+
+
+def _split_matrix(seed: int, k: int, w: int) -> np.ndarray:
+    g = np.random.default_rng([seed, k])
+    m = g.integers(0, 6, size=(w, w))
+    m[g.random((w, w)) < 0.3] = 0
+    if k % 7 == 3:
+        m[k % w, :] = 0  # a rank that sends nothing at all
+    return m
+
+
+def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, trailing) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
+    x = torch.randn((n, *trailing), generator=g) * 1000
+    return x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
+
+
+def _reference(seed: int, k: int, rank: int, w: int) -> tuple[torch.Tensor, list[int]]:
+    """What a synchronous all_to_all_single delivers to `rank` in iteration k."""
+    dtype, trailing = VARIANTS[k % len(VARIANTS)]
+    m = _split_matrix(seed, k, w)
+    parts = []
+    for src in range(w):
+        send = _payload(seed, k, src, int(m[src].sum()), dtype, trailing)
+        lo = int(m[src, :rank].sum())
+        parts.append(send[lo : lo + int(m[src, rank])])
+    return torch.cat(parts), m[:, rank].tolist()
+
+
+def _bits(t: torch.Tensor) -> list[int]:
+    return t.contiguous().reshape(-1).view(torch.uint8).tolist()
+
+
+def _exact_body(rank, w, bound, iters, seed):
+    rng = np.random.default_rng([seed, rank, 7])
+    delays = rng.exponential(0.0005, size=iters) * (rng.random(iters) < 0.4)
+    window = rng.integers(1, bound + 2, size=iters)  # keep 1..B+1 exchanges outstanding
+    bad = []
+    with BoundedLagAllToAll(bound=bound, timeout=30) as a2a:
+        pending = []
+
+        def check(k, handle):
+            recv, splits = handle.wait()
+            want, want_splits = _reference(seed, k, rank, w)
+            if recv.dtype != want.dtype or recv.shape != want.shape or _bits(recv) != _bits(want) \
+                    or splits != want_splits:
+                bad.append(k)
+
+        for k in range(iters):
+            dtype, trailing = VARIANTS[k % len(VARIANTS)]
+            m = _split_matrix(seed, k, w)
+            send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
+            known = m[:, rank].tolist() if k % 2 else None
+            pending.append((k, a2a.exchange(send, m[rank].tolist(), known)))
+            while len(pending) >= window[k]:
+                check(*pending.pop(0))
+            time.sleep(delays[k])
+        for item in pending:
+            check(*item)
+        return bad, a2a.stats()
+
+
+@pytest.mark.parametrize(
+    "bound,mode", [(0, "host"), (1, "loopback"), (4, "host"), (4, "streams"), (0, "streams")]
+)
+def test_exact_at_w4_under_seeded_delays(bound, mode):
+    w, iters = 4, 120
+    results = run_local(w, _exact_body, bound, iters, 31 + bound, timeout_s=120, **MODES[mode])
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], f"rank {rank}: iterations differ from the synchronous reference: {bad[:10]}"
+        assert stats["transport"] == "local"
+        assert stats["posted"] == stats["released"] == stats["arrived"] == iters
+        assert 0 <= stats["max_lag"] <= bound + 1
+        if mode == "streams":  # the device counters (host-emulated streams) count the same
+            dev = stats["device"]
+            assert (dev["posted"], dev["arrived"], dev["released"]) == (iters, iters, iters)
+            assert dev["stream_ops"] == "host_emulation" and not dev["wait_timed_out"]
+
+
+def _bounded_body(rank, w, bound, iters, slow_rank, slow_s):
+    """Post k, wait k-B; the slow rank sleeps in between, so the others can run B+1 ahead."""
+    finished = []
+    with BoundedLagAllToAll(bound=bound, timeout=30) as a2a:
+        handles = []
+        for k in range(iters + bound):
+            if k < iters:
+                handles.append(a2a.exchange(torch.full((w,), float(k)), [1] * w))
+            if rank == slow_rank:
+                time.sleep(slow_s)
+            if k >= bound:
+                recv, _ = handles.pop(0).wait()
+                finished.append(time.monotonic())
+                assert recv.tolist() == [float(k - bound)] * w
+        return finished, a2a.stats()
+
+
+@pytest.mark.parametrize("mode", ["host", "streams"])
+@pytest.mark.parametrize("bound", [0, 2, 4])
+def test_bounded_and_b_plus_one_ahead(bound, mode):
+    w, iters, slow = 3, 14, 1
+    results = run_local(w, _bounded_body, bound, iters, slow, 0.03, timeout_s=60, **MODES[mode])
+    finished = [r[0] for r in results]
+    # No rank finishes iteration k before every peer released iteration k-B-1 (one clock here).
+    for r in range(w):
+        for k in range(bound + 1, iters):
+            for p in range(w):
+                assert finished[r][k] >= finished[p][k - bound - 1], (r, p, k)
+    # The fast ranks get exactly B+1 iterations ahead of the sleeping one, never more.
+    for r in range(w):
+        if r == slow:
+            continue
+        ahead = max((k + 1) - sum(t <= finished[r][k] for t in finished[slow]) for k in range(iters))
+        assert ahead == bound + 1, f"rank {r} got {ahead} ahead, expected {bound + 1}"
+        assert results[r][1]["max_lag"] == bound + 1
+        assert results[r][1]["waiting_for_data_s"] > 0.2
+
+
+def _outstanding_body(rank, w, bound):
+    with BoundedLagAllToAll(bound=bound, timeout=10) as a2a:
+        handles = [a2a.exchange(torch.ones(w), [1] * w) for _ in range(bound + 1)]
+        try:
+            a2a.exchange(torch.ones(w), [1] * w)
+            refused = False
+        except BoundError:
+            refused = True
+        got = [h.wait()[0].tolist() for h in handles]
+    return refused, got
+
+
+def test_more_than_b_plus_one_outstanding_raises():
+    for refused, got in run_local(3, _outstanding_body, 2):
+        assert refused and got == [[1.0] * 3] * 3
+
+
+def _dies_body(rank, w, die_rank):
+    a2a = BoundedLagAllToAll(bound=1, timeout=20, name="local-death")
+    for k in range(20):
+        if rank == die_rank and k == 5:
+            raise KeyError("boom")
+        a2a.exchange(torch.ones(w), [1] * w).wait()
+    a2a.close()
+
+
+def test_a_failing_rank_fails_its_peers_at_once():
+    t0 = time.monotonic()
+    results = run_local(3, _dies_body, 2, timeout_s=60, return_exceptions=True)
+    assert time.monotonic() - t0 < 10, "peers must fail at once, not after the timeout"
+    assert isinstance(results[2], KeyError)
+    for r in (0, 1):
+        err = results[r]
+        assert isinstance(err, PeerError), repr(err)
+        assert err.peer == 2 and err.channel == "local-death" and err.iteration in (5, 6)
+        assert "closed" in str(err)
+    with pytest.raises(RankError, match="rank 2 raised KeyError"):
+        run_local(3, _dies_body, 2, timeout_s=60)
+
+
+def _silent_body(rank, w):
+    a2a = BoundedLagAllToAll(bound=1, timeout=1.0, name="quiet")
+    if rank == 0:
+        time.sleep(2.5)
+        return "slept"
+    t0 = time.monotonic()
+    try:
+        a2a.exchange(torch.ones(w), [1] * w).wait()
+    except PeerError as e:
+        return e.peer, e.iteration, time.monotonic() - t0, str(e)
+    return "no error"
+
+
+def test_a_silent_rank_times_out_naming_it():
+    results = run_local(3, _silent_body, timeout_s=30)
+    assert results[0] == "slept"
+    for r in (1, 2):
+        peer, iteration, elapsed, msg = results[r]
+        assert (peer, iteration) == (0, 0) and 0.8 < elapsed < 2.4
+        assert "timed out" in msg and "quiet" in msg
+
+
+def _group_body(rank, w):
+    g = current_group()
+    with BoundedLagAllToAll(group=g, bound=0, transport="local") as a2a:
+        recv, _ = a2a.exchange(torch.tensor([float(rank)] * w), [1] * w).wait()
+    return g.rank(), g.size(), recv.tolist()
+
+
+def test_explicit_group_and_no_group_outside_a_local_world():
+    assert current_group() is None
+    assert run_local(2, _group_body) == [(0, 2, [0.0, 1.0]), (1, 2, [0.0, 1.0])]
+    with pytest.raises(ValueError, match="needs a group of blsgpu._local.run_local"):
+        BoundedLagAllToAll(transport="local")
+    with pytest.raises(ValueError, match="emulate_streams is for CPU"):
+        run_local(2, _group_body, device="cuda", emulate_streams=True)
