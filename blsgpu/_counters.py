@@ -29,6 +29,7 @@ class HostCounters:
     def post(self, k: int) -> None:
         with self.cond:
             self.posted = k + 1
+            self.max_lag = max(self.max_lag, self.lag())
 
     def arrive(self, k: int) -> None:
         with self.cond:
@@ -38,7 +39,6 @@ class HostCounters:
     def release(self, k: int) -> None:
         with self.cond:
             self.released = k + 1
-            self.max_lag = max(self.max_lag, self.lag())
 
     def gate(self, k: int, bound: int) -> None:
         """Hold the comm stream before iteration k until `released` reaches k-B.
@@ -58,14 +58,15 @@ class HostCounters:
             self.peer_released[peer] = max(self.peer_released[peer], released)
 
     def lag(self) -> int:
-        """Iterations this rank released beyond the slowest peer's releases, as its headers told.
+        """Iterations this rank has posted that the slowest peer has not (as its headers told).
 
-        Finishing iteration k needs every peer's header k, posted only after that peer released
-        k-B-1, so the lag never exceeds B+1; a rank blocked on the bound sits at exactly B+1.
+        Posting k needs iteration k-B-1 released, hence every peer's header k-B-1: the lag never
+        exceeds B+1, and a rank held back by a slow peer sits at exactly B+1. Peers' own release
+        counts (`peer_released`) are older news by the time they arrive, so they are not used.
         """
         if not self.peers:
             return 0
-        return self.released - min(self.peer_released[p] for p in self.peers)
+        return self.posted - min(self.peer_posted[p] for p in self.peers)
 
     def min_peer_released(self) -> int:
         if not self.peers:

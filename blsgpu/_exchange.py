@@ -45,7 +45,12 @@ _MAGIC = 0x424C5331  # "BLS1"
 # Header fields (int64).
 _H_MAGIC, _H_CHANNEL, _H_ITER, _H_ROWS, _H_DTYPE, _H_NDIM = 0, 1, 2, 3, 4, 5
 _H_DIMS = 6  # .. 6 + _MAX_TRAILING_DIMS
-_H_RELEASED, _H_EXPECT = 12, 13
+_H_RELEASED, _H_EXPECT, _H_INLINE = 12, 13, 14
+_HEADER_BYTES = _HEADER_LEN * 8
+# Payloads up to this many bytes per peer ride in the header message (one message, no data
+# rendezvous) on transports that allow a receive longer than what arrives (gloo).
+DEFAULT_INLINE_BYTES = 256 << 10
+_INLINE_BUDGET = 32 << 20  # per channel and direction, over all peers
 
 _DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
@@ -152,6 +157,9 @@ class BoundedLagAllToAll:
             available, else gloo.
         timeout: how long a wait may last before a silent peer is declared failed.
         name: the channel's name in errors, stats and traces.
+        inline_bytes: per-peer payloads up to this size travel inside the header message (gloo
+            only; default min(256 KiB, 32 MiB / W)); the ranks agree on the smallest value asked.
+            0 turns it off. Ring buffers are allocated lazily, so memory is what messages use.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class BoundedLagAllToAll:
         transport: str = "auto",
         timeout: timedelta | float | None = None,
         name: str | None = None,
+        inline_bytes: int | None = None,
     ):
         if isinstance(bound, bool) or not isinstance(bound, int):
             raise TypeError(f"bound must be an int, got {type(bound).__name__}")
@@ -188,6 +197,9 @@ class BoundedLagAllToAll:
         ]
         self._counters = self.transport.make_counters(self.world_size, self.rank, self.timeout_s)
         self._slots: list[torch.Tensor | None] = [None] * (bound + 1)
+        self._inline = self._agree_inline_bytes(inline_bytes)
+        self._msg_out: list[torch.Tensor | None] = [None] * (bound + 1)
+        self._msg_in: list[torch.Tensor | None] = [None] * (bound + 1)
         self._records: dict[int, _Iteration] = {}
         self._next_k = 0
         self._next_wait = 0
@@ -288,20 +300,24 @@ class BoundedLagAllToAll:
             slot.copy_(send)
         out_device = self.device if self.device is not None else send.device
 
-        header_out = torch.zeros(self.world_size, _HEADER_LEN, dtype=torch.int64)
-        header_out[:, _H_MAGIC] = _MAGIC
-        header_out[:, _H_CHANNEL] = self.transport.channel_id
-        header_out[:, _H_ITER] = k
-        header_out[:, _H_ROWS] = torch.tensor(send_splits, dtype=torch.int64)
-        header_out[:, _H_DTYPE] = _DTYPE_CODE[send.dtype]
-        header_out[:, _H_NDIM] = send.dim() - 1
-        for i, d in enumerate(send.shape[1:]):
-            header_out[:, _H_DIMS + i] = d
-        header_out[:, _H_RELEASED] = self._counters.released
-        header_out[:, _H_EXPECT] = (
-            torch.tensor(recv_splits, dtype=torch.int64) if recv_splits is not None else -1
-        )
-        header_in = torch.zeros(self.world_size, _HEADER_LEN, dtype=torch.int64)
+        row_bytes = send.element_size() * math.prod(send.shape[1:])
+        i = k % (self.bound + 1)
+        msg_out = self._msg_ring(self._msg_out, i)
+        msg_in = self._msg_ring(self._msg_in, i)
+        header_out = msg_out.view(torch.int64)[:, :_HEADER_LEN]
+        header_in = msg_in.view(torch.int64)[:, :_HEADER_LEN]
+        dims = list(send.shape[1:]) + [0] * (_MAX_TRAILING_DIMS - (send.dim() - 1))
+        head = [_MAGIC, self.transport.channel_id, k, 0, _DTYPE_CODE[send.dtype], send.dim() - 1,
+                *dims, self._counters.released, -1, 0, 0]
+        rows = []
+        for p in range(self.world_size):
+            h = list(head)
+            h[_H_ROWS] = send_splits[p]
+            if recv_splits is not None:
+                h[_H_EXPECT] = recv_splits[p]
+            h[_H_INLINE] = int(p != self.rank and 0 < send_splits[p] * row_bytes <= self._inline)
+            rows.append(h)
+        header_out.copy_(torch.tensor(rows, dtype=torch.int64))
         it = _Iteration(
             k=k,
             send=slot,
@@ -312,22 +328,26 @@ class BoundedLagAllToAll:
             header_in=header_in,
             header_recvs={},
         )
-        row_bytes = slot[0:0].element_size() * math.prod(slot.shape[1:])
         flat = slot.reshape(-1).view(torch.uint8) if nbytes else None
         offsets = _prefix(send_splits)
         tr = self.transport
         p = self.rank
         try:
             for p in self._peers:
-                it.header_recvs[p] = tr.irecv(header_in[p], p, HEADER, k)
+                it.header_recvs[p] = tr.irecv(msg_in[p], p, HEADER, k)
             for p in self._peers:
-                it.send_works.append((p, tr.isend(header_out[p], p, HEADER, k)))
-                if send_splits[p]:
-                    lo = offsets[p] * row_bytes
-                    chunk = flat[lo : lo + send_splits[p] * row_bytes]
-                    it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
-                    if p != self.rank:
-                        self._bytes_sent += chunk.numel()
+                nb = send_splits[p] * row_bytes
+                chunk = flat[offsets[p] * row_bytes : offsets[p] * row_bytes + nb] if nb else None
+                if rows[p][_H_INLINE]:
+                    msg_out[p, _HEADER_BYTES : _HEADER_BYTES + nb].copy_(chunk)
+                    message = msg_out[p, : _HEADER_BYTES + nb]
+                    it.send_works.append((p, tr.isend(message, p, HEADER, k)))
+                else:
+                    it.send_works.append((p, tr.isend(msg_out[p, :_HEADER_BYTES], p, HEADER, k)))
+                    if nb:
+                        it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
+                if p != self.rank:
+                    self._bytes_sent += nb
             tr.flush(HEADER, k)
         except Exception as e:  # the transport refuses to post: that peer is gone
             self._broken = self._peer_error(getattr(e, "peer", p), k, "posting", e)
@@ -399,6 +419,25 @@ class BoundedLagAllToAll:
         if self._broken is not None:
             # The first failure says it all (peer, channel, iteration): raise it again.
             raise self._broken
+
+    def _agree_inline_bytes(self, asked: int | None) -> int:
+        if not getattr(self.transport, "inline_ok", False):
+            return 0
+        if asked is None:
+            asked = min(DEFAULT_INLINE_BYTES, _INLINE_BUDGET // max(self.world_size, 1))
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+            raise ValueError(f"inline_bytes must be a non-negative int, got {asked!r}")
+        asked -= asked % 8  # keeps every header in the ring 8-byte aligned
+        # A receive buffer must never be shorter than what arrives: all ranks use the smallest.
+        return self.transport.agree_min(asked)
+
+    def _msg_ring(self, ring: list[torch.Tensor | None], i: int) -> torch.Tensor:
+        buf = ring[i]
+        if buf is None:
+            # Untouched pages cost nothing: only the bytes messages use become resident.
+            buf = self.transport.empty((self.world_size, _HEADER_BYTES + self._inline), torch.uint8)
+            ring[i] = buf
+        return buf
 
     def _check_bound(self, k: int) -> None:
         outstanding = k - self._next_wait
@@ -545,6 +584,8 @@ class BoundedLagAllToAll:
             out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
         offsets = _prefix(rows)
         pending: list[tuple[int, int]] = []  # (peer, rows) whose data receive waits for `out`
+        inline: list[tuple[int, int]] = []  # (peer, rows) whose payload came with the header
+        msg_in = self._msg_in[k % (self.bound + 1)]
 
         for p in self._peers:
             try:
@@ -584,14 +625,18 @@ class BoundedLagAllToAll:
             if bad:
                 # Drain the peer's bytes into scratch so its send completes; never post a receive
                 # smaller than what arrives (gloo aborts the process on that).
-                if n * p_row_bytes:
+                if n * p_row_bytes and not h[_H_INLINE]:
                     buf = tr.empty((n * p_row_bytes,), torch.uint8)
                     scratch.append(buf)
                     data_recvs.append((p, self._post_recv(buf, p, k)))
                 if known is None:
                     rows[p] = 0
                 continue
-            if known is None:
+            if h[_H_INLINE]:
+                inline.append((p, n))
+                if known is None:
+                    rows[p] = n
+            elif known is None:
                 rows[p] = n
                 if n:
                     pending.append((p, n))
@@ -606,6 +651,10 @@ class BoundedLagAllToAll:
             for p, n in pending:
                 lo = offsets[p] * row_bytes
                 data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
+
+        for p, n in inline:
+            lo = offsets[p] * row_bytes
+            out_bytes[lo : lo + n * row_bytes] = msg_in[p, _HEADER_BYTES : _HEADER_BYTES + n * row_bytes]
 
         # The device gate (released >= k-B) goes on the comm stream before the data is launched.
         self._counters.gate(k, self.bound)

@@ -84,12 +84,21 @@ class GlooTransport:
     device = torch.device("cpu")
     loopback = False  # gloo cannot send to its own rank; the engine copies the self part
     stream_ordered = False
+    inline_ok = True  # a receive may be longer than the message that fills it
 
     def __init__(self, group: Any = None):
         self.pg = gloo_backend_of(group)
         self.rank = self.pg.rank()
         self.world_size = self.pg.size()
         self.channel_id = _next_channel_id(self.pg)
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the group's ranks (a collective, at channel creation)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.pg.allreduce([t], opts).wait()
+        return int(t.item())
 
     @staticmethod
     def make_counters(world_size: int, rank: int, timeout_s: float) -> HostCounters:
