@@ -33,7 +33,7 @@ class HostCounters:
 
     def arrive(self, k: int) -> None:
         with self.cond:
-            self.arrived = k + 1
+            self.arrived = max(self.arrived, k + 1)
             self.cond.notify_all()
 
     def release(self, k: int) -> None:

@@ -496,6 +496,16 @@ class BoundedLagAllToAll:
 
     def _finish_inner(self, it: _Iteration, blocking: bool) -> None:
         t0 = time.monotonic()
+        # A caller about to block on an iteration the progress thread has not picked up yet
+        # receives it itself: one thread hand-off less per iteration (all of them at B=0). The
+        # thread takes iterations in order, so it is busy with none older than this one.
+        if self.transport.caller_may_receive:
+            with self._counters.cond:
+                stolen = bool(self._queue) and self._queue[0] is it
+                if stolen:
+                    self._queue.popleft()
+            if stolen:
+                self._run(it)
         # The progress thread enforces the timeout on every transport wait; this is a safety net.
         ok = it.done.wait(timeout=2 * self.timeout_s + 10.0)
         if not ok:
@@ -553,18 +563,22 @@ class BoundedLagAllToAll:
                 if self._stop and not self._queue:
                     return
                 it = self._queue.popleft()
-            if self._broken is not None:
-                it.error = self._broken
-            else:
-                try:
-                    with span("receive", self.name, it.k):
-                        self._receive(it)
-                except BaseException as e:  # handed to the waiting caller
-                    it.error = e
-                    if not isinstance(e, ValueError):
-                        self._broken = e
-            self._counters.arrive(it.k)
-            it.done.set()
+            self._run(it)
+
+    def _run(self, it: _Iteration) -> None:
+        """Receive one iteration (on the progress thread, or on a caller that got there first)."""
+        if self._broken is not None:
+            it.error = self._broken
+        else:
+            try:
+                with span("receive", self.name, it.k):
+                    self._receive(it)
+            except BaseException as e:  # handed to the waiting caller
+                it.error = e
+                if not isinstance(e, ValueError):
+                    self._broken = e
+        self._counters.arrive(it.k)
+        it.done.set()
 
     def _receive(self, it: _Iteration) -> None:
         k, tr = it.k, self.transport

@@ -167,6 +167,7 @@ class LocalTransport:
         self.loopback = self.fabric.loopback
         gpu = self.device.type == "cuda"
         self.stream_ordered = gpu or self.fabric.emulate
+        self.caller_may_receive = False  # receives stay on the progress thread
         self.stream = torch.cuda.Stream(self.device) if gpu else None
         self._sends: dict[int, list[_Work]] = {}
         self._recvs: dict[int, list[_Work]] = {}

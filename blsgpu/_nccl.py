@@ -294,6 +294,7 @@ class NcclTransport:
     name = "nccl"
     loopback = True
     stream_ordered = True
+    caller_may_receive = False  # receives stay on the progress thread
 
     def __init__(self, group: Any = None, device: torch.device | str | None = None):
         nccl = _import_nccl()  # first: without CuPy the error names the extra to install

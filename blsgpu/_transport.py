@@ -85,6 +85,7 @@ class GlooTransport:
     loopback = False  # gloo cannot send to its own rank; the engine copies the self part
     stream_ordered = False
     inline_ok = True  # a receive may be longer than the message that fills it
+    caller_may_receive = True  # gloo calls may come from any thread
 
     def __init__(self, group: Any = None):
         self.pg = gloo_backend_of(group)
