@@ -35,16 +35,31 @@ _KINDS = 2
 _ITER_BITS = 16  # iterations in flight per pair are <= 2B+2, far below 2**16
 _MAX_CHANNELS = (2**31 - 1) >> (_ITER_BITS + 1)
 
-_channel_counts: dict[int, int] = {}
+_channel_counts: dict[Any, int] = {}
 
 
-def _next_channel_id(pg: Any) -> int:
+def _group_key(group: Any) -> Any:
+    """What identifies a group for as long as it lives, the same way on every rank.
+
+    Not id(): torch hands out fresh Python wrappers of one C++ group, and a freed wrapper's id is
+    reused, which restarted the count on some ranks and not others.
+    """
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    try:
+        name = pg.group_name
+    except (AttributeError, RuntimeError):
+        name = None
+    return ("name", name) if name else ("object", id(pg))
+
+
+def _next_channel_id(group: Any) -> int:
     # Channels are created collectively in the same order on every rank, so a per-group counter
     # gives the same id everywhere without a message.
-    n = _channel_counts.get(id(pg), 0)
+    key = _group_key(group)
+    n = _channel_counts.get(key, 0)
     if n >= _MAX_CHANNELS // _KINDS:
         raise RuntimeError(f"too many BLS channels on one process group ({n})")
-    _channel_counts[id(pg)] = n + 1
+    _channel_counts[key] = n + 1
     return n
 
 
@@ -91,7 +106,7 @@ class GlooTransport:
         self.pg = gloo_backend_of(group)
         self.rank = self.pg.rank()
         self.world_size = self.pg.size()
-        self.channel_id = _next_channel_id(self.pg)
+        self.channel_id = _next_channel_id(group)
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` over the group's ranks (a collective, at channel creation)."""
