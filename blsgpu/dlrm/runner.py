@@ -348,12 +348,6 @@ def run_rank(rank: int, world_size: int, cfg: BenchConfig, progress=None) -> dic
     """
     if world_size != cfg.world_size:
         raise ValueError(f"config is for {cfg.world_size} ranks, the group has {world_size}")
-    # Channel ids come from a counter keyed on the id() of the group's gloo backend object; if
-    # that object is collected between runs (at a different moment on each rank) the counter
-    # restarts and ranks disagree on channel ids. Holding it for the whole call keeps ids in step.
-    from blsgpu._transport import gloo_backend_of  # noqa: PLC0415
-
-    pinned = gloo_backend_of(None)  # noqa: F841
     me = _Rank(rank, world_size, cfg, progress)
     prof = None
     if cfg.trace_dir:
