@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from _contract import drive, send_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,73 +18,19 @@ from blsgpu import BoundedLagAllToAll, PeerError, run_world
 from blsgpu._exchange import BoundError
 from blsgpu._world import RankError
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32]
-VARIANTS = [(dt, tr) for dt in DTYPES for tr in [(), (64,)]]
-
-
-def _split_matrix(seed: int, k: int, w: int) -> np.ndarray:
-    """splits[src, dst] for iteration k: random, many zeros, and now and then a silent sender."""
-    g = np.random.default_rng([seed, k])
-    m = g.integers(0, 7, size=(w, w))
-    m[g.random((w, w)) < 0.3] = 0
-    if k % 5 == 2:
-        m[k % w, :] = 0  # this rank sends nothing at all
-    return m
-
-
-def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, trailing) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
-    x = torch.randn((n, *trailing), generator=g) * 1000
-    return x.round().to(dtype) if not dtype.is_floating_point else x.to(dtype)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
 
 def _exact_body(rank, w, bound, iters, seed):
+    width = 64
     # 1. The synchronous reference: gloo's all_to_all_single, iteration by iteration.
     reference = []
     for k in range(iters):
-        dtype, trailing = VARIANTS[k % len(VARIANTS)]
-        m = _split_matrix(seed, k, w)
-        send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
-        out = torch.empty((int(m[:, rank].sum()), *trailing), dtype=dtype)
-        dist.all_to_all_single(out, send, m[:, rank].tolist(), m[rank].tolist())
+        send, send_splits, recv_splits = send_of(seed, k, rank, w, width)
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(out, send, recv_splits, send_splits)
         reference.append(out)
-
-    # 2. The BLS channel under seeded per-rank delays, with a driver that keeps a random number
-    #    (1..B+1) of exchanges outstanding; half the iterations pass known recv_splits.
-    rng = np.random.default_rng([seed, rank, 7])
-    delays = rng.exponential(0.001, size=iters) * (rng.random(iters) < 0.4)
-    window = rng.integers(1, bound + 2, size=iters)
-    bad = []
+    # 2. The BLS channel under seeded per-rank delays, against it.
     with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
-        pending = []
-
-        def check(k, handle):
-            recv, recv_splits = handle.wait()
-            m = _split_matrix(seed, k, w)
-            ok = (
-                recv.dtype == reference[k].dtype
-                and recv.shape == reference[k].shape
-                and torch.equal(_bits(recv), _bits(reference[k]))
-                and recv_splits == m[:, rank].tolist()
-            )
-            if not ok:
-                bad.append(k)
-
-        for k in range(iters):
-            dtype, trailing = VARIANTS[k % len(VARIANTS)]
-            m = _split_matrix(seed, k, w)
-            send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
-            known = m[:, rank].tolist() if k % 2 else None
-            pending.append((k, a2a.exchange(send, m[rank].tolist(), known)))
-            while len(pending) >= window[k]:
-                check(*pending.pop(0))
-            time.sleep(delays[k])
-        for item in pending:
-            check(*item)
+        bad = drive(a2a, rank, w, iters, seed, width, reference.__getitem__, mean_delay_s=0.001)
         stats = a2a.stats()
     return bad, stats
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 import torch
+from _contract import drive, reference
 
 from blsgpu import BoundedLagAllToAll, PeerError
 from blsgpu._exchange import BoundError
 from blsgpu._local import current_group, run_local
 from blsgpu._world import RankError
 
-DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.float16]
-VARIANTS = [(dt, tr) for dt in DTYPES for tr in [(), (8,)]]
 MODES = {  # name -> run_local options
     "host": {},
     "loopback": {"loopback": True},
@@ -27,64 +25,14 @@ MODES = {  # name -> run_local options
 }
 
 
-def _split_matrix(seed: int, k: int, w: int) -> np.ndarray:
-    g = np.random.default_rng([seed, k])
-    m = g.integers(0, 6, size=(w, w))
-    m[g.random((w, w)) < 0.3] = 0
-    if k % 7 == 3:
-        m[k % w, :] = 0  # a rank that sends nothing at all
-    return m
-
-
-def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, trailing) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
-    x = torch.randn((n, *trailing), generator=g) * 1000
-    return x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
-
-
-def _reference(seed: int, k: int, rank: int, w: int) -> tuple[torch.Tensor, list[int]]:
-    """What a synchronous all_to_all_single delivers to `rank` in iteration k."""
-    dtype, trailing = VARIANTS[k % len(VARIANTS)]
-    m = _split_matrix(seed, k, w)
-    parts = []
-    for src in range(w):
-        send = _payload(seed, k, src, int(m[src].sum()), dtype, trailing)
-        lo = int(m[src, :rank].sum())
-        parts.append(send[lo : lo + int(m[src, rank])])
-    return torch.cat(parts), m[:, rank].tolist()
-
-
-def _bits(t: torch.Tensor) -> list[int]:
-    return t.contiguous().reshape(-1).view(torch.uint8).tolist()
-
-
 def _exact_body(rank, w, bound, iters, seed):
-    rng = np.random.default_rng([seed, rank, 7])
-    delays = rng.exponential(0.0005, size=iters) * (rng.random(iters) < 0.4)
-    window = rng.integers(1, bound + 2, size=iters)  # keep 1..B+1 exchanges outstanding
-    bad = []
+    width = 8
+
+    def expected(k):
+        return reference(seed, k, rank, w, width)
+
     with BoundedLagAllToAll(bound=bound, timeout=30) as a2a:
-        pending = []
-
-        def check(k, handle):
-            recv, splits = handle.wait()
-            want, want_splits = _reference(seed, k, rank, w)
-            if recv.dtype != want.dtype or recv.shape != want.shape or _bits(recv) != _bits(want) \
-                    or splits != want_splits:
-                bad.append(k)
-
-        for k in range(iters):
-            dtype, trailing = VARIANTS[k % len(VARIANTS)]
-            m = _split_matrix(seed, k, w)
-            send = _payload(seed, k, rank, int(m[rank].sum()), dtype, trailing)
-            known = m[:, rank].tolist() if k % 2 else None
-            pending.append((k, a2a.exchange(send, m[rank].tolist(), known)))
-            while len(pending) >= window[k]:
-                check(*pending.pop(0))
-            time.sleep(delays[k])
-        for item in pending:
-            check(*item)
-        return bad, a2a.stats()
+        return drive(a2a, rank, w, iters, seed, width, expected, mean_delay_s=0.0005), a2a.stats()
 
 
 @pytest.mark.parametrize(
