@@ -427,10 +427,9 @@ def _fail_on_rank_one(rank, w):
     return rank
 
 
-def test_import_needs_no_gpu_stack():
-    import sys
-
-    assert "cupy" not in sys.modules and "triton" not in sys.modules
+def test_import_registers_the_bls_backend():
+    # (That importing blsgpu loads no GPU stack is checked in a fresh process in
+    # test_gpu_path_cpu.py; this process has imported Triton for other tests.)
     assert "bls" in dist.Backend.backend_list
     assert blsgpu.BoundedLagAllToAll is BoundedLagAllToAll
 
