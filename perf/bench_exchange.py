@@ -29,9 +29,7 @@ import collections
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 import blsgpu
-from blsgpu import sim
+from blsgpu import _provenance, sim
 from blsgpu.delays import DelayModel
 
 NAME = "bench_exchange"
@@ -157,29 +155,6 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
             dist.barrier()
             out[key] = {"loop_s": loop_s, "checks": checks, "stats": stats, "slept_s": me.slept_s}
     return out
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
-def _machine() -> dict:
-    return {
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "backend": "gloo",
-    }
 
 
 def _median(xs: list[float]) -> float:
@@ -436,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine, commit = _machine(), _commit()
+    machine, commit = _provenance.machine(backend="gloo"), _provenance.commit()
     doc = {"summary": {**summary, "config": cfg, "machine": machine, "commit": commit},
            "records": _records(cfg, rows, machine, commit), "rows": rows}
     (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -27,10 +27,7 @@ import argparse
 import collections
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +36,7 @@ from pathlib import Path
 import torch
 
 import blsgpu
+from blsgpu import _provenance
 from blsgpu._local import gpu_sleep, run_local
 from blsgpu.delays import DelayModel
 
@@ -47,21 +45,8 @@ TARGET_RATIO = 0.95  # BLS B=4 / NCCL alltoall throughput, no delays
 TARGET_MASKING = 0.9  # at B=8 in the local mode under exponential delays
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def _machine(gpu: bool) -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cores": os.cpu_count()}
+    info = _provenance.machine()
     if gpu:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
@@ -402,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_cpu_dry_run" if args.cpu_dry_run else "") + (f"_{args.tag}" if args.tag else "")
-    commit = _commit()
+    commit = _provenance.commit()
     (out / f"{stem}.json").write_text(json.dumps(
         {"records": _records(args, rows, machine, commit), "summary": summary, "rows": rows},
         indent=1, default=str))

@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from blsgpu import _provenance
 from blsgpu._lookup import QuantizedTable, pooled_lookup
 
 NAME = "bench_lookup"
@@ -60,35 +58,9 @@ TARGET_PEAK_FRACTION = 0.70
 TARGET_SPEEDUP = 1.5
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device: str, threads: int) -> dict:
-    info = {
-        "host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
-        "python": platform.python_version(), "torch": torch.__version__,
-    }  # fmt: skip
+    info = _provenance.machine(threads=threads)
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
         try:
             import triton
 
@@ -96,7 +68,6 @@ def _machine(device: str, threads: int) -> dict:
         except ImportError:
             pass
     return info
-
 
 def _hbm_peak(name: str, override: float | None) -> float | None:
     if override:
@@ -371,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine, commit = _machine(args.device, args.threads), _commit()
+    machine, commit = _machine(args.device, args.threads), _provenance.commit()
     doc = {"summary": {**summary, "config": cfg, "machine": machine, "commit": commit},
            "records": _records(cfg, rows, machine, commit), "rows": rows}
     (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -37,20 +37,17 @@ import collections
 import hashlib
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from blsgpu import sim
+from blsgpu import _provenance, sim
 from blsgpu._trace import span
 from blsgpu.delays import DelayModel, sleep_schedule
 from blsgpu.dlrm.data import Batch, SyntheticCriteo
@@ -418,32 +415,13 @@ def _none_if_nan(x: float | None):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
-def commit() -> str:
-    """git rev-parse HEAD of the checkout blsgpu runs from ("-dirty" if modified), or "unknown"."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("-dirty" if dirty.strip() else "") if head else "unknown"
-
-
 def machine(device: str = "cpu") -> dict:
-    out = {
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-        "backend": "gloo" if device == "cpu" else "cpu:gloo,cuda:nccl",
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
+    return _provenance.machine(
+        device=device, backend="gloo" if device == "cpu" else "cpu:gloo,cuda:nccl"
+    )
+
+
+commit = _provenance.commit
 
 
 def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) -> dict:
