@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,26 +24,6 @@ def init_weight(config, index: int, seed: int | None, dtype: torch.dtype,
     w = torch.empty(config.num_embeddings, config.embedding_dim, dtype=torch.float32)
     w.uniform_(-bound, bound, generator=gen)
     return w.to(device=device, dtype=dtype)
-
-
-def pool_into(tables, indices, offsets, weights, pooling: str, out: torch.Tensor) -> None:
-    """Pooled lookup of T tables over N bags each (bags table-major) into out [N, sum(D_t)].
-
-    Ids must already be checked. Weighted mean pools as FBGEMM's TBE (and so TorchRec's sharded
-    modules) do: sum of weight * row, divided by the number of ids in the bag.
-    """
-    if weights is None or pooling == "sum":
-        pooled_lookup(tables, indices, offsets, per_sample_weights=weights, pooling=pooling,
-                      out=out, validate=False)
-        return
-    tmp = pooled_lookup(tables, indices, offsets, per_sample_weights=weights, pooling="sum",
-                        out_dtype=torch.float32, validate=False)
-    n = out.shape[0]
-    lengths = (offsets[1:] - offsets[:-1]).view(len(tables), n).clamp(min=1).to(torch.float32)
-    dims = [int(t.shape[1]) for t in tables]
-    tmp /= torch.repeat_interleave(lengths.t(), torch.tensor(dims, device=lengths.device), dim=1,
-                                   output_size=tmp.shape[1])
-    out.copy_(tmp)
 
 
 def check_features(kjt: KeyedJaggedTensor, features: list[str], rows: dict[str, int],
@@ -70,9 +51,8 @@ def check_features(kjt: KeyedJaggedTensor, features: list[str], rows: dict[str, 
             ids = torch.cat([values[opk[i]:opk[i + 1]] for i, _ in checked])
             limits = limits.repeat_interleave(per_key, output_size=ids.numel())
             ok = not bool(((ids < 0) | (ids >= limits)).any())
-        else:  # on CPU a min/max per key is cheaper than building a per-id limit
-            ok = all(int(m.min) >= 0 and int(m.max) < rows[k] for m, k in
-                     ((torch.aminmax(values[opk[i]:opk[i + 1]]), k) for i, k in checked))
+        else:
+            ok = _ids_in_range_cpu(values, [(opk[i], opk[i + 1], rows[k]) for i, k in checked])
         if not ok:
             for i, k in checked:
                 seg = values[opk[i]:opk[i + 1]]
@@ -81,6 +61,31 @@ def check_features(kjt: KeyedJaggedTensor, features: list[str], rows: dict[str, 
                     raise ValueError(f"feature {k!r}: id {int(seg[bad[0, 0]])} is out of range "
                                      f"[0, {rows[k]})")
     return [index[f] for f in features]
+
+
+_UNSIGNED = {torch.int64: np.uint64, torch.int32: np.uint32}
+
+
+def _ids_in_range_cpu(values: torch.Tensor, spans: list[tuple[int, int, int]]) -> bool:
+    """Every id in values[a:b] lies in [0, rows) for each non-empty (a, b, rows).
+
+    One numpy pass for all keys: seen as unsigned, a negative id is at least 2^(bits-1), so a max
+    per span against min(rows, 2^(bits-1)) catches both ends.
+    """
+    if not spans:
+        return True
+    unsigned = _UNSIGNED.get(values.dtype)
+    if unsigned is None:  # other integer dtypes: a min and a max per span
+        return all(int(lo) >= 0 and int(hi) < r for (lo, hi), r in
+                   ((torch.aminmax(values[a:b]), r) for a, b, r in spans))
+    v = values.numpy().view(unsigned)
+    # Maxima over [a_0, b_0), [b_0, a_1), [a_1, b_1), ...; the odd ones are gaps, ignored.
+    cuts = [x for a, b, _ in spans for x in (a, b)]
+    if cuts[-1] == v.shape[0]:
+        cuts.pop()
+    hi = np.maximum.reduceat(v, cuts)[::2]
+    top = torch.iinfo(values.dtype).max + 1
+    return bool((hi < np.array([min(r, top) for _, _, r in spans], dtype=unsigned)).all())
 
 
 def gather_bags(kjt: KeyedJaggedTensor, key_index: list[int], with_weights: bool):
@@ -94,8 +99,9 @@ def gather_bags(kjt: KeyedJaggedTensor, key_index: list[int], with_weights: bool
     return lengths, values, weights
 
 
-def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+def offsets_of(lengths: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[0, cumsum(lengths)] in `dtype` (the lookup wants the ids' dtype)."""
+    out = torch.zeros(lengths.numel() + 1, dtype=dtype, device=lengths.device)
     torch.cumsum(lengths, 0, out=out[1:])
     return out
 
@@ -150,7 +156,7 @@ class EmbeddingBagCollection(nn.Module):
             kjt = kjt.to(device)
         n = kjt.stride()
         lengths, ids, weights = gather_bags(kjt, key_index, self._is_weighted)
-        offsets = offsets_of(lengths)
+        offsets = offsets_of(lengths, ids.dtype)
         out = torch.empty(n, sum(self._dims), dtype=torch.float32, device=device)
         # One pooled lookup per run of tables with the same pooling, each into its columns of out.
         lpk = kjt.length_per_key()
@@ -173,8 +179,10 @@ class EmbeddingBagCollection(nn.Module):
             s = len(weights_t)
             lo, hi = slot * n, (slot + s) * n
             o_lo, o_hi = id_start[slot], id_start[slot + s]
-            pool_into(weights_t, ids[o_lo:o_hi], offsets[lo:hi + 1] - o_lo,
-                      None if weights is None else weights[o_lo:o_hi],
-                      self._tables[run[0]].pooling, out[:, col:col + dim])
+            # Weighted mean pools as FBGEMM's TBE (and so TorchRec's modules): sum(w * row) / L.
+            pooled_lookup(weights_t, ids[o_lo:o_hi], offsets[lo:hi + 1] - o_lo,
+                          per_sample_weights=None if weights is None else weights[o_lo:o_hi],
+                          pooling=self._tables[run[0]].pooling, out=out[:, col:col + dim],
+                          validate=False)
             slot, col = slot + s, col + dim
         return KeyedTensor(self._names, self._dims, out)

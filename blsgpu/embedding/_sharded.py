@@ -1,13 +1,15 @@
 """Sharded EmbeddingBagCollection: TorchRec's sharded forward with both alltoallvs on BLS channels.
 
 One batch (a KJT of N local samples on every rank) goes through:
-  input dist   one int64 message per destination r: [N, lengths of r's slots (N each), their ids]
-               (row-wise: only the ids in r's row block, shifted to local rows); the per-id weights
-               travel on their own float32 channel when the collection is weighted.
+  input dist   one integer message per destination r: [N, lengths of r's slots (N each), their ids,
+               their weights when the collection is weighted] (row-wise: only the ids in r's row
+               block, shifted to local rows). int32 when every table has fewer than 2^31 rows (half
+               the bytes of TorchRec's int64 ids), else int64; fp32 weights travel bit for bit
+               inside it (as int32, or as fp64 in an int64 message).
   lookup       rank r pools, for every sample of every rank, the slots it holds, straight into the
                send buffer of the output channel: rows grouped by the sample's rank, in comm_dtype.
-  output dist  rank r sends [N_p, D_r] to every rank p; rank p puts each block into its columns of
-               [N, sum(D)] (row-wise partial sums are added in rank order, then mean divides by
+  output dist  rank r sends [N_p, D_r] to every rank p; rank p copies each block into its columns
+               of [N, sum(D)] (row-wise partial sums are added in rank order, then mean divides by
                the bag length).
 forward(kjt) runs one batch through; pipeline(batches) keeps up to B+1 batches in flight on both
 channels, which is what lets a fast rank run up to B+1 batches ahead of a slow one.
@@ -26,8 +28,8 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from blsgpu._exchange import BoundedLagAllToAll
-from blsgpu._lookup import QuantizedTable
-from blsgpu.embedding._collection import check_features, init_weight, offsets_of, pool_into
+from blsgpu._lookup import QuantizedTable, pooled_lookup
+from blsgpu.embedding._collection import check_features, init_weight, offsets_of
 from blsgpu.embedding._config import as_configs
 from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt
 from blsgpu.embedding._plan import make_plan
@@ -70,10 +72,7 @@ class _Batch:
     key_index: list[int]
     ids_send: torch.Tensor
     ids_splits: list[int]
-    w_send: torch.Tensor | None
-    w_splits: list[int]
     h_ids: Any = None
-    h_w: Any = None
     h_out: Any = None
 
 
@@ -155,19 +154,31 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 self._runs[-1] = (self._runs[-1][0], i + 1, ls.pooling)
             else:
                 self._runs.append((i, i + 1, ls.pooling))
-        # Output assembly: per source rank, the output columns of its local columns.
-        self._cols: list[torch.Tensor] = []
+        # Output assembly: per source rank, runs of its columns that land side by side in the
+        # output, (first local column, end, first output column, add). Row-wise partials add.
+        self._moves: list[list[tuple[int, int, int, bool]]] = []
         for r in range(W):
-            cols = [slots[ls.slot].col + d for ls in self.plan.local[r]
-                    for d in range(slots[ls.slot].dim)]
-            self._cols.append(torch.tensor(cols, dtype=torch.int64, device=self._device))
+            moves: list[list] = []
+            for ls in self.plan.local[r]:
+                s = slots[ls.slot]
+                add = s.kind == "row_wise"
+                last = moves[-1] if moves else None
+                if last and last[1] == ls.col and last[2] + last[1] - last[0] == s.col \
+                        and last[3] == add:
+                    last[1] += s.dim
+                else:
+                    moves.append([ls.col, ls.col + s.dim, s.col, add])
+            self._moves.append([tuple(m) for m in moves])
+        self._any_row_wise = any(s.kind == "row_wise" for s in slots)
         self._mean_rw = [(j, s.col, s.dim) for j, s in enumerate(slots)
                          if s.kind == "row_wise" and s.pooling == "mean"]
+        # Ids (and lengths, and N) fit int32 unless a table has 2^31 rows or more.
+        self._id_dtype = torch.int32 if max((t.num_embeddings for t in configs), default=0) \
+            <= torch.iinfo(torch.int32).max else torch.int64
 
         # Channels are collective: the same ones, in the same order, on every rank.
         kw = dict(group=group, bound=bound, device=self._device, timeout=timeout)
         self._ch_ids = BoundedLagAllToAll(name="ebc_ids", **kw)
-        self._ch_w = BoundedLagAllToAll(name="ebc_weights", **kw) if self._is_weighted else None
         self._ch_out = BoundedLagAllToAll(name="ebc_pooled", **kw)
 
     # ------------------------------------------------------------------------------- public API
@@ -219,17 +230,13 @@ class ShardedEmbeddingBagCollection(nn.Module):
             yield self._assemble(out_q.popleft())
 
     def stats(self) -> dict[str, dict]:
-        """Engine counters of the channels: ids, weights (when weighted), pooled."""
-        out = {"ids": self._ch_ids.stats(), "pooled": self._ch_out.stats()}
-        if self._ch_w is not None:
-            out["weights"] = self._ch_w.stats()
-        return out
+        """Engine counters of the channels: ids (with lengths and weights) and pooled."""
+        return {"ids": self._ch_ids.stats(), "pooled": self._ch_out.stats()}
 
     def close(self) -> None:
         """Delivers what was posted and closes the channels (collective in effect)."""
-        for ch in (self._ch_ids, self._ch_w, self._ch_out):
-            if ch is not None:
-                ch.close()
+        self._ch_ids.close()
+        self._ch_out.close()
 
     def __enter__(self):
         return self
@@ -269,15 +276,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
     # ------------------------------------------------------------------------------- one batch
 
     def _prepare(self, features) -> _Batch:
-        """Checks the batch and builds its input-dist messages (no communication)."""
+        """Checks the batch and writes its input-dist message into the ids channel's send buffer
+        (nothing is sent: a bad batch raises here and the channels stay in step)."""
         kjt = as_kjt(features)
         key_index = check_features(kjt, self._features, self._rows, self._is_weighted)
         if kjt.device() != self._device:
             kjt = kjt.to(self._device)
         n = kjt.stride()
-        lengths = kjt.lengths().to(torch.int64)
-        values = kjt.values().to(torch.int64)
-        weights = kjt.weights().to(torch.float32) if self._is_weighted else None
+        lengths = kjt.lengths()
+        values = kjt.values()
+        weights = kjt.weights() if self._is_weighted else None
+        if weights is not None:
+            weights = _weights_as_ids(weights, self._id_dtype)
         opk = kjt.offset_per_key()
         slots = self.plan.slots
         # Row-wise features: ids bucketed by owner (stable, so bag order survives), shifted to
@@ -304,90 +314,89 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 buckets[j] = (counts, local_ids, w, starts)
             return buckets[j]
 
-        header = torch.tensor([n], dtype=torch.int64, device=values.device)
+        header = torch.tensor([n], dtype=self._id_dtype, device=values.device)
         pieces: list[torch.Tensor] = []
-        w_pieces: list[torch.Tensor] = []
         ids_splits: list[int] = []
-        w_splits: list[int] = []
         for r in range(self._W):
             local = self.plan.local[r]
             if not local:
                 ids_splits.append(0)
-                w_splits.append(0)
                 continue
             len_p, id_p, w_p = [], [], []
+            n_ids = 0
             for ls in local:
                 j, ki = ls.slot, key_index[ls.slot]
                 if slots[j].kind == "row_wise":
                     counts, local_ids, w, starts = bucket(j)
                     len_p.append(counts[r])
                     id_p.append(local_ids[starts[r]:starts[r + 1]])
+                    n_ids += starts[r + 1] - starts[r]
                     if w is not None:
                         w_p.append(w[starts[r]:starts[r + 1]])
                 else:
                     len_p.append(lengths[ki * n:(ki + 1) * n])
                     id_p.append(values[opk[ki]:opk[ki + 1]])
+                    n_ids += opk[ki + 1] - opk[ki]
                     if weights is not None:
                         w_p.append(weights[opk[ki]:opk[ki + 1]])
-            n_ids = sum(x.numel() for x in id_p)
-            pieces += [header, *len_p, *id_p]
-            ids_splits.append(1 + len(local) * n + n_ids)
-            w_pieces += w_p
-            w_splits.append(n_ids)
-        empty_i = values.new_zeros(0)
-        ids_send = torch.cat(pieces) if pieces else empty_i
-        w_send = None
-        if weights is not None:
-            w_send = torch.cat(w_pieces) if w_pieces else weights.new_zeros(0)
-        return _Batch(kjt, key_index, ids_send, ids_splits, w_send, w_splits)
+            pieces += [header, *len_p, *id_p, *w_p]
+            ids_splits.append(1 + len(local) * n + n_ids * (2 if weights is not None else 1))
+        send = self._ch_ids.send_buffer((sum(ids_splits),), self._id_dtype)
+        if pieces:
+            if send.device == values.device:
+                torch.cat(pieces, out=send)  # converts to the message dtype on the way
+            else:
+                send.copy_(torch.cat([p.to(self._id_dtype) for p in pieces]))
+        return _Batch(kjt, key_index, send, ids_splits)
 
     def _post_input(self, b: _Batch) -> None:
         b.h_ids = self._ch_ids.exchange(b.ids_send, b.ids_splits)
-        if self._ch_w is not None:
-            b.h_w = self._ch_w.exchange(b.w_send, b.w_splits)
 
     def _lookup(self, b: _Batch) -> None:
         """Waits for the batch's ids, pools them into the output send buffer, posts it."""
         recv, rsplits = b.h_ids.wait()
-        w_recv = b.h_w.wait()[0] if b.h_w is not None else None
         W, S, D = self._W, len(self._local), self._local_dim[self._rank]
         n_me = b.kjt.stride()
         if S == 0:
             ns = [0] * W
             send = self._ch_out.send_buffer((0,), self._comm_dtype)
         else:
+            weighted = self._is_weighted
             starts = [0]
             for c in rsplits:
                 starts.append(starts[-1] + c)
             ns = recv[torch.tensor(starts[:-1], device=recv.device)].tolist()
-            lens, ids_p, cnt = [], [], []
+            lens, id_lo = [], []
             for p in range(W):
                 lo = starts[p] + 1
-                lp = recv[lo:lo + S * ns[p]].view(S, ns[p])
-                lens.append(lp)
-                ids_p.append(recv[lo + S * ns[p]:starts[p + 1]])
-                cnt.append(lp.sum(1))
-            cnt = torch.stack(cnt).tolist()  # [W][S] ids per (source, slot): one sync
+                lens.append(recv[lo:lo + S * ns[p]].view(S, ns[p]))
+                id_lo.append(lo + S * ns[p])
+            lengths = torch.cat(lens, 1)  # [S, sum(ns)]: slot-major, then source rank, then sample
+            # ids per (slot, source) in one sync; reorder ids from (source, slot) to (slot, source)
+            # so that the bags of one slot are contiguous.
+            cnt = torch.stack([c.sum(1) for c in lengths.split(ns, 1)], 1).tolist()  # [S][W]
             n_tot = sum(ns)
-            lengths = torch.cat(lens, 1).reshape(-1)  # slot-major, then source rank, then sample
-            # Reorder ids from (source, slot) to (slot, source): bags of one slot are contiguous.
-            id_start = [[0] * (S + 1) for _ in range(W)]
+            id_start = []  # per source, per slot: first id in recv
             for p in range(W):
+                at, first = id_lo[p], []
                 for s in range(S):
-                    id_start[p][s + 1] = id_start[p][s] + cnt[p][s]
-            w_off = [0]
-            for p in range(W):
-                w_off.append(w_off[-1] + id_start[p][S])
-            ids = torch.cat([ids_p[p][id_start[p][s]:id_start[p][s + 1]]
+                    first.append(at)
+                    at += cnt[s][p]
+                id_start.append(first)
+            ids = torch.cat([recv[id_start[p][s]:id_start[p][s] + cnt[s][p]]
                              for s in range(S) for p in range(W)])
+            if ids.numel() > torch.iinfo(torch.int32).max:  # int32 offsets would overflow
+                ids = ids.long()
             weights = None
-            if w_recv is not None:
-                weights = torch.cat([w_recv[w_off[p] + id_start[p][s]:w_off[p] + id_start[p][s + 1]]
-                                     for s in range(S) for p in range(W)])
+            if weighted:  # each source's weights follow its ids
+                n_ids = [sum(cnt[s][p] for s in range(S)) for p in range(W)]
+                weights = _ids_as_weights(torch.cat(
+                    [recv[id_start[p][s] + n_ids[p]:id_start[p][s] + n_ids[p] + cnt[s][p]]
+                     for s in range(S) for p in range(W)]))
             slot_ids = [0]
             for s in range(S):
-                slot_ids.append(slot_ids[-1] + sum(cnt[p][s] for p in range(W)))
-            offsets = offsets_of(lengths)
+                slot_ids.append(slot_ids[-1] + sum(cnt[s]))
+            offsets = offsets_of(lengths.view(-1), ids.dtype)
             send = self._ch_out.send_buffer((n_tot * D,), self._comm_dtype)
             dev = self._device
             out = send.view(n_tot, D) if send.device == dev else torch.empty(
@@ -398,8 +407,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 c0 = self._local[s0].col
                 c1 = self._local[s1 - 1].col + self.plan.slots[self._local[s1 - 1].slot].dim
                 i0, i1 = slot_ids[s0], slot_ids[s1]
-                pool_into(tables, ids[i0:i1], offsets[s0 * n_tot:s1 * n_tot + 1] - i0,
-                          None if weights is None else weights[i0:i1], pooling, out[:, c0:c1])
+                offs = offsets[s0 * n_tot:s1 * n_tot + 1]
+                pooled_lookup(tables, ids[i0:i1], offs - i0 if i0 else offs,
+                              per_sample_weights=None if weights is None else weights[i0:i1],
+                              pooling=pooling, out=out[:, c0:c1], validate=False)
             if out.data_ptr() != send.data_ptr():
                 send.view(n_tot, D).copy_(out)
         recv_splits = [n_me * self._local_dim[r] for r in range(W)]
@@ -409,14 +420,23 @@ class ShardedEmbeddingBagCollection(nn.Module):
         recv, _ = b.h_out.wait()
         n = b.kjt.stride()
         slots = self.plan.slots
-        out = torch.zeros(n, self.plan.total_dim, dtype=torch.float32, device=self._device)
+        # Every table-wise column is copied from exactly one rank; row-wise columns add up.
+        new = torch.zeros if self._any_row_wise else torch.empty
+        out = new(n, self.plan.total_dim, dtype=torch.float32, device=self._device)
         off = 0
         # Rank order: row-wise partial sums add in the same order in forward and pipeline.
         for r in range(self._W):
             d = self._local_dim[r]
             if d:
-                block = recv[off:off + n * d].view(n, d).to(device=out.device)
-                out.index_add_(1, self._cols[r], block.to(torch.float32))
+                block = recv[off:off + n * d].view(n, d)
+                if block.device != out.device:
+                    block = block.to(out.device)
+                for l0, l1, c0, add in self._moves[r]:
+                    dst = out[:, c0:c0 + l1 - l0]
+                    if add:
+                        dst.add_(block[:, l0:l1])  # in fp32, as the comm dtype promotes
+                    else:
+                        dst.copy_(block[:, l0:l1])
                 off += n * d
         if self._mean_rw:
             lengths = b.kjt.lengths()
@@ -425,6 +445,20 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 lj = lengths[ki * n:(ki + 1) * n].clamp(min=1).to(out.dtype).unsqueeze(1)
                 out[:, col:col + dim] /= lj
         return KeyedTensor([s.name for s in slots], [s.dim for s in slots], out)
+
+
+def _weights_as_ids(weights: torch.Tensor, id_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 weights as the message's integers, bit for bit (via fp64 in an int64 message)."""
+    weights = weights.to(torch.float32)
+    if id_dtype == torch.int32:
+        return weights.view(torch.int32)
+    return weights.to(torch.float64).view(torch.int64)
+
+
+def _ids_as_weights(bits: torch.Tensor) -> torch.Tensor:
+    if bits.dtype == torch.int32:
+        return bits.view(torch.float32)
+    return bits.view(torch.float64).to(torch.float32)
 
 
 def shard(ebc, plan="table_wise", group=None, bound: int = 4, **kwargs
