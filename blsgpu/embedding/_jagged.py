@@ -77,7 +77,41 @@ def _check_weights(weights, n_values: int, what: str):
     return weights
 
 
-class JaggedTensor:
+class _JaggedAccessors:
+    """values / lengths / offsets / weights accessors shared by JaggedTensor and KeyedJaggedTensor."""
+
+    _values: torch.Tensor
+    _lengths: torch.Tensor
+    _offsets: torch.Tensor | None
+    _weights: torch.Tensor | None
+
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            self._offsets = _offsets_from_lengths(self._lengths)
+        return self._offsets
+
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            raise ValueError(f"this {type(self).__name__} has no weights")
+        return self._weights
+
+    def weights_or_none(self) -> torch.Tensor | None:
+        return self._weights
+
+    def lengths_or_none(self) -> torch.Tensor | None:
+        return self._lengths
+
+    def offsets_or_none(self) -> torch.Tensor | None:
+        return self._offsets
+
+
+class JaggedTensor(_JaggedAccessors):
     """One key's bags: values, lengths (and offsets), optional per-id weights."""
 
     def __init__(self, values, weights=None, lengths=None, offsets=None):
@@ -96,31 +130,6 @@ class JaggedTensor:
         self._offsets = offsets
         self._weights = _check_weights(weights, values.numel(), "JaggedTensor")
 
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def lengths(self) -> torch.Tensor:
-        return self._lengths
-
-    def offsets(self) -> torch.Tensor:
-        if self._offsets is None:
-            self._offsets = _offsets_from_lengths(self._lengths)
-        return self._offsets
-
-    def weights(self) -> torch.Tensor:
-        if self._weights is None:
-            raise ValueError("this JaggedTensor has no weights")
-        return self._weights
-
-    def weights_or_none(self) -> torch.Tensor | None:
-        return self._weights
-
-    def lengths_or_none(self) -> torch.Tensor | None:
-        return self._lengths
-
-    def offsets_or_none(self) -> torch.Tensor | None:
-        return self._offsets
-
     def to_dense(self) -> list[torch.Tensor]:
         """One tensor per bag."""
         return list(torch.split(self._values, self._lengths.tolist()))
@@ -129,7 +138,7 @@ class JaggedTensor:
         return f"JaggedTensor({[b.tolist() for b in self.to_dense()]})"
 
 
-class KeyedJaggedTensor:
+class KeyedJaggedTensor(_JaggedAccessors):
     """Jagged ids for F keys and N samples (TorchRec layout: bags key-major).
 
     Construction checks everything (a device sync on GPU): lengths non-negative and summing to
@@ -203,31 +212,6 @@ class KeyedJaggedTensor:
 
     def keys(self) -> list[str]:
         return self._keys
-
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def lengths(self) -> torch.Tensor:
-        return self._lengths
-
-    def offsets(self) -> torch.Tensor:
-        if self._offsets is None:
-            self._offsets = _offsets_from_lengths(self._lengths)
-        return self._offsets
-
-    def weights(self) -> torch.Tensor:
-        if self._weights is None:
-            raise ValueError("this KeyedJaggedTensor has no weights")
-        return self._weights
-
-    def weights_or_none(self) -> torch.Tensor | None:
-        return self._weights
-
-    def lengths_or_none(self) -> torch.Tensor | None:
-        return self._lengths
-
-    def offsets_or_none(self) -> torch.Tensor | None:
-        return self._offsets
 
     def stride(self) -> int:
         """Batch size N: bags per key."""
