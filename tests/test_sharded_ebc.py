@@ -60,7 +60,7 @@ def _delayed(batches, delays, stamps=None):
 # ---------------------------------------------------------------- exactness
 
 
-def _exact_body(rank, world, plan, iters, seed):
+def _exact_body(rank, world, plan, iters, seed, id_dtype=None):
     out = {}
     for weighted in (False, True):
         ebc = EmbeddingBagCollection(TABLES, seed=seed, is_weighted=weighted)
@@ -69,6 +69,8 @@ def _exact_body(rank, world, plan, iters, seed):
                                                  seed=seed)
         else:
             sebc = shard(ebc, plan=plan, bound=2)
+        if id_dtype is not None:  # the int64 message a table of >= 2^31 rows would need
+            sebc._id_dtype = id_dtype
         batches = [_batch(rank, k, weighted) for k in range(iters)]
         delays = _delays(rank, iters, seed + weighted)
         ref = [ebc(b) for b in batches]
@@ -105,6 +107,17 @@ def test_sharded_equals_unsharded(world, plan):
                     assert torch.equal(fwd, ref), where
                 else:
                     torch.testing.assert_close(fwd, ref, atol=1e-6, rtol=1e-5, msg=where)
+
+
+def test_int64_id_messages_equal_unsharded():
+    """Tables of >= 2^31 rows send ids as int64 (weights as fp64 bits): the same results."""
+    results = run_world(3, _exact_body, MIXED, 3, 7, torch.int64, timeout_s=120)
+    for rank, per_rank in enumerate(results):
+        for weighted, (same_keys, triples) in per_rank.items():
+            assert same_keys
+            for ref, fwd, pipe in triples:
+                assert torch.equal(fwd, pipe), (rank, weighted)
+                torch.testing.assert_close(fwd, ref, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- state dict
