@@ -54,14 +54,14 @@ def test_predictions_identical_across_sync_and_every_bound(world):
 
 
 def test_pipeline_runs_ahead_within_the_bound(world):
+    for B in CFG.bounds:
+        lags = [res["repeats"][0][f"bls{B}"]["max_lag"] for res in world]
+        assert all(lag <= B + 1 for lag in lags), (B, lags)
+        if B >= 1:
+            # Some rank ran ahead of a peer (the slowest rank itself may never have).
+            assert max(lags) >= 2, f"bls{B}: no batch ever in flight ahead of a peer: {lags}"
     for res in world:
-        (runs,) = res["repeats"]
-        assert runs["sync"]["max_lag"] <= 1
-        for B in CFG.bounds:
-            lag = runs[f"bls{B}"]["max_lag"]
-            assert lag <= B + 1
-            if B >= 1:
-                assert lag >= 2, f"bls{B}: no batch ever in flight ahead of a peer"
+        assert res["repeats"][0]["sync"]["max_lag"] <= 1
 
 
 def test_busy_time_includes_the_rank_own_delay(world):
