@@ -104,6 +104,9 @@ def run_world(
 ) -> list[Any]:
     """Run fn(rank, world_size, *args) on world_size local processes; return each rank's result.
 
+    Ranks fork from a forkserver, so fn must be importable (defined at module level in a file, not
+    in `python -c` or stdin) and args and results picklable.
+
     Each rank has torch.distributed initialised with `backend` over a loopback TCPStore, runs with
     torch.set_num_threads(1), and prefixes its output with [rankN]. A rank that raises makes
     run_world raise RankError naming the rank (the first failing rank, original exception chained),
