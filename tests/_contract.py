@@ -83,3 +83,39 @@ def drive(a2a, rank: int, w: int, iters: int, seed: int, width: int,
     for item in pending:
         check(*item)
     return bad
+
+
+def bounded_body(rank, w, bound, iters, slow_rank, slow_s):
+    """Pipelined driver: post k, then wait k-B. The slow rank sleeps between the two (its compute),
+    which is when the others can run B+1 iterations ahead of its releases. Returns the time each
+    iteration finished (wait returned) and the channel's stats."""
+    from blsgpu import BoundedLagAllToAll
+
+    finished = []
+    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+        handles = []
+        for k in range(iters + bound):
+            if k < iters:
+                handles.append(a2a.exchange(torch.full((w,), float(k)), [1] * w))
+            if rank == slow_rank:
+                time.sleep(slow_s)
+            if k >= bound:
+                recv, _ = handles.pop(0).wait()
+                finished.append(time.monotonic())
+                assert recv.tolist() == [float(k - bound)] * w
+        return finished, a2a.stats()
+
+
+def assert_bounded(finished: list[list[float]], bound: int, slow: int) -> None:
+    """No rank finished iteration k before every peer released (finished) k-B-1, and every rank
+    but the slow one got exactly B+1 iterations ahead of it."""
+    w, iters = len(finished), len(finished[0])
+    for r in range(w):
+        for k in range(bound + 1, iters):
+            for p in range(w):
+                assert finished[r][k] >= finished[p][k - bound - 1], (r, p, k)
+    for r in range(w):
+        if r == slow:
+            continue
+        ahead = max((k + 1) - sum(t <= finished[r][k] for t in finished[slow]) for k in range(iters))
+        assert ahead == bound + 1, f"rank {r} got {ahead} ahead, expected {bound + 1}"
