@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -47,3 +48,19 @@ def machine(**extra) -> dict:
         out["gpus"] = torch.cuda.device_count()
     out.update(extra)
     return out
+
+
+def write_report(out_dir, name: str, summary: dict, records: list, rows: list, plot=None) -> Path:
+    """Write a benchmark's JSON ({summary, records, rows}) and, if `plot` is given, its PNG.
+
+    plot(path) draws the figure; the JSON goes first so a failed plot never loses the numbers.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"summary": summary, "records": records, "rows": rows}, indent=1,
+                               default=str))
+    if plot is not None:
+        plot(out / f"{name}.png")
+    print(f"wrote {path}" + ("" if plot is None else f" and {name}.png"))
+    return path

@@ -627,21 +627,18 @@ def main(argv=None) -> int:
     keys = ("forward_ratio", "forward_met", "pipeline_ratio", "pipeline_ceiling", "pipeline_met",
             "checked", "forward_equals_pipeline", "errors", "loadavg_1m")
     print(json.dumps({k: summary[k] for k in keys}, default=str))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine = _provenance.machine(backend="gloo", threads_per_rank=1)
     commit = _provenance.commit()
     cfg["world_sizes"] = args.world_sizes
     if _sources() != sources:
         print("warning: blsgpu sources changed during the run", file=sys.stderr)
         summary["sources_changed"] = True
-    doc = {"summary": {**summary, "config": cfg, "machine": machine, "commit": commit,
-                       "sources": sources},
-           "records": _records(cfg, rows, machine, commit), "rows": rows}
-    (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))
-    if not args.no_plot:
-        _plot(cfg, rows, out / f"{NAME}.png")
-    print(f"wrote {out / (NAME + '.json')}" + ("" if args.no_plot else f" and {NAME}.png"))
+    _provenance.write_report(
+        args.out, NAME,
+        {**summary, "config": cfg, "machine": machine, "commit": commit, "sources": sources},
+        _records(cfg, rows, machine, commit), rows,
+        None if args.no_plot else lambda path: _plot(cfg, rows, path),
+    )
     return 0 if summary["checked"] and summary["forward_equals_pipeline"] else 1
 
 

@@ -409,15 +409,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "none_ratio_by_bound", "none_ratio_met", "exact")},
                      default=str))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine, commit = _provenance.machine(backend="gloo"), _provenance.commit()
-    doc = {"summary": {**summary, "config": cfg, "machine": machine, "commit": commit},
-           "records": _records(cfg, rows, machine, commit), "rows": rows}
-    (out / f"{NAME}.json").write_text(json.dumps(doc, indent=1, default=str))
-    if not args.no_plot:
-        _plot(cfg, rows, out / f"{NAME}.png")
-    print(f"wrote {out / (NAME + '.json')}" + ("" if args.no_plot else f" and {NAME}.png"))
+    _provenance.write_report(
+        args.out, NAME, {**summary, "config": cfg, "machine": machine, "commit": commit},
+        _records(cfg, rows, machine, commit), rows,
+        None if args.no_plot else lambda path: _plot(cfg, rows, path),
+    )
     return 0 if summary["exact"] else 1
 
 
