@@ -100,8 +100,7 @@ class _Iteration:
     send_splits: list[int]
     recv_splits: list[int] | None
     out_device: torch.device
-    header_out: torch.Tensor
-    header_in: torch.Tensor
+    msg_in: torch.Tensor  # [W, header + inline bytes]: what each peer's header message fills
     header_recvs: dict[int, Any]
     send_works: list[tuple[int, Any]] = field(default_factory=list)
     # Stream-ordered transports: the data receives that wait() hands to the caller's stream.
@@ -304,8 +303,6 @@ class BoundedLagAllToAll:
         i = k % (self.bound + 1)
         msg_out = self._msg_ring(self._msg_out, i)
         msg_in = self._msg_ring(self._msg_in, i)
-        header_out = msg_out.view(torch.int64)[:, :_HEADER_LEN]
-        header_in = msg_in.view(torch.int64)[:, :_HEADER_LEN]
         dims = list(send.shape[1:]) + [0] * (_MAX_TRAILING_DIMS - (send.dim() - 1))
         head = [_MAGIC, self.transport.channel_id, k, 0, _DTYPE_CODE[send.dtype], send.dim() - 1,
                 *dims, self._counters.released, -1, 0, 0]
@@ -317,15 +314,14 @@ class BoundedLagAllToAll:
                 h[_H_EXPECT] = recv_splits[p]
             h[_H_INLINE] = int(p != self.rank and 0 < send_splits[p] * row_bytes <= self._inline)
             rows.append(h)
-        header_out.copy_(torch.tensor(rows, dtype=torch.int64))
+        msg_out.view(torch.int64)[:, :_HEADER_LEN].copy_(torch.tensor(rows, dtype=torch.int64))
         it = _Iteration(
             k=k,
             send=slot,
             send_splits=send_splits,
             recv_splits=recv_splits,
             out_device=out_device,
-            header_out=header_out,
-            header_in=header_in,
+            msg_in=msg_in,
             header_recvs={},
         )
         flat = slot.reshape(-1).view(torch.uint8) if nbytes else None
@@ -434,8 +430,10 @@ class BoundedLagAllToAll:
     def _msg_ring(self, ring: list[torch.Tensor | None], i: int) -> torch.Tensor:
         buf = ring[i]
         if buf is None:
-            # Untouched pages cost nothing: only the bytes messages use become resident.
-            buf = self.transport.empty((self.world_size, _HEADER_BYTES + self._inline), torch.uint8)
+            # Host memory on every transport: the engine reads headers on the host (the NCCL
+            # transport stages them through pinned memory). Untouched pages cost nothing: only
+            # the bytes messages use become resident.
+            buf = torch.empty((self.world_size, _HEADER_BYTES + self._inline), dtype=torch.uint8)
             ring[i] = buf
         return buf
 
@@ -599,14 +597,14 @@ class BoundedLagAllToAll:
         offsets = _prefix(rows)
         pending: list[tuple[int, int]] = []  # (peer, rows) whose data receive waits for `out`
         inline: list[tuple[int, int]] = []  # (peer, rows) whose payload came with the header
-        msg_in = self._msg_in[k % (self.bound + 1)]
+        msg_in = it.msg_in
 
         for p in self._peers:
             try:
                 tr.wait(it.header_recvs[p], deadline - time.monotonic())
             except Exception as e:
                 raise self._peer_error(p, k, "header", e) from e
-            h = it.header_in[p].tolist()
+            h = msg_in[p, :_HEADER_BYTES].view(torch.int64).tolist()
             if h[_H_MAGIC] != _MAGIC or h[_H_CHANNEL] != tr.channel_id or h[_H_ITER] != k:
                 raise BLSError(
                     f"channel {self.name!r} (rank {self.rank}): corrupt header from peer {p} for "
