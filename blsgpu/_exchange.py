@@ -96,7 +96,7 @@ def _cause(exc: BaseException) -> str:
 @dataclass(eq=False)
 class _Iteration:
     k: int
-    send: torch.Tensor  # slot view [n, *trailing], contiguous, on CPU
+    send: torch.Tensor  # slot view [n, *trailing], contiguous, on the transport's device
     send_splits: list[int]
     recv_splits: list[int] | None
     out_device: torch.device
@@ -452,7 +452,9 @@ class BoundedLagAllToAll:
         if slot is None or slot.numel() < nbytes:
             # Grow geometrically so a ring fed slowly growing batches does not reallocate each time.
             size = max(nbytes, 64, 0 if slot is None else slot.numel() * 2)
-            slot = torch.empty(size, dtype=torch.uint8)
+            # On the transport's device: NCCL reads the slot itself (a fused lookup can write
+            # straight into it through send_buffer()); gloo's is host memory.
+            slot = self.transport.empty((size,), torch.uint8)
             self._slots[i] = slot
         return slot
 

@@ -285,6 +285,12 @@ class FakeCuda:
         self.device = torch.device("cpu")
         self.host = FakeStream(host=True)
         self.recorded = []  # (tensor data_ptr, stream) of record_stream calls
+        self.device_memory = []  # what empty() handed out (kept alive: addresses stay unique)
+
+    def is_device(self, ptr: int, nbytes: int) -> bool:
+        """Whether [ptr, ptr + nbytes) lies in "device" memory (what empty() allocated)."""
+        return any(t.data_ptr() <= ptr and ptr + nbytes <= t.data_ptr() + t.nbytes
+                   for t in self.device_memory)
 
     def new_stream(self):
         return FakeStream()
@@ -329,9 +335,10 @@ class FakeCuda:
     def pinned(nbytes):
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    @staticmethod
-    def empty(shape, dtype):
-        return torch.empty(shape, dtype=dtype)
+    def empty(self, shape, dtype):
+        t = torch.empty(shape, dtype=dtype)
+        self.device_memory.append(t)
+        return t
 
     @staticmethod
     def counters(world_size, rank, stream, timeout_s):
@@ -397,16 +404,21 @@ class FakeNccl:
 
 
 class FakeComm:
-    def __init__(self, nccl: FakeNccl, name: str, rank: int):
-        self.nccl, self.name, self.rank = nccl, name, rank
+    def __init__(self, nccl: FakeNccl, name: str, rank: int, cuda: FakeCuda):
+        self.nccl, self.name, self.rank, self.cuda = nccl, name, rank, cuda
         self.aborted = self.destroyed = False
 
-    def send(self, ptr, n, dtype, peer, stream):
+    def _check(self, ptr, n, dtype):
         assert dtype == FakeNccl.NCCL_UINT8 and self.nccl.tls.calls is not None, "outside a group"
+        # NCCL reads and writes device memory only: a host pointer here would fail on a GPU.
+        assert n == 0 or self.cuda.is_device(ptr, n), f"NCCL got host memory ({n} bytes)"
+
+    def send(self, ptr, n, dtype, peer, stream):
+        self._check(ptr, n, dtype)
         self.nccl.tls.calls.append((self, True, ptr, n, peer, stream))
 
     def recv(self, ptr, n, dtype, peer, stream):
-        assert dtype == FakeNccl.NCCL_UINT8 and self.nccl.tls.calls is not None, "outside a group"
+        self._check(ptr, n, dtype)
         self.nccl.tls.calls.append((self, False, ptr, n, peer, stream))
 
     def abort(self):
@@ -433,7 +445,7 @@ def fake_nccl(monkeypatch):
         cuda = FakeCuda()
         t = _nccl.NcclTransport.from_parts(
             nccl, cuda, rank, w, ch,
-            FakeComm(nccl, f"{ch}/header", rank), FakeComm(nccl, f"{ch}/data", rank))
+            FakeComm(nccl, f"{ch}/header", rank, cuda), FakeComm(nccl, f"{ch}/data", rank, cuda))
         built[rank].append(t)
         return t
 
