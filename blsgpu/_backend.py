@@ -1,15 +1,19 @@
 """The torch.distributed backend "bls": async all_to_all_single runs through a BLS channel.
 
 After ``dist.init_process_group("bls")``, ``dist.all_to_all_single(out, inp, out_splits, in_splits,
-async_op=True)`` posts one iteration of the group's channel and returns a Work whose ``wait()``
-fills ``out``. Everything else typical inference code calls (barrier, all_reduce, broadcast,
-all_gather, blocking all_to_all_single, ...) delegates to an inner gloo group. The lag bound comes
-from BLSGPU_BOUND (default 4): a backend is built by torch.distributed, where no argument reaches.
+async_op=True)`` posts one iteration of a channel and returns a Work whose ``wait()`` fills ``out``.
+CPU tensors go through a gloo channel; CUDA tensors through an NCCL channel on that device (the GPU
+path: CuPy's NCCL bindings, stream-ordered hand-off, device lag counters). Everything else typical
+inference code calls (barrier, all_reduce, broadcast, all_gather, blocking all_to_all_single, ...)
+delegates to an inner group: gloo for CPU tensors, torch's NCCL for CUDA tensors (created on the first
+CUDA call). The lag bound comes from BLSGPU_BOUND (default 4): a backend is built by
+torch.distributed, where no argument reaches.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,34 +55,81 @@ class _BLSWork(dist.Work):
 
 
 class BLSProcessGroup(dist.ProcessGroup):
-    """A ProcessGroup whose async all_to_all_single is bounded-lag; the rest delegates to gloo."""
+    """A ProcessGroup whose async all_to_all_single is bounded-lag; the rest delegates per device."""
 
     def __init__(self, store, rank: int, world_size: int, timeout: timedelta):
         super().__init__(rank, world_size)
+        self._store = store
         self.gloo = dist.ProcessGroupGloo(
             dist.PrefixStore("blsgpu/gloo", store), rank, world_size, timeout
         )
+        self._nccl = None  # torch's NCCL group for CUDA tensors, created on first use
         self._timeout = timeout
-        self._channel = None
+        self._channels: dict[str, Any] = {}
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
 
     @property
     def channel(self):
-        """The BLS channel behind async all_to_all_single (created on first use)."""
-        if self._channel is None:
-            from blsgpu._exchange import BoundedLagAllToAll
+        """The CPU channel behind async all_to_all_single (created on first use)."""
+        return self.channel_for(torch.device("cpu"))
 
-            self._channel = BoundedLagAllToAll(
-                self, bound=_env.backend_bound(), transport="gloo", timeout=self._timeout,
-                name="bls-backend",
+    def channel_for(self, device: torch.device):
+        """The BLS channel for tensors on `device`: gloo for CPU, NCCL for a CUDA device.
+
+        Channels are created on first use; as with every channel, all ranks must first use the
+        devices in the same order.
+        """
+        key = str(device)
+        ch = self._channels.get(key)
+        if ch is None:
+            from blsgpu._exchange import BoundedLagAllToAll  # noqa: PLC0415 (import cycle)
+
+            if device.type == "cpu":
+                kind, where = "gloo", None
+            elif device.type == "cuda":
+                kind, where = "nccl", device
+            else:
+                raise ValueError(
+                    f"the 'bls' backend exchanges CPU or CUDA tensors, got a tensor on {device}"
+                )
+            ch = BoundedLagAllToAll(
+                self, bound=_env.backend_bound(), transport=kind, device=where,
+                timeout=self._timeout, name=f"bls-backend-{device.type}",
             )
-        return self._channel
+            self._channels[key] = ch
+        return ch
+
+    def inner_for(self, device: torch.device):
+        """The backend that runs every other operation for tensors on `device`."""
+        if device.type == "cpu":
+            return self.gloo
+        if device.type != "cuda":
+            raise ValueError(f"the 'bls' backend runs CPU or CUDA tensors, got a tensor on {device}")
+        if self._nccl is None:
+            if not dist.is_nccl_available():
+                raise RuntimeError(
+                    "the 'bls' backend got CUDA tensors, but this torch build has no NCCL; "
+                    "install a CUDA build of torch, or keep the tensors on the CPU"
+                )
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = self._timeout
+            self._nccl = dist.ProcessGroupNCCL(
+                dist.PrefixStore("blsgpu/nccl", self._store), self.rank(), self.size(), opts
+            )
+        return self._nccl
+
+    def _inner(self, *tensors):
+        return self.inner_for(_device_of(tensors))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
+        if output.device != input.device:
+            raise ValueError(
+                f"all_to_all_single: output is on {output.device} but input on {input.device}"
+            )
         if not getattr(opts, "asyncOp", True):
-            return self.gloo.alltoall_base(
+            return self._inner(input).alltoall_base(
                 output, input, output_split_sizes, input_split_sizes, opts
             )
         w = self.size()
@@ -100,51 +151,64 @@ class BLSProcessGroup(dist.ProcessGroup):
                 f"output trailing shape {list(output.shape[1:])} != input trailing shape "
                 f"{list(input.shape[1:])}"
             )
-        handle = self.channel.exchange(input, list(input_split_sizes), list(output_split_sizes))
+        channel = self.channel_for(input.device)
+        handle = channel.exchange(input, list(input_split_sizes), list(output_split_sizes))
         return _BLSWork(handle, output)
 
-    # Everything else goes to gloo unchanged.
+    # Everything else goes to the device's inner backend unchanged.
     def allreduce(self, tensors, opts):
-        return self.gloo.allreduce(tensors, opts)
+        return self._inner(tensors).allreduce(tensors, opts)
 
     def allreduce_coalesced(self, tensors, opts):
-        return self.gloo.allreduce_coalesced(tensors, opts)
+        return self._inner(tensors).allreduce_coalesced(tensors, opts)
 
     def allgather(self, output_tensors, input_tensors, opts):
-        return self.gloo.allgather(output_tensors, input_tensors, opts)
+        return self._inner(input_tensors).allgather(output_tensors, input_tensors, opts)
 
     def _allgather_base(self, output, input, opts):
-        return self.gloo._allgather_base(output, input, opts)
+        return self._inner(input)._allgather_base(output, input, opts)
 
     def broadcast(self, tensors, opts):
-        return self.gloo.broadcast(tensors, opts)
+        return self._inner(tensors).broadcast(tensors, opts)
 
     def barrier(self, opts):
         return self.gloo.barrier(opts)
 
     def reduce(self, tensors, opts):
-        return self.gloo.reduce(tensors, opts)
+        return self._inner(tensors).reduce(tensors, opts)
 
     def gather(self, output_tensors, input_tensors, opts):
-        return self.gloo.gather(output_tensors, input_tensors, opts)
+        return self._inner(input_tensors).gather(output_tensors, input_tensors, opts)
 
     def scatter(self, output_tensors, input_tensors, opts):
-        return self.gloo.scatter(output_tensors, input_tensors, opts)
+        return self._inner(output_tensors).scatter(output_tensors, input_tensors, opts)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts):
-        return self.gloo.reduce_scatter(output_tensors, input_tensors, opts)
+        return self._inner(output_tensors).reduce_scatter(output_tensors, input_tensors, opts)
 
     def alltoall(self, output_tensors, input_tensors, opts):
-        return self.gloo.alltoall(output_tensors, input_tensors, opts)
+        return self._inner(input_tensors).alltoall(output_tensors, input_tensors, opts)
 
     def send(self, tensors, dst, tag):
-        return self.gloo.send(tensors, dst, tag)
+        return self._inner(tensors).send(tensors, dst, tag)
 
     def recv(self, tensors, src, tag):
-        return self.gloo.recv(tensors, src, tag)
+        return self._inner(tensors).recv(tensors, src, tag)
 
     def recv_anysource(self, tensors, tag):
-        return self.gloo.recv_anysource(tensors, tag)
+        return self.gloo.recv_anysource(tensors, tag)  # NCCL has no receive from any source
+
+
+def _device_of(tensors: Any) -> torch.device:
+    """The device of the first tensor in (nested lists of) tensors; CPU when there is none."""
+    stack = [tensors]
+    while stack:
+        t = stack.pop(0)
+        if isinstance(t, torch.Tensor):
+            return t.device
+        if isinstance(t, (list, tuple)):
+            stack = list(t) + stack
+    return torch.device("cpu")
 
 
 def _create(store, rank: int, world_size: int, timeout: timedelta) -> BLSProcessGroup:
@@ -153,7 +217,7 @@ def _create(store, rank: int, world_size: int, timeout: timedelta) -> BLSProcess
 
 def _register() -> None:
     if BACKEND_NAME.upper() not in dist.Backend._plugins:
-        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu"])
+        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
 
 
 if dist.is_available():

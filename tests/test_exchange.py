@@ -366,6 +366,39 @@ def test_bls_backend_matches_gloo():
     assert bls[0][1] == 6.0 and bls[0][2] == 1.0 and bls[0][3] == [0.0, 1.0, 2.0]
 
 
+def _backend_devices_body(rank, w):
+    from blsgpu._backend import _device_of  # noqa: PLC0415
+
+    pg = dist.distributed_c10d._get_default_group()
+    errors = {}
+    with pytest.raises(ValueError) as e:
+        pg.channel_for(torch.device("meta"))
+    errors["meta"] = str(e.value)
+    with pytest.raises(ValueError) as e:
+        pg.all_to_all_single(torch.empty(2), torch.empty(2, device="meta"), [], [],
+                             dist.AllToAllOptions())
+    errors["mixed"] = str(e.value)
+    if not dist.is_nccl_available():  # a CPU build of torch: CUDA tensors get a clear error
+        with pytest.raises(RuntimeError) as e:
+            pg.inner_for(torch.device("cuda"))
+        errors["cuda"] = str(e.value)
+    dist.barrier()  # the CPU path still works after the refusals
+    found = _device_of(([], [[torch.empty(1, device="meta")], torch.empty(1)]))
+    return errors, found.type, pg.inner_for(torch.device("cpu")) is pg.gloo
+
+
+def test_bls_backend_routes_by_device():
+    # Registered for CPU and CUDA tensors: CUDA ones get an NCCL channel and torch's NCCL for
+    # the rest (tests/test_gpu.py runs that); anything else is refused before a message.
+    assert dist.Backend.backend_capability["bls"] == ["cpu", "cuda"]
+    errors, found, gloo_for_cpu = run_world(2, _backend_devices_body, backend="bls")[0]
+    assert "CPU or CUDA tensors, got a tensor on meta" in errors["meta"]
+    assert "output is on cpu but input on meta" in errors["mixed"]
+    if not dist.is_nccl_available():
+        assert "has no NCCL" in errors["cuda"]
+    assert found == "meta" and gloo_for_cpu
+
+
 def _send_buffer_body(rank, w):
     with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
         outs = []

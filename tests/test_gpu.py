@@ -187,6 +187,42 @@ def test_caching_allocator_never_reuses_buffers_nccl_still_uses():
     assert len(sums) == 200 and wrong == []
 
 
+def _bls_backend_cuda_body(rank, w):
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    pg = dist.distributed_c10d._get_default_group()
+    results = []
+    works = []
+    for k in range(6):  # async all_to_all_single issued ahead, as inference code does
+        x = torch.arange(8 * 3, device=dev, dtype=torch.float32).view(8, 3) + 100 * k
+        out = torch.empty_like(x)
+        works.append((x, out, dist.all_to_all_single(out, x, async_op=True)))
+        if len(works) == 2:
+            x0, o0, wk = works.pop(0)
+            wk.wait()
+            results.append(torch.equal(o0, x0))
+    for x0, o0, wk in works:
+        wk.wait()
+        results.append(torch.equal(o0, x0))
+    y = torch.full((4,), 2.0, device=dev)
+    dist.all_reduce(y)  # through torch's NCCL
+    cpu = torch.ones(3)
+    dist.all_reduce(cpu)  # CPU tensors still go through gloo
+    return (results, y.tolist(), cpu.tolist(), pg.channel_for(dev).stats()["transport"],
+            type(pg.inner_for(dev)).__name__)
+
+
+@pytest.mark.gpu
+def test_bls_backend_sends_cuda_tensors_through_nccl():
+    results, y, cpu, transport, inner = run_world(1, _bls_backend_cuda_body, backend="bls",
+                                                  timeout_s=120)[0]
+    assert results == [True] * 6
+    assert y == [2.0] * 4 and cpu == [1.0] * 3
+    assert transport == "nccl" and inner == "ProcessGroupNCCL"
+
+
 # ------------------------------------------------------------------------------------------------
 # device counters
 
