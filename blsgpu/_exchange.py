@@ -27,6 +27,7 @@ import collections
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -204,6 +205,7 @@ class BoundedLagAllToAll:
         self._next_wait = 0
         self._closed = False
         self._broken: BaseException | None = None
+        self._warned_staging = False
         self._blocked_on_bound_s = 0.0
         self._waiting_for_data_s = 0.0
         self._bytes_sent = 0
@@ -285,6 +287,14 @@ class BoundedLagAllToAll:
                     f"recv_splits[{self.rank}]={recv_splits[self.rank]} but this rank sends "
                     f"send_splits[{self.rank}]={send_splits[self.rank]} rows to itself"
                 )
+        if send.is_cuda and self.transport.device.type != "cuda" and not self._warned_staging:
+            self._warned_staging = True
+            warnings.warn(
+                f"channel {self.name!r} runs on {self.transport.name}: its CUDA tensors are staged "
+                f"through host memory every iteration (the host waits for the copy). Create it with "
+                f"device='cuda' for the GPU path (transport 'auto' then picks NCCL).",
+                RuntimeWarning, stacklevel=3,
+            )
         k = self._next_k
         self._check_bound(k)
         self._reclaim_slot(k)

@@ -223,6 +223,25 @@ def test_bls_backend_sends_cuda_tensors_through_nccl():
     assert transport == "nccl" and inner == "ProcessGroupNCCL"
 
 
+def _gloo_with_cuda_tensors_body(rank, w):
+    import warnings  # noqa: PLC0415
+
+    x = torch.arange(6.0, device="cuda").view(3, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with BoundedLagAllToAll(bound=1, transport="gloo", name="staged") as a2a:
+            outs = [a2a.exchange(x + k, [3]).wait()[0] for k in range(3)]
+    ok = all(o.is_cuda and torch.equal(o, x + k) for k, o in enumerate(outs))
+    return ok, [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+
+
+@pytest.mark.gpu
+def test_gloo_channel_with_cuda_tensors_is_exact_and_says_it_stages():
+    ok, warned = run_world(1, _gloo_with_cuda_tensors_body, timeout_s=120)[0]
+    assert ok
+    assert len(warned) == 1 and "staged through host memory" in warned[0], warned
+
+
 # ------------------------------------------------------------------------------------------------
 # device counters
 
