@@ -534,12 +534,17 @@ class BoundedLagAllToAll:
             self._broken = it.error
 
     def _hand_over(self, it: _Iteration, blocking: bool) -> None:
-        """Stream-ordered data: the caller's current stream waits for it (the host too if asked)."""
-        done = self.transport.wait if blocking else self.transport.order
+        """Stream-ordered data: the caller's current stream waits for it (the host too if asked).
+
+        order() always runs: it also keeps the caching allocator from handing the receive buffer
+        to a later iteration while the caller's stream still reads it.
+        """
         deadline = time.monotonic() + self.timeout_s
         for p, work in it.ready:
             try:
-                done(work, deadline - time.monotonic())
+                self.transport.order(work, deadline - time.monotonic())
+                if blocking:
+                    self.transport.wait(work, deadline - time.monotonic())
             except Exception as e:
                 it.error = self._peer_error(getattr(e, "peer", p), it.k, "data", e)
                 self._broken = it.error

@@ -454,7 +454,7 @@ def fake_nccl(monkeypatch):
 
 
 def _nccl_body(rank, w, bound, iters, seed):
-    bad, busy = [], 0
+    bad, busy, handed = [], 0, 0
     with BoundedLagAllToAll(bound=bound, timeout=30, transport="nccl") as a2a:
         pending = []
         for k in range(iters):
@@ -462,6 +462,7 @@ def _nccl_body(rank, w, bound, iters, seed):
             m = g.integers(0, 5, size=(w, w)) * (g.random((w, w)) > 0.25)
             n = int(m[rank].sum())
             busy += bool(n or m[:, rank].sum())  # iterations with data to or from this rank
+            handed += int((m[:, rank] > 0).sum())  # data receives handed to the caller's stream
             send = torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 1000 * rank + 10**5 * k
             pending.append((k, m, a2a.exchange(send, m[rank].tolist(),
                                                m[:, rank].tolist() if k % 3 == 0 else None)))
@@ -476,7 +477,7 @@ def _nccl_body(rank, w, bound, iters, seed):
                     bad.append(k0)
         for _, _, h in pending:
             h.wait()
-        return bad, a2a.stats(), busy
+        return bad, a2a.stats(), busy, handed
 
 
 @pytest.mark.parametrize("w,bound", [(1, 2), (3, 0), (3, 2)])
@@ -484,7 +485,7 @@ def test_nccl_transport_logic_over_fakes(fake_nccl, w, bound):
     nccl, built = fake_nccl
     iters = 25
     results = run_local(w, _nccl_body, bound, iters, 5, timeout_s=60)
-    for rank, (bad, stats, busy) in enumerate(results):
+    for rank, (bad, stats, busy, handed) in enumerate(results):
         assert bad == [], f"rank {rank}: {bad}"
         assert stats["transport"] == "nccl"
         dev = stats["device"]
@@ -496,11 +497,11 @@ def test_nccl_transport_logic_over_fakes(fake_nccl, w, bound):
         t = built[rank][0]
         assert t._pending == {} and t._slot_ready == {}
         assert t.header_comm.destroyed and t.data_comm.destroyed and not t.data_comm.aborted
-        # record_stream: each data send on the data stream; each handed-over receive on the
-        # caller's stream (the host stream of the fake).
+        # record_stream: each data send on the data stream; every handed-over receive on the
+        # caller's stream (the host stream of the fake), blocking waits included.
         on_data = sum(1 for _, s in t._cuda.recorded if s is t.data_stream)
         on_caller = sum(1 for _, s in t._cuda.recorded if s is t._cuda.host)
-        assert on_data > 0 and on_caller > 0
+        assert on_data > 0 and on_caller == handed
 
 
 def _nccl_silent_body(rank, w):
