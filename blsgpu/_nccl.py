@@ -170,10 +170,18 @@ def _torch_nccl_version() -> Any:
 
 
 def uid_to_bytes(uid: Any) -> bytes:
-    """Serialize CuPy's unique id (bytes in new CuPy, a tuple of signed chars in old) for a store."""
+    """Serialize CuPy's unique id for a store, exactly as the other ranks must pass it back.
+
+    CuPy gives bytes, or a tuple of C chars: signed (-128..127) on x86-64, unsigned (0..255)
+    where char is unsigned (aarch64); NcclCommunicator wants the same convention back.
+    """
     if isinstance(uid, (bytes, bytearray)):
         return b"b" + bytes(uid)
-    return b"t" + bytes(int(x) & 0xFF for x in uid)
+    values = [int(x) for x in uid]
+    if any(not -128 <= v <= 255 for v in values):
+        raise ValueError("an NCCL unique id holds chars (-128..255)")
+    kind = b"t" if any(v < 0 for v in values) else b"u"
+    return kind + bytes(v & 0xFF for v in values)
 
 
 def uid_from_bytes(raw: bytes) -> Any:
@@ -182,6 +190,8 @@ def uid_from_bytes(raw: bytes) -> Any:
         return bytes(body)
     if kind == b"t":
         return tuple(b - 256 if b > 127 else b for b in body)
+    if kind == b"u":
+        return tuple(body)
     raise ValueError(f"not a serialized NCCL unique id (marker {kind!r})")
 
 

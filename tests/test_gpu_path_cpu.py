@@ -129,13 +129,13 @@ def test_loaded_libnccl_parses_maps_and_skips_plugins():
 
 
 def test_unique_id_survives_the_store():
-    signed = tuple(((i * 37) % 256) - 128 for i in range(128))  # old CuPy: signed chars
-    raw = bytes(range(128))  # new CuPy: bytes
+    signed = tuple(((i * 37) % 256) - 128 for i in range(128))  # CuPy's chars on x86-64
+    unsigned = tuple((i * 37) % 256 for i in range(128))  # ... where char is unsigned (aarch64)
+    raw = bytes(range(128))  # bytes
     store = torch.distributed.HashStore()
-    store.set("t", _nccl.uid_to_bytes(signed))
-    store.set("b", _nccl.uid_to_bytes(raw))
-    assert _nccl.uid_from_bytes(store.get("t")) == signed
-    assert _nccl.uid_from_bytes(store.get("b")) == raw
+    for key, uid in (("t", signed), ("u", unsigned), ("b", raw)):
+        store.set(key, _nccl.uid_to_bytes(uid))
+        assert _nccl.uid_from_bytes(store.get(key)) == uid
     with pytest.raises(ValueError, match="unique id"):
         _nccl.uid_from_bytes(b"x123")
 
