@@ -79,7 +79,7 @@ class DeviceCounters(HostCounters):
         self.timeout_ns = int(timeout_s * 1e9)
         gpu = device.type == "cuda"
         # posted, arrived, released, wait status (the spin kernel ORs a timeout flag in here).
-        self.mem = torch.zeros(4, dtype=torch.int64, pin_memory=gpu)
+        self.mem = _counter_block(pinned=gpu)
         self._addr = self.mem.data_ptr()  # unified addressing: the device sees the same address
         self.ops = ops if ops is not None else stream_ops(device)
         self._consumer = (lambda: torch.cuda.current_stream(device)) if gpu else (lambda: None)
@@ -121,6 +121,27 @@ class DeviceCounters(HostCounters):
             )
 
 
+# Counter blocks are never freed: a stream write still queued when a channel goes away (its last
+# release on the consumer's stream, an arrive after an abort) must not land in memory that was
+# handed out again, e.g. as a new channel's counters. 32 bytes per channel, from slabs.
+_SLAB_BLOCKS = 256
+_slabs: dict[bool, tuple[torch.Tensor, int]] = {}  # pinned? -> (slab, blocks used)
+_slabs_kept: list[torch.Tensor] = []
+_slab_lock = threading.Lock()
+
+
+def _counter_block(pinned: bool) -> torch.Tensor:
+    """Four zeroed int64 counters that live as long as the process."""
+    with _slab_lock:
+        slab, used = _slabs.get(pinned, (None, _SLAB_BLOCKS))
+        if used == _SLAB_BLOCKS:
+            slab = torch.zeros((_SLAB_BLOCKS, 4), dtype=torch.int64, pin_memory=pinned)
+            _slabs_kept.append(slab)
+            used = 0
+        _slabs[pinned] = (slab, used + 1)
+        return slab[used]
+
+
 # ------------------------------------------------------------------------------------------------
 # stream operations
 
@@ -137,15 +158,21 @@ class MemOps:
             err, self._ctx = driver.cuDevicePrimaryCtxRetain(dev)
         if int(err) != 0:
             raise RuntimeError(f"no primary context on cuda:{index}: {_cu_error(driver, err)}")
-        self._bound = threading.local()
 
     def _call(self, fn: Any, *args: Any) -> None:
-        if not getattr(self._bound, "yes", False):
-            # Driver calls need the context current in this thread (the progress thread may have
-            # made no runtime call yet); it is torch's primary context, so nothing else changes.
-            self.cu.cuCtxSetCurrent(self._ctx)
-            self._bound.yes = True
-        result = fn(*args)
+        # Driver calls need the device's context current in this thread (the progress thread may
+        # have made no runtime call yet). Push it only for the call, so that the thread's current
+        # device, which torch's runtime calls follow, stays what it was.
+        cu = self.cu
+        err, current = cu.cuCtxGetCurrent()
+        push = int(err) != 0 or int(current) != int(self._ctx)
+        if push:
+            cu.cuCtxPushCurrent(self._ctx)
+        try:
+            result = fn(*args)
+        finally:
+            if push:
+                cu.cuCtxPopCurrent()
         err = result[0] if isinstance(result, tuple) else result
         if int(err) != 0:
             raise RuntimeError(f"{fn.__name__} failed: CUresult {int(err)} ({_cu_error(self.cu, err)})")
@@ -178,12 +205,8 @@ class KernelOps:
             self._wait = module.get_function("blsgpu_wait_geq_kernel")
             self._store = module.get_function("blsgpu_store_release_kernel")
         self._streams: dict[int, Any] = {}
-        self._bound = threading.local()
 
     def _stream(self, stream: Any) -> Any:
-        if not getattr(self._bound, "yes", False):
-            self._cupy.cuda.runtime.setDevice(self.index)  # binds the primary context here
-            self._bound.yes = True
         handle = stream.cuda_stream
         ext = self._streams.get(handle)
         if ext is None:
@@ -191,15 +214,20 @@ class KernelOps:
             self._streams[handle] = ext
         return ext
 
+    def _launch(self, kernel: Any, threads: int, args: tuple, stream: Any) -> None:
+        # On this device, restoring the thread's current device afterwards.
+        with self._cupy.cuda.Device(self.index):
+            kernel((1,), (threads,), args, stream=self._stream(stream))
+
     def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
         np = self._np
         args = (np.uint64(addr), np.int32(1), np.uint64(value), np.uint64(timeout_ns),
                 np.uint64(status_addr))
-        self._wait((1,), (32,), args, stream=self._stream(stream))
+        self._launch(self._wait, 32, args, stream)
 
     def write(self, stream: Any, addr: int, value: int) -> None:
         np = self._np
-        self._store((1,), (1,), (np.uint64(addr), np.uint64(value)), stream=self._stream(stream))
+        self._launch(self._store, 1, (np.uint64(addr), np.uint64(value)), stream)
 
 
 class HostOps:

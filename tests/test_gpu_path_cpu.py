@@ -221,6 +221,68 @@ def test_device_counters_gate_waits_for_the_release_and_times_out():
         quick.gate(6, 0)
 
 
+def test_counter_blocks_are_distinct_zeroed_and_never_reused():
+    from blsgpu._device_counters import _SLAB_BLOCKS, _counter_block  # noqa: PLC0415
+
+    blocks = [_counter_block(pinned=False) for _ in range(_SLAB_BLOCKS + 10)]  # spans two slabs
+    addrs = {b.data_ptr() for b in blocks}
+    assert len(addrs) == len(blocks) and all(b.tolist() == [0, 0, 0, 0] for b in blocks)
+    del blocks
+    assert _counter_block(pinned=False).data_ptr() not in addrs  # a late write lands nowhere new
+
+
+class _FakeDriver:
+    """cuda.bindings.driver's calls that MemOps makes, recording them."""
+
+    def __init__(self, current: int, fail: bool = False):
+        self.calls, self.current, self.fail = [], current, fail
+        self.stack: list[int] = []
+        self.CUstream = self.CUdeviceptr = self.cuuint64_t = int
+
+    def cuDeviceGet(self, index):  # noqa: N802 (the driver's names)
+        return 0, index
+
+    def cuDevicePrimaryCtxRetain(self, dev):  # noqa: N802
+        return 0, 7  # the device's primary context
+
+    def cuCtxGetCurrent(self):  # noqa: N802
+        return 0, self.stack[-1] if self.stack else self.current
+
+    def cuCtxPushCurrent(self, ctx):  # noqa: N802
+        self.calls.append("push")
+        self.stack.append(ctx)
+        return (0,)
+
+    def cuCtxPopCurrent(self):  # noqa: N802
+        self.calls.append("pop")
+        return 0, self.stack.pop()
+
+    def cuStreamWriteValue64(self, stream, addr, value, flags):  # noqa: N802
+        self.calls.append(("write", self.cuCtxGetCurrent()[1], stream, addr, value, flags))
+        return (701 if self.fail else 0,)
+
+    def cuGetErrorString(self, err):  # noqa: N802
+        return 0, b"an illegal instruction was encountered"
+
+
+def test_stream_mem_ops_leave_the_threads_current_context_alone():
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from blsgpu._device_counters import MemOps  # noqa: PLC0415
+
+    stream = SimpleNamespace(cuda_stream=1234)
+    other = _FakeDriver(current=3)  # another device's context is current in this thread
+    MemOps(other, 0).write(stream, 4096, 5)
+    assert other.calls == ["push", ("write", 7, 1234, 4096, 5, 0), "pop"] and other.stack == []
+    same = _FakeDriver(current=7)  # already current: no push
+    MemOps(same, 0).write(stream, 4096, 6)
+    assert same.calls == [("write", 7, 1234, 4096, 6, 0)]
+    bad = _FakeDriver(current=0, fail=True)  # none current; the driver refuses the write
+    with pytest.raises(RuntimeError, match="CUresult 701 .an illegal instruction"):
+        MemOps(bad, 0).write(stream, 4096, 7)
+    assert bad.calls[-1] == "pop" and bad.stack == []
+
+
 # ------------------------------------------------------------------------------------------------
 # the NCCL transport over a fake CUDA and NCCL
 
