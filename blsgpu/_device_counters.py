@@ -121,6 +121,33 @@ class DeviceCounters(HostCounters):
             )
 
 
+# Comm streams: CUDA streams of their own, kept as long as the process.
+_own_streams: list[Any] = []
+_stream_lock = threading.Lock()
+
+
+def own_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream that no one else uses, for a comm stream (or a rank's stream in local mode).
+
+    torch.cuda.Stream() hands out streams round-robin from a pool of 32 per device and priority,
+    so it may return the very stream user code or another channel runs on; an NCCL kernel queued
+    there behind unrelated work can then deadlock the ranks. CuPy creates a real one (non-blocking,
+    like torch's); without CuPy, a pooled stream of high priority. The streams are never destroyed:
+    the caching allocator records events on every stream a buffer was used on when it frees the
+    buffer, which may come after the channel is gone.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import cupy  # noqa: PLC0415 (GPU path only)
+    except ImportError:
+        return torch.cuda.Stream(torch.device("cuda", index), priority=-1)
+    with cupy.cuda.Device(index):
+        owned = cupy.cuda.Stream(non_blocking=True)
+    with _stream_lock:
+        _own_streams.append(owned)
+    return torch.cuda.ExternalStream(owned.ptr, device=torch.device("cuda", index))
+
+
 # Counter blocks are never freed: a stream write still queued when a channel goes away (its last
 # release on the consumer's stream, an arrive after an abort) must not land in memory that was
 # handed out again, e.g. as a new channel's counters. 32 bytes per channel, from slabs.

@@ -195,6 +195,9 @@ class BoundedLagAllToAll:
         self._peers = [
             p for p in range(self.world_size) if p != self.rank or self.transport.loopback
         ]
+        connect = getattr(self.transport, "connect", None)
+        if connect is not None:  # NCCL: every pair connects now, within the timeout
+            connect(self.timeout_s)
         self._counters = self.transport.make_counters(self.world_size, self.rank, self.timeout_s)
         self._slots: list[torch.Tensor | None] = [None] * (bound + 1)
         self._inline = self._agree_inline_bytes(inline_bytes)

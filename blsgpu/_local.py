@@ -168,7 +168,7 @@ class LocalTransport:
         gpu = self.device.type == "cuda"
         self.stream_ordered = gpu or self.fabric.emulate
         self.caller_may_receive = False  # receives stay on the progress thread
-        self.stream = torch.cuda.Stream(self.device) if gpu else None
+        self.stream = _own_stream(self.device) if gpu else None
         self._sends: dict[int, list[_Work]] = {}
         self._recvs: dict[int, list[_Work]] = {}
         self._slot_ready: dict[int, Any] = {}  # k -> event on the caller's stream after the slot
@@ -301,6 +301,12 @@ class LocalTransport:
         pass
 
 
+def _own_stream(device: torch.device) -> Any:
+    from blsgpu._device_counters import own_stream  # noqa: PLC0415 (GPU only)
+
+    return own_stream(device)
+
+
 def gpu_sleep(seconds: float, device: torch.device | None = None) -> None:
     """Keep the current stream busy for about `seconds` (a spin kernel; the host does not wait)."""
     if seconds <= 0:
@@ -380,7 +386,7 @@ def run_local(
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-                stream = torch.cuda.Stream(device)
+                stream = _own_stream(device)
                 with torch.cuda.stream(stream):
                     results[rank] = fn(rank, world_size, *args)
                 stream.synchronize()

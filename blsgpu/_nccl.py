@@ -248,7 +248,9 @@ class TorchCuda:
         self.device = device
 
     def new_stream(self) -> Any:
-        return torch.cuda.Stream(self.device)
+        from blsgpu._device_counters import own_stream  # noqa: PLC0415
+
+        return own_stream(self.device)
 
     def current_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
@@ -353,6 +355,29 @@ class NcclTransport:
         self._closed = False
 
     # -- what the engine calls ---------------------------------------------------------------
+
+    def connect(self, timeout_s: float) -> None:
+        """Connect every pair now: one group of 1-byte messages per communicator, waited on.
+
+        NCCL connects lazily inside a pair's first group. Done here, the host waits for it with a
+        timeout (a peer that never comes is an error at channel creation, not a hang later), and
+        the two communicators do not first connect at once from two threads while the other's
+        kernels already run.
+        """
+        cuda, w = self._cuda, self.world_size
+        for comm, stream in ((self.header_comm, self.header_stream),
+                             (self.data_comm, self.data_stream)):
+            with cuda.use(stream):
+                out, into = cuda.empty((w,), torch.uint8), cuda.empty((w,), torch.uint8)
+            self._group(comm, stream, [(p, out[p : p + 1]) for p in range(w)],
+                        [(p, into[p : p + 1]) for p in range(w)])
+            if not cuda.host_wait(cuda.record(stream), timeout_s):
+                err = TimeoutError(
+                    f"NCCL could not connect all {w} ranks within {timeout_s:.1f} s "
+                    f"(a rank did not create the channel, or the network is unreachable)"
+                )
+                self._abort(err)
+                raise err
 
     def make_counters(self, world_size: int, rank: int, timeout_s: float) -> Any:
         return self._cuda.counters(world_size, rank, self.data_stream, timeout_s)

@@ -15,6 +15,7 @@ gloo; the GPU transport (NCCL through CuPy, blsgpu/_nccl.py) and the in-process 
     order(work, s)  what the caller runs next (its current stream) comes after the work
     empty(...)      a buffer on `device` that the transport may write (allocated on its comm stream)
     make_counters   the lag counters that go with the transport (host or device)
+    connect(s)      optional: set up every pair before the first iteration (NCCL), within s seconds
     close()
 """
 

@@ -553,9 +553,10 @@ def test_nccl_transport_logic_over_fakes(fake_nccl, w, bound):
         dev = stats["device"]
         assert (dev["posted"], dev["arrived"], dev["released"]) == (iters, iters, iters)
         # One NCCL group per iteration on each communicator: headers always (loopback: even at
-        # W=1), data where any moves (the rest of the test data has zero rows).
-        assert nccl.groups[("0/header", rank)] == iters
-        assert nccl.groups[("0/data", rank)] == busy
+        # W=1), data where any moves (the rest of the test data has zero rows); plus the one
+        # that connects every pair when the channel is created.
+        assert nccl.groups[("0/header", rank)] == iters + 1
+        assert nccl.groups[("0/data", rank)] == busy + 1
         t = built[rank][0]
         assert t._pending == {} and t._slot_ready == {}
         assert t.header_comm.destroyed and t.data_comm.destroyed and not t.data_comm.aborted
@@ -588,3 +589,26 @@ def test_nccl_transport_aborts_and_raises_on_a_silent_peer(fake_nccl):
         assert iteration == 0 and 0.8 < elapsed < 2.4
         assert "timed out" in msg and "nccl-quiet" in msg
         assert data_aborted and header_aborted
+
+
+def _nccl_absent_body(rank, w):
+    if rank == 2:
+        time.sleep(2.0)  # never creates its channel
+        return "absent"
+    t0 = time.monotonic()
+    try:
+        BoundedLagAllToAll(bound=1, timeout=1.0, transport="nccl")
+    except TimeoutError as e:
+        return str(e), time.monotonic() - t0
+    return "created"
+
+
+def test_nccl_channel_creation_times_out_when_a_rank_never_connects(fake_nccl):
+    nccl, built = fake_nccl
+    results = run_local(3, _nccl_absent_body, timeout_s=30)
+    assert results[2] == "absent"
+    for r in (0, 1):
+        msg, elapsed = results[r]
+        assert "could not connect all 3 ranks within 1.0 s" in msg and 0.8 < elapsed < 2.5
+        t = built[r][0]
+        assert t.header_comm.aborted and t.data_comm.aborted
