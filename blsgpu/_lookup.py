@@ -12,6 +12,7 @@ cast to the output dtype, so it can differ from the kernel by about one ulp of t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -204,7 +205,9 @@ def pooled_lookup(
         torch.set_grad_enabled(False)
     try:
         if backend == "triton":
-            _triton_lookup(tables, dims, cols, indices, offsets, per_sample_weights, out, mean)
+            # Triton launches on the thread's current device: make it the tensors' one.
+            with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+                _triton_lookup(tables, dims, cols, indices, offsets, per_sample_weights, out, mean)
         else:
             _torch_lookup(tables, cols, indices, offsets, per_sample_weights, out, n, mean, bounds)
     except (RuntimeError, IndexError):

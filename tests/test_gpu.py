@@ -242,6 +242,22 @@ def test_gloo_channel_with_cuda_tensors_is_exact_and_says_it_stages():
     assert len(warned) == 1 and "staged through host memory" in warned[0], warned
 
 
+@pytest.mark.gpu
+def test_comm_streams_are_their_own():
+    from blsgpu._device_counters import own_stream  # noqa: PLC0415
+
+    dev = torch.device("cuda", 0)
+    pooled = {torch.cuda.Stream(dev).cuda_stream for _ in range(64)}  # torch's whole pool
+    mine = [own_stream(dev) for _ in range(40)]
+    handles = {s.cuda_stream for s in mine}
+    assert len(handles) == 40 and not handles & pooled
+    x = torch.zeros(1 << 20, device=dev)
+    with torch.cuda.stream(mine[0]):
+        x += 1  # usable as a torch stream
+    mine[0].synchronize()
+    assert float(x.sum()) == float(1 << 20)
+
+
 # ------------------------------------------------------------------------------------------------
 # device counters
 
@@ -369,3 +385,18 @@ def test_nccl_two_gpus_exact(bound):
     for rank, (bad, stats) in enumerate(run_world(w, _multi_body, bound, 50, timeout_s=300)):
         assert bad == [], f"rank {rank}: {bad[:10]}"
         assert stats["transport"] == "nccl" and stats["max_lag"] <= bound + 1
+
+
+@pytest.mark.multigpu(2)
+def test_triton_lookup_on_a_device_that_is_not_current():
+    from blsgpu import pooled_lookup  # noqa: PLC0415
+
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(64, 16, generator=g)
+    ids = torch.randint(0, 64, (40,), generator=g)
+    offsets = torch.arange(0, 41, 4)
+    want = pooled_lookup([table], ids, offsets, backend="torch")
+    got = pooled_lookup([table.to("cuda:1")], ids.to("cuda:1"), offsets.to("cuda:1"), backend="triton")
+    assert got.device == torch.device("cuda", 1)
+    torch.testing.assert_close(got.cpu(), want)
