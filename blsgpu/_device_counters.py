@@ -231,6 +231,7 @@ class KernelOps:
             module = cupy.RawModule(code=kernel_source(), options=(f"-I{kernels_dir()}",))
             self._wait = module.get_function("blsgpu_wait_geq_kernel")
             self._store = module.get_function("blsgpu_store_release_kernel")
+            self._sleep = module.get_function("blsgpu_sleep_ns_kernel")
         self._streams: dict[int, Any] = {}
 
     def _stream(self, stream: Any) -> Any:
@@ -255,6 +256,10 @@ class KernelOps:
     def write(self, stream: Any, addr: int, value: int) -> None:
         np = self._np
         self._launch(self._store, 1, (np.uint64(addr), np.uint64(value)), stream)
+
+    def sleep(self, stream: Any, seconds: float) -> None:
+        """Keep `stream` busy for `seconds` of wall-clock time (not SM cycles)."""
+        self._launch(self._sleep, 1, (self._np.uint64(int(seconds * 1e9)),), stream)
 
 
 class HostOps:

@@ -29,6 +29,15 @@ extern "C" __global__ void blsgpu_add_release_kernel(blsgpu_u64* counter, blsgpu
     if (blockIdx.x == 0 && threadIdx.x == 0) blsgpu_add_release(counter, delta);
 }
 
+// Keeps its stream busy for `ns` nanoseconds of wall-clock time (%globaltimer), whatever the SM clock
+// does: the injected GPU-side delays of tests and benchmarks (a cycle-count sleep runs 5x longer
+// on an idle-clocked GPU than on a boosted one).
+extern "C" __global__ void blsgpu_sleep_ns_kernel(blsgpu_u64 ns) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const blsgpu_u64 start = blsgpu_globaltimer_ns();
+    while (blsgpu_globaltimer_ns() - start < ns) __nanosleep(1000u);
+}
+
 #ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 
@@ -52,6 +61,11 @@ extern "C" int blsgpu_launch_wait_geq(const blsgpu_u64* counters, int n, blsgpu_
 extern "C" int blsgpu_launch_store_release(blsgpu_u64* counter, blsgpu_u64 value,
                                            cudaStream_t stream) {
     blsgpu_store_release_kernel<<<1, 1, 0, stream>>>(counter, value);
+    return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int blsgpu_launch_sleep_ns(blsgpu_u64 ns, cudaStream_t stream) {
+    blsgpu_sleep_ns_kernel<<<1, 1, 0, stream>>>(ns);
     return static_cast<int>(cudaGetLastError());
 }
 

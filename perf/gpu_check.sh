@@ -108,7 +108,8 @@ EOF
 
 # 3. The GPU tests (one GPU here; multigpu ones say why they skip): the GPU path and the lookup
 #    kernels on CUDA.
-step pytest_gpu 260 "$PY" -m pytest tests/test_gpu.py tests/test_lookup.py -m "gpu or multigpu" -v -rs \
+step pytest_gpu 260 "$PY" -m pytest tests/test_gpu.py tests/test_lookup.py tests/test_counters_build.py \
+  -m "gpu or multigpu" -v -rs \
   -p no:cacheprovider --timeout 200 --junitxml="$OUTDIR/pytest_gpu.xml"
 
 # 4. The CPU tests of the GPU path and of the local mode, in this environment (torch, CuPy present).

@@ -20,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
+KERNEL_NAMES = ("blsgpu_wait_geq_kernel", "blsgpu_store_release_kernel", "blsgpu_add_release_kernel",
+                "blsgpu_sleep_ns_kernel")
 
 
 def _nvcc() -> str | None:
@@ -73,7 +75,8 @@ def test_builds_sm80_sm90_and_ptx(build):
 def test_library_exports_c_launchers(build):
     lib = ctypes.CDLL(str(_library(build[0])))
     assert lib.blsgpu_lag_counters_abi_version() == 1
-    for name in ("blsgpu_launch_wait_geq", "blsgpu_launch_store_release", "blsgpu_launch_add_release"):
+    for name in ("blsgpu_launch_wait_geq", "blsgpu_launch_store_release", "blsgpu_launch_add_release",
+                 "blsgpu_launch_sleep_ns"):
         assert hasattr(lib, name), name
     if not Path("/dev/nvidiactl").exists():
         # No driver: a launch reports a CUDA error code instead of crashing the process.
@@ -101,7 +104,7 @@ def test_ptx_orders_memory_and_backs_off(tmp_path, scope):
         "%globaltimer",
     ):
         assert instruction in ptx, instruction
-    for kernel in ("blsgpu_wait_geq_kernel", "blsgpu_store_release_kernel", "blsgpu_add_release_kernel"):
+    for kernel in KERNEL_NAMES:
         assert re.search(rf"\.entry {kernel}\(", ptx), f"{kernel} is not an extern \"C\" entry"
 
 
@@ -160,5 +163,5 @@ def test_kernels_compile_with_nvrtc_via_cupy():
     module = cupy.RawModule(
         code=(KERNELS / "lag_counters.cu").read_text(), options=(f"-I{KERNELS}", "-std=c++17")
     )
-    for kernel in ("blsgpu_wait_geq_kernel", "blsgpu_store_release_kernel", "blsgpu_add_release_kernel"):
+    for kernel in KERNEL_NAMES:
         assert module.get_function(kernel) is not None

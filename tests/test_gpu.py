@@ -258,6 +258,20 @@ def test_comm_streams_are_their_own():
     assert float(x.sum()) == float(1 << 20)
 
 
+@pytest.mark.gpu
+def test_gpu_sleep_lasts_what_it_is_asked_whatever_the_clock():
+    times = []
+    for seconds in (0.05, 0.2, 0.05):  # the first one runs on an idle-clocked GPU
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        gpu_sleep(seconds)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    for want, got in zip((0.05, 0.2, 0.05), times, strict=True):
+        assert want * 0.95 <= got <= want * 1.3 + 0.005, times
+
+
 # ------------------------------------------------------------------------------------------------
 # device counters
 
