@@ -4,9 +4,12 @@
 #
 #   bash perf/gpu_check.sh            # logs and JSON to $OUT if set, else perf/results/
 #
-# Each step logs to gpu_check.log, has its own time limit and never stops the script; the last step
-# writes gpu_check_summary.json (every step's exit code and seconds, the environment probe). At most
-# 8 files land in the output folder (the device tool returns no more).
+# Each step logs to gpu_check.log, has its own time limit and never stops the script. All steps
+# share one budget (GPU_CHECK_BUDGET_S, default 480 s): a step gets what is left of it at most, and
+# is skipped when under 20 s are left, so the script ends inside one device call (600 s at most)
+# and always writes gpu_check_summary.json (every step's exit code and seconds, the environment
+# probe), also when interrupted. At most 8 files land in the output folder (the device tool returns
+# no more).
 #
 # Python packages: wheels carried in .whl/ (see /work/.library/device/README.md, "Notes") are
 # installed first with --no-index into /tmp/blsgpu-site; then blsgpu itself, editable, without
@@ -22,24 +25,67 @@ PY=${PYTHON:-python3}
 STEPS=$(mktemp)
 export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 : >"$LOG"
 
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+# Interrupted: record it and write the summary of the steps so far.
+CHILD=
+trap '[ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
+      echo "interrupted 130 $(($(date +%s) - T_START))" >>"$STEPS"; summary; exit 130' INT TERM
 
-# step NAME LIMIT_S CMD...: runs CMD with a time limit, logs it, records rc and seconds.
+# step NAME LIMIT_S CMD...: runs CMD with a time limit (its own, or what is left of the budget),
+# logs it, records rc and seconds.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - ($(date +%s) - T_START)))
+  if [ "$left" -lt 20 ]; then
+    log "=== $name: skipped, ${left}s of the ${BUDGET}s budget left"
+    echo "$name no_time 0" >>"$STEPS"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   log "=== $name (limit ${limit}s): $*"
   local t0 rc
   t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+  # In the background and waited for, so that an interrupt reaches the trap at once (bash runs
+  # traps only between foreground commands); stdin stays the step's (the probe's heredoc).
+  timeout -k 10 "$limit" "$@" <&0 >>"$LOG" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
   rc=$?
+  CHILD=
   local dt=$(($(date +%s) - t0))
   [ "$rc" = 124 ] && log "!!! $name hit its ${limit}s limit"
   log "=== $name: rc=$rc in ${dt}s (total $(($(date +%s) - T_START))s)"
   echo "$name $rc $dt" >>"$STEPS"
   return 0
+}
+
+# summary: gpu_check_summary.json from the steps so far (the last step, or on an interrupt).
+summary() {
+"$PY" - "$STEPS" "$LOG" "$SUMMARY" "$T_START" <<'EOF'
+import json, sys, time
+steps_path, log_path, out_path, t_start = sys.argv[1:5]
+steps = []
+for line in open(steps_path):
+    name, rc, dt = line.split()
+    steps.append({"step": name, "rc": int(rc) if rc.lstrip("-").isdigit() else rc,
+                  "seconds": int(dt)})
+probe = None
+for line in open(log_path, errors="replace"):
+    if line.startswith("PROBE "):
+        probe = json.loads(line[6:])
+tail = [l.rstrip() for l in open(log_path, errors="replace") if " passed" in l or " failed" in l]
+doc = {"steps": steps, "probe": probe, "pytest_lines": tail[-6:],
+       "total_s": int(time.time()) - int(t_start),
+       "ok": all(s["rc"] in (0, "skipped") for s in steps)}
+open(out_path, "w").write(json.dumps(doc, indent=1))
+print(json.dumps(doc, indent=1))
+EOF
+rm -f "$STEPS"
+log "done in $(($(date +%s) - T_START))s: $LOG, $SUMMARY"
 }
 
 # 1. Packages: carried wheels, then blsgpu (editable: blsgpu.kernels maps to kernels/).
@@ -110,22 +156,22 @@ EOF
 #    kernels on CUDA.
 step pytest_gpu 260 "$PY" -m pytest tests/test_gpu.py tests/test_lookup.py tests/test_counters_build.py \
   -m "gpu or multigpu" -v -rs \
-  -p no:cacheprovider --timeout 200 --junitxml="$OUTDIR/pytest_gpu.xml"
+  -p no:cacheprovider --timeout 90 --junitxml="$OUTDIR/pytest_gpu.xml"
 
-# 4. The CPU tests of the GPU path and of the local mode, in this environment (torch, CuPy present).
-step pytest_cpu_side 120 "$PY" -m pytest tests/test_gpu_path_cpu.py tests/test_local_world.py -q -rs \
-  -p no:cacheprovider --timeout 100
-
-# 5. The exchange benchmark on the GPU (W=1 NCCL vs BLS; local W=4 masking).
+# 4. The exchange benchmark on the GPU (W=1 NCCL vs BLS; local W=4 masking).
 step bench_gpu_exchange 170 "$PY" perf/bench_gpu_exchange.py --quick --out "$OUTDIR"
 
-# 6. The lookup benchmark on the GPU (perf/bench_lookup.py, written with the lookup kernels).
+# 5. The lookup benchmark on the GPU (perf/bench_lookup.py, written with the lookup kernels).
 if [ -f perf/bench_lookup.py ]; then
   step bench_lookup 90 "$PY" perf/bench_lookup.py --device cuda --reps 10 --warmup 3 --out "$OUTDIR"
 else
   log "=== bench_lookup: perf/bench_lookup.py not present, skipped"
   echo "bench_lookup skipped 0" >>"$STEPS"
 fi
+
+# 6. The CPU tests of the GPU path and of the local mode, in this environment (torch, CuPy present).
+step pytest_cpu_side 120 "$PY" -m pytest tests/test_gpu_path_cpu.py tests/test_local_world.py -q -rs \
+  -p no:cacheprovider --timeout 100
 
 # 7. nsys, only where it is on the PATH (it was not on the H200 image as last seen).
 if command -v nsys >/dev/null 2>&1; then
@@ -136,23 +182,5 @@ else
 fi
 
 # 8. Summary.
-"$PY" - "$STEPS" "$LOG" "$SUMMARY" "$T_START" <<'EOF'
-import json, sys, time
-steps_path, log_path, out_path, t_start = sys.argv[1:5]
-steps = []
-for line in open(steps_path):
-    name, rc, dt = line.split()
-    steps.append({"step": name, "rc": rc if rc == "skipped" else int(rc), "seconds": int(dt)})
-probe = None
-for line in open(log_path, errors="replace"):
-    if line.startswith("PROBE "):
-        probe = json.loads(line[6:])
-tail = [l.rstrip() for l in open(log_path, errors="replace") if " passed" in l or " failed" in l]
-doc = {"steps": steps, "probe": probe, "pytest_lines": tail[-6:],
-       "total_s": int(time.time()) - int(t_start),
-       "ok": all(s["rc"] in (0, "skipped") for s in steps)}
-open(out_path, "w").write(json.dumps(doc, indent=1))
-print(json.dumps(doc, indent=1))
-EOF
-rm -f "$STEPS"
-log "done in $(($(date +%s) - T_START))s: $LOG, $SUMMARY"
+trap - INT TERM
+summary
