@@ -221,6 +221,30 @@ def test_device_counters_gate_waits_for_the_release_and_times_out():
         quick.gate(6, 0)
 
 
+class _TimedEvent:
+    """A CUDA event stand-in that completes at a given time, counting queries."""
+
+    def __init__(self, after_s: float):
+        self.at, self.queries = time.monotonic() + after_s, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return time.monotonic() >= self.at
+
+
+def test_host_wait_returns_soon_after_the_event_and_does_not_spin():
+    from blsgpu._device_counters import host_wait  # noqa: PLC0415
+
+    quick = _TimedEvent(20e-6)
+    t0 = time.monotonic()
+    assert host_wait(quick, 5.0) and time.monotonic() - t0 < 0.01  # caught while polling
+    never = _TimedEvent(1e9)
+    t0 = time.monotonic()
+    assert not host_wait(never, 0.3)
+    assert 0.3 <= time.monotonic() - t0 < 0.5
+    assert never.queries < 5000  # slept between polls after the first 50 us
+
+
 def test_counter_blocks_are_distinct_zeroed_and_never_reused():
     from blsgpu._device_counters import _SLAB_BLOCKS, _counter_block  # noqa: PLC0415
 
