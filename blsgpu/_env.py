@@ -37,7 +37,10 @@ def backend_bound() -> int:
 
 def default_timeout() -> timedelta:
     """Timeout of a channel when none is given (default 300 s)."""
-    return timedelta(seconds=_float("BLSGPU_TIMEOUT_S", 300.0))
+    seconds = _float("BLSGPU_TIMEOUT_S", 300.0)
+    if not 0 < seconds <= 1e9:  # also refuses nan and inf
+        raise ValueError(f"BLSGPU_TIMEOUT_S={seconds!r} must be positive and at most 1e9 s")
+    return timedelta(seconds=seconds)
 
 
 def nvtx_enabled() -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import threading
 import time
 import warnings
@@ -33,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from blsgpu import _env, _local
 from blsgpu._errors import BLSError, PeerError
@@ -40,6 +42,7 @@ from blsgpu._trace import span
 from blsgpu._transport import DATA, HEADER, GlooTransport
 
 MAX_BOUND = 4096
+MAX_TIMEOUT_S = 1e9  # about 30 years: as good as forever, and still a finite wait for gloo
 _MAX_TRAILING_DIMS = 6
 _HEADER_LEN = 16
 _MAGIC = 0x424C5331  # "BLS1"
@@ -64,23 +67,35 @@ class BoundError(BLSError):
     """More than B+1 exchanges outstanding on a channel: wait() an older one first."""
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _as_splits(splits: Any, world_size: int, what: str) -> list[int]:
     if isinstance(splits, torch.Tensor):
         if splits.dim() != 1 or splits.dtype.is_floating_point or splits.is_complex():
             raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints")
         splits = splits.tolist()
+    if isinstance(splits, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of ints, got {type(splits).__name__}")
     try:
-        out = [int(s) for s in splits]
+        items = list(splits)
     except TypeError as e:
         raise TypeError(f"{what} must be a sequence of ints, got {type(splits).__name__}") from e
-    for s, raw in zip(out, splits, strict=False):
-        if isinstance(raw, float) and raw != s:
-            raise TypeError(f"{what} must hold integers, got {raw!r}")
+    out = []
+    for raw in items:
+        try:
+            # Integers only (Python, numpy, 0-d integer tensors): a float, even 2.0, is refused
+            # rather than truncated into a split that may still add up.
+            out.append(operator.index(raw))
+        except TypeError:
+            raise TypeError(f"{what} must hold integers, got {raw!r}") from None
     if len(out) != world_size:
         raise ValueError(f"{what} has {len(out)} entries; it needs one per rank ({world_size})")
     neg = [i for i, s in enumerate(out) if s < 0]
     if neg:
         raise ValueError(f"{what} has negative entries at ranks {neg}: {out}")
+    if sum(out) > _INT64_MAX:
+        raise ValueError(f"{what} sum to {sum(out)}, more rows than an int64 counts")
     return out
 
 
@@ -183,8 +198,10 @@ class BoundedLagAllToAll:
         self.timeout_s = (
             timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         )
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:  # also refuses nan and inf
+            raise ValueError(
+                f"timeout must be positive and at most {MAX_TIMEOUT_S:.0e} s, got {timeout!r}"
+            )
         self.bound = bound
         self.device = torch.device(device) if device is not None else None
         self.transport = _make_transport(transport, group, self.device)
@@ -605,16 +622,13 @@ class BoundedLagAllToAll:
         trailing = tuple(send.shape[1:])
         row_bytes = send.element_size() * math.prod(trailing)
         known = it.recv_splits
-        rows = list(known) if known is not None else [0] * self.world_size
+        # Rows come from the headers (what peers really send), never from the caller's
+        # recv_splits: those are only checked, so a wrong one cannot size a buffer.
+        rows = [0] * self.world_size
         rows[self.rank] = it.send_splits[self.rank]
         problems: list[str] = []
         scratch: list[torch.Tensor] = []
         data_recvs: list[tuple[int, Any]] = []
-        out = out_bytes = None
-        if known is not None:
-            out = tr.empty((sum(rows), *trailing), send.dtype)
-            out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
-        offsets = _prefix(rows)
         pending: list[tuple[int, int]] = []  # (peer, rows) whose data receive waits for `out`
         inline: list[tuple[int, int]] = []  # (peer, rows) whose payload came with the header
         msg_in = it.msg_in
@@ -661,28 +675,20 @@ class BoundedLagAllToAll:
                     buf = tr.empty((n * p_row_bytes,), torch.uint8)
                     scratch.append(buf)
                     data_recvs.append((p, self._post_recv(buf, p, k)))
-                if known is None:
-                    rows[p] = 0
+                rows[p] = 0
                 continue
+            rows[p] = n
             if h[_H_INLINE]:
                 inline.append((p, n))
-                if known is None:
-                    rows[p] = n
-            elif known is None:
-                rows[p] = n
-                if n:
-                    pending.append((p, n))
-            elif n:
-                lo = offsets[p] * row_bytes
-                data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
+            elif n * row_bytes:  # rows of zero bytes (a [n, 0] tensor) send no data message
+                pending.append((p, n))
 
-        if out is None:
-            out = tr.empty((sum(rows), *trailing), send.dtype)
-            out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
-            offsets = _prefix(rows)
-            for p, n in pending:
-                lo = offsets[p] * row_bytes
-                data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
+        out = tr.empty((sum(rows), *trailing), send.dtype)
+        out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
+        offsets = _prefix(rows)
+        for p, n in pending:
+            lo = offsets[p] * row_bytes
+            data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
 
         for p, n in inline:
             lo = offsets[p] * row_bytes
@@ -729,6 +735,11 @@ def _prefix(splits: list[int]) -> list[int]:
 def _make_transport(kind: str, group: Any, device: torch.device | None):
     if kind not in ("auto", "gloo", "nccl", "local"):
         raise ValueError(f"transport must be 'auto', 'gloo', 'nccl' or 'local', got {kind!r}")
+    if group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        raise ValueError(
+            "this rank is not a member of the group (dist.new_group returned NON_GROUP_MEMBER): "
+            "only the group's ranks create its channels"
+        )
     local = _local.resolve_group(group)
     if kind == "local" or (kind == "auto" and local is not None):
         if local is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -211,6 +212,11 @@ def _bad_local_args_body(rank, w):
         (ValueError, "to itself", lambda: a2a.exchange(x, [3, 3], [4, 4])),
         (TypeError, "torch.Tensor", lambda: a2a.exchange([1, 2], [1, 1])),
         (TypeError, "integers", lambda: a2a.exchange(x, [2.5, 3.5])),
+        # Float-like values are refused, not truncated into splits that may still add up.
+        (TypeError, "integers", lambda: a2a.exchange(x, np.array([3.7, 2.9], dtype=np.float32))),
+        (TypeError, "integers", lambda: a2a.exchange(x, [3.0, 3.0])),
+        (TypeError, "sequence of ints", lambda: a2a.exchange(x, "33")),
+        (ValueError, "more rows than an int64", lambda: a2a.exchange(x, [2**62, 2**62])),
         (ValueError, "at least one dimension", lambda: a2a.exchange(torch.tensor(1.0), [1, 0])),
     ]
     seen = []
@@ -242,6 +248,9 @@ def test_bad_local_arguments_raise_before_sending():
         BoundedLagAllToAll(bound=-1)
     with pytest.raises(TypeError, match="bound must be an int"):
         BoundedLagAllToAll(bound=1.5)
+    for timeout in (0, -1.0, float("inf"), float("nan"), timedelta.max):
+        with pytest.raises(ValueError, match="timeout must be positive and at most"):
+            BoundedLagAllToAll(timeout=timeout)
 
 
 def _peer_mismatch_body(rank, w, case):
@@ -364,6 +373,49 @@ def test_bls_backend_matches_gloo():
         assert bls[r][:-1] == gloo[r][:-1]
         assert bls[r][-1] == "bls" and gloo[r][-1] == "gloo"
     assert bls[0][1] == 6.0 and bls[0][2] == 1.0 and bls[0][3] == [0.0, 1.0, 2.0]
+
+
+def _edge_shapes_body(rank, w):
+    """[n, 0] rows (no bytes) and a recv_splits entry far too large, on one channel."""
+    out = []
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        for known in (None, [2] * w):
+            recv, splits = a2a.exchange(torch.empty(2 * w, 0), [2] * w, known).wait()
+            out.append((tuple(recv.shape), splits))
+        # A wrong recv_splits must not size a buffer: ValueError on both sides, channel intact.
+        huge = [2**40] * w
+        huge[rank] = 1
+        try:
+            a2a.exchange(torch.ones(w, 4), [1] * w, huge).wait()
+            out.append("no error")
+        except ValueError as e:
+            out.append("recv_splits" in str(e) or str(e))
+        recv, _ = a2a.exchange(torch.full((w, 4), float(rank)), [1] * w).wait()
+        out.append(recv[:, 0].tolist())
+    return out
+
+
+def test_zero_width_rows_and_absurd_recv_splits():
+    for got in run_world(2, _edge_shapes_body):
+        assert got[0] == ((4, 0), [2, 2]) and got[1] == ((4, 0), [2, 2])
+        assert got[2] is True, got[2]
+        assert got[3] == [0.0, 1.0]
+
+
+def _subgroup_body(rank, w):
+    g = dist.new_group([0, 1])  # collective over the world; rank 2 is not in it
+    try:
+        with BoundedLagAllToAll(group=g, bound=1, timeout=30) as a2a:
+            recv, _ = a2a.exchange(torch.full((2, 1), float(rank)), [1, 1]).wait()
+            return recv.flatten().tolist(), a2a.rank, a2a.world_size
+    except ValueError as e:
+        return str(e)
+
+
+def test_channel_on_a_subgroup_and_a_rank_outside_it():
+    results = run_world(3, _subgroup_body)
+    assert results[0] == ([0.0, 1.0], 0, 2) and results[1] == ([0.0, 1.0], 1, 2)
+    assert "not a member of the group" in results[2]
 
 
 def _backend_devices_body(rank, w):
