@@ -102,7 +102,11 @@ class QuantizedTable:
         return self.data[:, : self.embedding_dim]
 
     def _qparams(self) -> torch.Tensor:
-        return self.data[:, self.embedding_dim :].contiguous().view(torch.float32)
+        # A copy, not .contiguous(): a one-row slice is contiguous already but keeps a storage
+        # offset that a float32 view refuses when D is not a multiple of 4.
+        return self.data[:, self.embedding_dim :].clone(memory_format=torch.contiguous_format).view(
+            torch.float32
+        )
 
     @property
     def scale(self) -> torch.Tensor:
@@ -308,6 +312,11 @@ def _check_out(out, n, width, out_dtype, device) -> None:
         raise ValueError(f"out has dtype {out.dtype}, expected out_dtype {out_dtype}")
     if out.stride(1) != 1 and width > 1:
         raise ValueError("out must have unit column stride (a row-strided view is fine)")
+    if n > 1 and width > 0 and abs(out.stride(0)) < width:
+        raise ValueError(
+            f"out rows overlap (row stride {out.stride(0)} < width {width}): every output element "
+            f"needs its own memory"
+        )
     if out.device != device:
         raise ValueError(f"out is on {out.device}, the tables on {device}")
 
@@ -459,7 +468,7 @@ def _quantized_bag(table: QuantizedTable, ids, offs, weights, mean) -> torch.Ten
         # positions 0..nnz-1 (a segment sum).
         d = table.embedding_dim
         rows = table.data.index_select(0, ids.long())
-        qp = rows[:, d:].contiguous().view(torch.float32)
+        qp = rows[:, d:].clone(memory_format=torch.contiguous_format).view(torch.float32)
         values = rows[:, :d].float() * qp[:, :1] + qp[:, 1:]
         positions = torch.arange(ids.numel(), device=ids.device, dtype=offs.dtype)
         pooled = torch.embedding_bag(values, positions, offs, False, 0, False, weights, True, None)[0]

@@ -292,6 +292,10 @@ ERROR_CASES = {
         lambda: _with(out=lambda kw: torch.empty(317, 5).t()),
         r"unit column stride",
     ),
+    "out_rows_overlap": (
+        lambda: _with(out=lambda kw: torch.empty(5 * 317 + 64).as_strided((5, 317), (64, 1))),
+        r"out rows overlap \(row stride 64 < width 317\)",
+    ),
     "out_dtype_int": (lambda: _with(out_dtype=lambda kw: torch.int32), r"out_dtype must be"),
     "table_int_dtype": (
         lambda: _with(tables=lambda kw: [kw["tables"][0].int(), *kw["tables"][1:]]),
@@ -563,6 +567,22 @@ def test_quantized_table_rejects_bad_data():
         QuantizedTable(torch.zeros(4, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
         QuantizedTable.from_float(torch.zeros(4, 4, dtype=torch.int64))
+
+
+def test_quantized_table_with_odd_width_one_row_at_a_time(monkeypatch):
+    """D % 4 != 0: a one-row slice keeps a storage offset a float32 view of its qparams refuses."""
+    import blsgpu._lookup as lookup
+
+    w = torch.randn(3, 5, generator=_gen("odd"))
+    q = QuantizedTable.from_float(w)
+    one = QuantizedTable.from_float(w[1:2])
+    torch.testing.assert_close(one.dequantize(), q.dequantize()[1:2])
+    torch.testing.assert_close(one.scale, q.scale[1:2])
+    fused = pooled_lookup([q], torch.tensor([1]), torch.tensor([0, 1]), backend="torch")
+    monkeypatch.setattr(lookup, "_QUANTIZED_BAG", None)  # the gather + dequantize path (CUDA's)
+    generic = pooled_lookup([q], torch.tensor([1]), torch.tensor([0, 1]), backend="torch")
+    torch.testing.assert_close(generic, fused)
+    torch.testing.assert_close(generic, q.dequantize()[1:2])
 
 
 def test_quantized_generic_path_matches_fbgemm_kernel(monkeypatch):
