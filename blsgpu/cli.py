@@ -40,7 +40,7 @@ MAX_SIM_WORLD = 1 << 16
 # ------------------------------------------------------------------------------ argument types
 
 
-def _int_at_least(lo: int, what: str):
+def _int_at_least(lo: int, what: str, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -48,9 +48,22 @@ def _int_at_least(lo: int, what: str):
             raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"{what} must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{what} must be <= {hi}, got {v}")
         return v
 
     return parse
+
+
+def _check_out_paths(parser: argparse.ArgumentParser, *paths: str | None) -> None:
+    """Refuse, before any work, an output path that cannot be written as a file."""
+    for path in paths:
+        if not path:
+            continue
+        if Path(path).is_dir():
+            parser.error(f"cannot write {path}: it is a folder")
+        if not Path(path).resolve().parent.is_dir():
+            parser.error(f"cannot write {path}: its folder does not exist")
 
 
 def _nonneg_float(what: str):
@@ -125,7 +138,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument("--bounds", type=_int_list("--bounds", 0, MAX_BOUND), default=d["bounds"],
                        help=f"one BLS run per bound B (default {d['bounds']})")
     else:
-        g.add_argument("--bound", type=_int_at_least(0, "--bound"), default=d["bound"],
+        g.add_argument("--bound", type=_int_at_least(0, "--bound", MAX_BOUND), default=d["bound"],
                        help=f"the BLS bound B (default {d['bound']})")
     g = p.add_argument_group("work")
     g.add_argument("--iterations", type=_int_at_least(1, "--iterations"),
@@ -332,9 +345,7 @@ def _cmd_run(args, parser) -> int:
     else:
         rank, world, local = 0, args.world_size or DEFAULTS["world_size"], 0
     cfg = _config(args, parser, world)
-    for path in (args.json, args.plot):
-        if path and not Path(path).resolve().parent.is_dir():
-            parser.error(f"cannot write {path}: its folder does not exist")
+    _check_out_paths(parser, args.json, args.plot)
     total = cfg.repeats * len(cfg.labels()) * cfg.iterations
     labels = cfg.labels()
     t0 = time.perf_counter()
@@ -510,6 +521,7 @@ def _cmd_simulate(args, parser) -> int:
 
     s = SIM_DEFAULTS
     record = None
+    _check_out_paths(parser, args.json)
     if args.from_json:
         try:
             with open(args.from_json) as f:

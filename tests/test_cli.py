@@ -130,6 +130,11 @@ def test_simulate_4096_ranks_quickly(tmp_path):
         (["run", "--device", "tpu"], "invalid choice"),
         (["simulate", "--world-size", "0"], "--world-size must lie in"),
         (["simulate", "--from-json", "/nonexistent/x.json"], "--from-json"),
+        (["run", "--bound", "5000"], "--bound must be <= 4096"),
+        (["run", "--json", "/tmp"], "cannot write /tmp: it is a folder"),
+        (["bench", "--plot", "/nonexistent/p.png"], "its folder does not exist"),
+        (["simulate", "--json", "/tmp"], "cannot write /tmp: it is a folder"),
+        (["simulate", "--json", "/nonexistent/s.json"], "its folder does not exist"),
         ([], "required"),
     ],
 )
