@@ -296,6 +296,21 @@ def test_ebc_matches_reference(weighted):
     assert kt.values()[0, 24:28].abs().sum() == 0  # f3 is first key: bag 0 is empty
 
 
+def test_ebc_takes_ids_of_any_integer_type():
+    # As the sharded collection does: int16/uint8 ids look up the same rows as int64 ones.
+    gen = torch.Generator().manual_seed(4)
+    ebc = EmbeddingBagCollection(TABLES, seed=1)
+    rows = {"f0": 3, "f1": 50, "f2": 50, "f3": 30}
+    kjt = _random_kjt(["f0", "f1", "f2", "f3"], rows, 6, 5, False, gen)
+    want = ebc(kjt).values()
+    for dtype in (torch.int16, torch.uint8, torch.int32):
+        narrow = KeyedJaggedTensor(kjt.keys(), kjt.values().to(dtype), lengths=kjt.lengths())
+        assert torch.equal(ebc(narrow).values(), want), dtype
+    bad = KeyedJaggedTensor(kjt.keys(), kjt.values().to(torch.int16) - 100, lengths=kjt.lengths())
+    with pytest.raises(ValueError):
+        ebc(bad)
+
+
 def test_ebc_seeded_init_and_state_dict_names():
     a = EmbeddingBagCollection(TABLES, seed=3)
     b = EmbeddingBagCollection(TABLES, seed=3)

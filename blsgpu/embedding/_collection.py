@@ -93,6 +93,8 @@ def gather_bags(kjt: KeyedJaggedTensor, key_index: list[int], with_weights: bool
     n, opk = kjt.stride(), kjt.offset_per_key()
     lengths = torch.cat([kjt.lengths()[i * n:(i + 1) * n] for i in key_index])
     values = torch.cat([kjt.values()[opk[i]:opk[i + 1]] for i in key_index])
+    if values.dtype not in (torch.int32, torch.int64):
+        values = values.long()  # ids of a narrower integer type (the lookup takes int32/int64)
     weights = None
     if with_weights:
         weights = torch.cat([kjt.weights()[opk[i]:opk[i + 1]] for i in key_index])
