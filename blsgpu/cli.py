@@ -387,7 +387,8 @@ def _run_torchrun(cfg, rank: int, world: int, local: int, total: int, labels, sh
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("blsgpu: --device cuda but no CUDA device is visible")
-        torch.cuda.set_device(local)
+        # Launchers that give each process only its own GPU make LOCAL_RANK exceed the count.
+        torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
     backend = "cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     try:

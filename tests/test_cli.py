@@ -18,7 +18,7 @@ SMALL = ["--world-size", "2", "--iterations", "6", "--warmup", "1", "--batch", "
          "2", "--rows", "40", "--arch-sparse-feature-size", "4", "--arch-mlp-top", "8-1",
          "--delay", "exp:2"]
 RUN_KEYS = {"mode", "bound", "throughput_it_s", "p50_ms", "p99_ms", "masking", "speedup", "exact",
-            "simulated_throughput_it_s", "per_rank_iter_s"}
+            "simulated_throughput_it_s", "per_rank_iter_s", "transport"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_bench_json_schema(bench):
                                                               ("bls", 2)]
     for r in doc["runs"]:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
-        assert r["exact"] is True
+        assert r["exact"] is True and r["transport"] == ["gloo"]
         assert len(r["per_rank_iter_s"]) == 2 and len(r["per_rank_iter_s"][0]) == 6
 
 

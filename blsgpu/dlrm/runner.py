@@ -70,8 +70,22 @@ def make_tables(arch: DLRMArch, pooling: str = "sum") -> list:
 def _kjt(batch: Batch, device: torch.device):
     from blsgpu.embedding import KeyedJaggedTensor  # noqa: PLC0415
 
-    kjt = KeyedJaggedTensor(list(batch.keys), batch.values, batch.weights, lengths=batch.lengths)
-    return kjt if device.type == "cpu" else kjt.to(device)
+    if device.type == "cpu":
+        return KeyedJaggedTensor(list(batch.keys), batch.values, batch.weights, lengths=batch.lengths)
+    # Pinned and still on the host: the sharded collection checks it there and copies it to the
+    # GPU without blocking.
+    def pin(t):
+        return None if t is None else t.pin_memory()
+
+    return KeyedJaggedTensor(list(batch.keys), pin(batch.values), pin(batch.weights),
+                             lengths=pin(batch.lengths))
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
+    if device.type == "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class DLRM(nn.Module):
@@ -101,7 +115,7 @@ class DLRM(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Blocking: both exchanges of this batch complete before it returns (lock step)."""
         pooled = self.ebc(_kjt(batch, self.device)).values()
-        return self.dense(batch.dense.to(self.device), pooled)
+        return self.dense(_to(batch.dense, self.device), pooled)
 
     def pipeline(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
         """Yields (batch, predictions) in order, with up to B+1 batches in flight per exchange."""
@@ -115,7 +129,7 @@ class DLRM(nn.Module):
         for kt in self.ebc.pipeline(kjts()):
             b = pending.popleft()
             with torch.no_grad():
-                yield b, self.dense(b.dense.to(self.device), kt.values())
+                yield b, self.dense(_to(b.dense, self.device), kt.values())
 
     def stats(self) -> dict[str, dict]:
         return self.ebc.stats()
@@ -328,6 +342,7 @@ class _Rank:
             blocked_s=sum(s["waiting_for_data_s"] + s["blocked_on_bound_s"]
                           for s in stats.values()),
             bytes_sent=sum(s["bytes_sent"] for s in stats.values()),
+            transport=sorted({s["transport"] for s in stats.values()}),
         )
         for key in ("step_s", "busy_s", "latency_s"):
             out[key] = out[key].tolist()
@@ -520,6 +535,7 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
             "predicted_throughput_it_s": K / t_pred if t_pred > 0 else math.inf,
             "predicted_masking": _none_if_nan(_median(d["pred_masking"])),
             "max_lag": max(r["repeats"][last][label]["max_lag"] for r in results),
+            "transport": sorted({t for r in results for t in r["repeats"][last][label]["transport"]}),
             "time_s_repeats": d["time_s"],
             "digest": [r["repeats"][last][label]["digest"] for r in results],
             "per_rank_iter_s": [r["repeats"][last][label]["busy_s"] for r in results],

@@ -1,8 +1,10 @@
 """Sharded EmbeddingBagCollection: TorchRec's sharded forward with both alltoallvs on BLS channels.
 
 One batch (a KJT of N local samples on every rank) goes through:
-  input dist   one integer message per destination r: [N, lengths of r's slots (N each), their ids,
-               their weights when the collection is weighted] (row-wise: only the ids in r's row
+  input dist   one integer message per destination r: [N, id count of each of r's slots, their
+               lengths (N each), their ids, their weights when the collection is weighted] (the
+               head of N and counts is all the receiver reads on the host, in one read for all
+               sources; row-wise: only the ids in r's row
                block, shifted to local rows). int32 when every table has fewer than 2^31 rows (half
                the bytes of TorchRec's int64 ids), else int64; fp32 weights travel bit for bit
                inside it (as int32, or as fp64 in an int64 message).
@@ -17,6 +19,7 @@ channels, which is what lets a fast rank run up to B+1 batches ahead of a slow o
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -121,6 +124,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._W = W
         self._bound = bound
         self._device = torch.device(device) if device is not None else torch.device("cpu")
+        if self._device.type == "cuda" and self._device.index is None:
+            # "cuda" != "cuda:0" for torch: without an index every batch would look misplaced.
+            self._device = torch.device("cuda", torch.cuda.current_device())
         self._comm_dtype = comm_dtype
         self._is_weighted = bool(is_weighted)
 
@@ -180,6 +186,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
         kw = dict(group=group, bound=bound, device=self._device, timeout=timeout)
         self._ch_ids = BoundedLagAllToAll(name="ebc_ids", **kw)
         self._ch_out = BoundedLagAllToAll(name="ebc_pooled", **kw)
+        transport = self._ch_ids.transport.name
+        if self._device.type == "cuda" and transport != "nccl":
+            warnings.warn(
+                f"the sharded collection on {self._device} exchanges over {transport}, staging "
+                f"every batch through host memory: the GPU path needs CuPy with NCCL "
+                f"(pip install 'blsgpu[cuda12]' or 'blsgpu[cuda13]')",
+                RuntimeWarning, stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------- public API
 
@@ -281,10 +295,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
         kjt = as_kjt(features)
         key_index = check_features(kjt, self._features, self._rows, self._is_weighted)
         if kjt.device() != self._device:
-            kjt = kjt.to(self._device)
+            # From pinned host memory this copy does not block the host (DLRM's batches are).
+            kjt = kjt.to(self._device, non_blocking=True)
         n = kjt.stride()
-        lengths = kjt.lengths()
-        values = kjt.values()
+        # Once per batch in the message's dtype, so that one cat writes the message.
+        lengths = kjt.lengths().to(self._id_dtype)
+        values = kjt.values().to(self._id_dtype)
         weights = kjt.weights() if self._is_weighted else None
         if weights is not None:
             weights = _weights_as_ids(weights, self._id_dtype)
@@ -304,6 +320,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                                               lengths[ki * n:(ki + 1) * n], output_size=ids.numel())
                 counts = torch.bincount(owner * n + bag, minlength=self._W * n).view(self._W, n)
                 per_owner = counts.sum(1).tolist()
+                counts = counts.to(self._id_dtype)
                 starts = [0]
                 for c in per_owner:
                     starts.append(starts[-1] + c)
@@ -314,39 +331,46 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 buckets[j] = (counts, local_ids, w, starts)
             return buckets[j]
 
-        header = torch.tensor([n], dtype=self._id_dtype, device=values.device)
-        pieces: list[torch.Tensor] = []
+        heads: list[int] = []  # per destination: N, then the id count of each of its slots
+        parts: list[tuple[int, list[torch.Tensor]]] = []  # (head length, tensors) per destination
         ids_splits: list[int] = []
         for r in range(self._W):
             local = self.plan.local[r]
             if not local:
                 ids_splits.append(0)
                 continue
-            len_p, id_p, w_p = [], [], []
-            n_ids = 0
+            len_p, id_p, w_p, cnt = [], [], [], []
             for ls in local:
                 j, ki = ls.slot, key_index[ls.slot]
                 if slots[j].kind == "row_wise":
                     counts, local_ids, w, starts = bucket(j)
                     len_p.append(counts[r])
                     id_p.append(local_ids[starts[r]:starts[r + 1]])
-                    n_ids += starts[r + 1] - starts[r]
+                    cnt.append(starts[r + 1] - starts[r])
                     if w is not None:
                         w_p.append(w[starts[r]:starts[r + 1]])
                 else:
                     len_p.append(lengths[ki * n:(ki + 1) * n])
                     id_p.append(values[opk[ki]:opk[ki + 1]])
-                    n_ids += opk[ki + 1] - opk[ki]
+                    cnt.append(opk[ki + 1] - opk[ki])
                     if weights is not None:
                         w_p.append(weights[opk[ki]:opk[ki + 1]])
-            pieces += [header, *len_p, *id_p, *w_p]
-            ids_splits.append(1 + len(local) * n + n_ids * (2 if weights is not None else 1))
+            heads += [n, *cnt]
+            parts.append((1 + len(local), [*len_p, *id_p, *w_p]))
+            ids_splits.append(1 + len(local) * (1 + n) + sum(cnt) * (2 if weights is not None else 1))
         send = self._ch_ids.send_buffer((sum(ids_splits),), self._id_dtype)
-        if pieces:
+        if parts:
+            head = torch.tensor(heads, dtype=self._id_dtype)
+            if values.is_cuda:  # host ints to the device without blocking the host
+                head = head.pin_memory().to(values.device, non_blocking=True)
+            pieces, at = [], 0
+            for k, r_parts in parts:
+                pieces += [head[at:at + k], *r_parts]
+                at += k
             if send.device == values.device:
-                torch.cat(pieces, out=send)  # converts to the message dtype on the way
+                torch.cat(pieces, out=send)
             else:
-                send.copy_(torch.cat([p.to(self._id_dtype) for p in pieces]))
+                send.copy_(torch.cat(pieces))
         return _Batch(kjt, key_index, send, ids_splits)
 
     def _post_input(self, b: _Batch) -> None:
@@ -365,16 +389,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
             starts = [0]
             for c in rsplits:
                 starts.append(starts[-1] + c)
-            ns = recv[torch.tensor(starts[:-1], device=recv.device)].tolist()
+            # Every source's head [N, id count per slot], read on the host in one go.
+            head = torch.cat([recv[st:st + 1 + S] for st in starts[:-1]]).view(W, 1 + S).tolist()
+            ns = [h[0] for h in head]
+            cnt = [[head[p][1 + s] for p in range(W)] for s in range(S)]  # [S][W]
             lens, id_lo = [], []
             for p in range(W):
-                lo = starts[p] + 1
+                lo = starts[p] + 1 + S
                 lens.append(recv[lo:lo + S * ns[p]].view(S, ns[p]))
                 id_lo.append(lo + S * ns[p])
             lengths = torch.cat(lens, 1)  # [S, sum(ns)]: slot-major, then source rank, then sample
-            # ids per (slot, source) in one sync; reorder ids from (source, slot) to (slot, source)
-            # so that the bags of one slot are contiguous.
-            cnt = torch.stack([c.sum(1) for c in lengths.split(ns, 1)], 1).tolist()  # [S][W]
+            # Reorder ids from (source, slot) to (slot, source) so that the bags of one slot are
+            # contiguous.
             n_tot = sum(ns)
             id_start = []  # per source, per slot: first id in recv
             for p in range(W):
@@ -474,6 +500,8 @@ def shard(ebc, plan="table_wise", group=None, bound: int = 4, **kwargs
     configs = as_configs(ebc.embedding_bag_configs())
     first = state.get(f"embedding_bags.{configs[0].name}.weight")
     kwargs.setdefault("dtype", first.dtype if first is not None else torch.float32)
+    if first is not None and first.device.type != "meta":
+        kwargs.setdefault("device", first.device)  # a collection on a GPU shards onto it
     is_weighted = getattr(ebc, "is_weighted", None)
     kwargs.setdefault("is_weighted", bool(is_weighted()) if callable(is_weighted) else False)
     out = ShardedEmbeddingBagCollection(configs, plan, group, bound, _init=False, **kwargs)
