@@ -39,7 +39,9 @@ def _load_f32_bytes(ptr, mask):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+# N and num_indices change with every batch: specialising on them (== 1, % 16) would recompile
+# the kernel mid-run whenever a batch happens to hit a new case.
+@triton.jit(do_not_specialize=["N", "num_indices"])
 def pooled_gather_kernel(
     weights_ptr,
     meta_ptr,
