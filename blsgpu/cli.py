@@ -374,6 +374,13 @@ def _cmd_run(args, parser) -> int:
         print(f"wrote {args.plot}")
     if args.trace:
         print(f"wrote torch.profiler traces to {args.trace}/ (open in chrome://tracing or Perfetto)")
+    if args.device == "cuda":
+        staged = sorted({t for r in doc["runs"] for t in r["transport"] if t != "nccl"})
+        if staged:
+            print(f"the channels ran over {', '.join(staged)}, not NCCL: the GPU path was not "
+                  f"used (install CuPy with NCCL: pip install 'blsgpu[cuda12]' or "
+                  f"'blsgpu[cuda13]')", file=sys.stderr)
+            return 1
     return 0 if doc["exact"] else 1
 
 

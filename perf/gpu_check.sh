@@ -158,6 +158,11 @@ step pytest_gpu 260 "$PY" -m pytest tests/test_gpu.py tests/test_lookup.py tests
   -m "gpu or multigpu" -v -rs \
   -p no:cacheprovider --timeout 90 --junitxml="$OUTDIR/pytest_gpu.xml"
 
+# 3b. The main job on the GPU: DLRM inference under torchrun, one rank (NCCL to itself), sync and
+#     BLS on the same batches; it fails unless predictions are identical and the channels ran NCCL.
+step dlrm_cuda 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m blsgpu run --device cuda --iterations 30 --warmup 3 --delay exp:5 --no-progress
+
 # 4. The exchange benchmark on the GPU (W=1 NCCL vs BLS; local W=4 masking).
 step bench_gpu_exchange 170 "$PY" perf/bench_gpu_exchange.py --quick --out "$OUTDIR"
 
