@@ -378,7 +378,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     def _lookup(self, b: _Batch) -> None:
         """Waits for the batch's ids, pools them into the output send buffer, posts it."""
-        recv, rsplits = b.h_ids.wait()
+        # The host reads the head of these ids next: wait for them on the host (on a GPU that
+        # counts the time as waiting for data, not as this rank's work).
+        recv, rsplits = b.h_ids.wait(blocking=True)
         W, S, D = self._W, len(self._local), self._local_dim[self._rank]
         n_me = b.kjt.stride()
         if S == 0:
