@@ -307,29 +307,32 @@ class ShardedEmbeddingBagCollection(nn.Module):
         opk = kjt.offset_per_key()
         slots = self.plan.slots
         # Row-wise features: ids bucketed by owner (stable, so bag order survives), shifted to
-        # local rows; per owner the per-bag counts and the id range.
+        # local rows; per owner the per-bag counts and the id range. Counted with index_add_
+        # (bincount reads its input's range on the host) and every slot's id count per owner read
+        # on the host in one go.
         buckets: dict[int, tuple] = {}
-
-        def bucket(j: int):
-            if j not in buckets:
+        row_wise = sorted({ls.slot for local in self.plan.local for ls in local
+                           if slots[ls.slot].kind == "row_wise"})
+        if row_wise:
+            found = []
+            for j in row_wise:
                 s, ki = slots[j], key_index[j]
                 ids = values[opk[ki]:opk[ki + 1]]
                 owner = torch.div(ids, s.block, rounding_mode="floor")
-                perm = torch.argsort(owner, stable=True)
                 bag = torch.repeat_interleave(torch.arange(n, device=ids.device),
                                               lengths[ki * n:(ki + 1) * n], output_size=ids.numel())
-                counts = torch.bincount(owner * n + bag, minlength=self._W * n).view(self._W, n)
-                per_owner = counts.sum(1).tolist()
-                counts = counts.to(self._id_dtype)
+                counts = torch.zeros(self._W * n, dtype=torch.int64, device=ids.device)
+                counts.index_add_(0, owner.long() * n + bag, torch.ones_like(bag))
+                found.append((j, ki, s, ids, owner, counts.view(self._W, n)))
+            per_owner = torch.stack([c.sum(1) for *_, c in found]).tolist()
+            for (j, ki, s, ids, owner, counts), sums in zip(found, per_owner, strict=True):
                 starts = [0]
-                for c in per_owner:
+                for c in sums:
                     starts.append(starts[-1] + c)
+                perm = torch.argsort(owner, stable=True)
                 local_ids = ids[perm] - owner[perm] * s.block
-                w = None
-                if weights is not None:
-                    w = weights[opk[ki]:opk[ki + 1]][perm]
-                buckets[j] = (counts, local_ids, w, starts)
-            return buckets[j]
+                w = None if weights is None else weights[opk[ki]:opk[ki + 1]][perm]
+                buckets[j] = (counts.to(self._id_dtype), local_ids, w, starts)
 
         heads: list[int] = []  # per destination: N, then the id count of each of its slots
         parts: list[tuple[int, list[torch.Tensor]]] = []  # (head length, tensors) per destination
@@ -343,7 +346,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             for ls in local:
                 j, ki = ls.slot, key_index[ls.slot]
                 if slots[j].kind == "row_wise":
-                    counts, local_ids, w, starts = bucket(j)
+                    counts, local_ids, w, starts = buckets[j]
                     len_p.append(counts[r])
                     id_p.append(local_ids[starts[r]:starts[r + 1]])
                     cnt.append(starts[r + 1] - starts[r])
