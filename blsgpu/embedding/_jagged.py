@@ -54,9 +54,11 @@ def _lengths_from_offsets(offsets: torch.Tensor, n_values: int, what: str) -> to
 
 
 def _check_lengths(lengths: torch.Tensor, n_values: int, what: str) -> None:
-    if lengths.numel() and bool((lengths < 0).any()):
+    low, total = 0, 0
+    if lengths.numel():  # one read on the host (one sync on a GPU)
+        low, total = torch.stack([lengths.min().long(), lengths.sum().long()]).tolist()
+    if low < 0:
         raise ValueError(f"{what}: lengths must be non-negative")
-    total = int(lengths.sum().item()) if lengths.numel() else 0
     if total != n_values:
         raise ValueError(f"{what}: lengths sum to {total} but there are {n_values} values")
 
