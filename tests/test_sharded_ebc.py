@@ -120,6 +120,26 @@ def test_int64_id_messages_equal_unsharded():
                 torch.testing.assert_close(fwd, ref, atol=1e-6, rtol=1e-5)
 
 
+def _profiled_body(rank, world):
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    sebc = ShardedEmbeddingBagCollection(TABLES, "table_wise", bound=1, seed=3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for k in range(2):
+            sebc(_batch(rank, k, False, n=2))
+        sebc.close()  # inside the profile: the last sends complete before it stops
+    return sorted({e.name for e in prof.events() if e.name.startswith("blsgpu.")})
+
+
+def test_profiler_shows_the_lookup_between_the_exchanges():
+    for names in run_world(2, _profiled_body):
+        for k in (0, 1):
+            assert f"blsgpu.lookup[ebc_pooled:{k}]" in names, names
+            for what in ("post", "wait", "release"):
+                assert f"blsgpu.{what}[ebc_ids:{k}]" in names, names
+                assert f"blsgpu.{what}[ebc_pooled:{k}]" in names, names
+
+
 # ---------------------------------------------------------------- state dict
 
 

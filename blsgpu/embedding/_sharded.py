@@ -32,6 +32,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from blsgpu._exchange import BoundedLagAllToAll
 from blsgpu._lookup import QuantizedTable, pooled_lookup
+from blsgpu._trace import span
 from blsgpu.embedding._collection import check_features, init_weight, offsets_of
 from blsgpu.embedding._config import as_configs
 from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt
@@ -432,20 +433,25 @@ class ShardedEmbeddingBagCollection(nn.Module):
             dev = self._device
             out = send.view(n_tot, D) if send.device == dev else torch.empty(
                 n_tot, D, dtype=self._comm_dtype, device=dev)
-            for s0, s1, pooling in self._runs:
-                tables = [self.embedding_bags[self.plan.slots[ls.slot].table].table()
-                          for ls in self._local[s0:s1]]
-                c0 = self._local[s0].col
-                c1 = self._local[s1 - 1].col + self.plan.slots[self._local[s1 - 1].slot].dim
-                i0, i1 = slot_ids[s0], slot_ids[s1]
-                offs = offsets[s0 * n_tot:s1 * n_tot + 1]
-                pooled_lookup(tables, ids[i0:i1], offs - i0 if i0 else offs,
-                              per_sample_weights=None if weights is None else weights[i0:i1],
-                              pooling=pooling, out=out[:, c0:c1], validate=False)
+            with span("lookup", self._ch_out.name, b.h_ids.iteration):
+                self._pool(ids, offsets, weights, slot_ids, n_tot, out)
             if out.data_ptr() != send.data_ptr():
                 send.view(n_tot, D).copy_(out)
         recv_splits = [n_me * self._local_dim[r] for r in range(W)]
         b.h_out = self._ch_out.exchange(send, [x * D for x in ns], recv_splits)
+
+    def _pool(self, ids, offsets, weights, slot_ids, n_tot, out) -> None:
+        """The fused lookup of every local slot run, straight into `out` (the send buffer)."""
+        for s0, s1, pooling in self._runs:
+            tables = [self.embedding_bags[self.plan.slots[ls.slot].table].table()
+                      for ls in self._local[s0:s1]]
+            c0 = self._local[s0].col
+            c1 = self._local[s1 - 1].col + self.plan.slots[self._local[s1 - 1].slot].dim
+            i0, i1 = slot_ids[s0], slot_ids[s1]
+            offs = offsets[s0 * n_tot:s1 * n_tot + 1]
+            pooled_lookup(tables, ids[i0:i1], offs - i0 if i0 else offs,
+                          per_sample_weights=None if weights is None else weights[i0:i1],
+                          pooling=pooling, out=out[:, c0:c1], validate=False)
 
     def _assemble(self, b: _Batch) -> KeyedTensor:
         recv, _ = b.h_out.wait()
