@@ -324,6 +324,13 @@ class BoundedLagAllToAll:
             send.data_ptr() == slot_bytes.data_ptr()
         ):
             slot = send  # filled in place through send_buffer()
+        elif send.device == slot_bytes.device and nbytes and (
+            send.untyped_storage().data_ptr() == slot_bytes.untyped_storage().data_ptr()
+        ):
+            raise ValueError(
+                "send is a view into the channel's send buffer that does not start at it (or is "
+                "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
+            )
         else:
             slot = slot_bytes[:nbytes].view(send.dtype).view(send.shape)
             slot.copy_(send)

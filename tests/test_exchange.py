@@ -461,6 +461,21 @@ def _send_buffer_body(rank, w):
         return outs, a2a.stats()["bytes_sent"]
 
 
+def _send_buffer_misuse_body(rank, w):
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        buf = a2a.send_buffer((w + 1, 3), torch.float32)
+        buf.fill_(float(rank))
+        with pytest.raises(ValueError, match="does not start at it"):
+            a2a.exchange(buf[1:], [1] * w)  # offset into the ring: refused, nothing sent
+        prefix, _ = a2a.exchange(buf[:w], [1] * w).wait()  # a prefix is posted in place
+        return prefix[:, 0].tolist()
+
+
+def test_send_buffer_offset_views_are_refused_prefixes_work():
+    for got in run_world(2, _send_buffer_misuse_body):
+        assert got == [0.0, 1.0]
+
+
 def test_send_buffer_is_posted_without_copy():
     results = run_world(2, _send_buffer_body)
     for outs, sent in results:
