@@ -82,10 +82,9 @@ def _kjt(batch: Batch, device: torch.device):
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
-    if device.type == "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    from blsgpu.embedding._jagged import to_device  # noqa: PLC0415 (the embedding layer loads lazily)
+
+    return to_device(t, device)
 
 
 class DLRM(nn.Module):

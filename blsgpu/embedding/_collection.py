@@ -10,7 +10,7 @@ from torch import nn
 
 from blsgpu._lookup import pooled_lookup
 from blsgpu.embedding._config import as_configs, embedding_names
-from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt
+from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
 
 
 def init_weight(config, index: int, seed: int | None, dtype: torch.dtype,
@@ -47,8 +47,9 @@ def check_features(kjt: KeyedJaggedTensor, features: list[str], rows: dict[str, 
         if not checked:  # the ids there are belong to keys no table reads
             ok = True
         elif values.is_cuda:  # one pass and one sync for all ids
-            per_key = _to_device([opk[i + 1] - opk[i] for i, _ in checked], values.device)
-            limits = _to_device([rows[k] for _, k in checked], values.device)
+            per_key = to_device(torch.tensor([opk[i + 1] - opk[i] for i, _ in checked]),
+                                values.device)
+            limits = to_device(torch.tensor([rows[k] for _, k in checked]), values.device)
             ids = torch.cat([values[opk[i]:opk[i + 1]] for i, _ in checked])
             limits = limits.repeat_interleave(per_key, output_size=ids.numel())
             ok = not bool(((ids < 0) | (ids >= limits)).any())
@@ -62,11 +63,6 @@ def check_features(kjt: KeyedJaggedTensor, features: list[str], rows: dict[str, 
                     raise ValueError(f"feature {k!r}: id {int(seg[bad[0, 0]])} is out of range "
                                      f"[0, {rows[k]})")
     return [index[f] for f in features]
-
-
-def _to_device(ints: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints on a GPU without blocking the host (through pinned memory)."""
-    return torch.tensor(ints).pin_memory().to(device, non_blocking=True)
 
 
 _UNSIGNED = {torch.int64: np.uint64, torch.int32: np.uint32}

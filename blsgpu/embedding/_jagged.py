@@ -39,6 +39,14 @@ def _check_1d(name: str, t, *, integer: bool) -> torch.Tensor:
     return t
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor goes to a GPU through pinned memory, without blocking the
+    host (the pinned copy stays alive until the transfer is done: torch's host allocator sees to it)."""
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _lengths_from_offsets(offsets: torch.Tensor, n_values: int, what: str) -> torch.Tensor:
     if offsets.numel() == 0:
         raise ValueError(f"{what}: offsets must have at least one element (a leading 0)")

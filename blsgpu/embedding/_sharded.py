@@ -35,7 +35,7 @@ from blsgpu._lookup import QuantizedTable, pooled_lookup
 from blsgpu._trace import span
 from blsgpu.embedding._collection import check_features, init_weight, offsets_of
 from blsgpu.embedding._config import as_configs
-from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt
+from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
 from blsgpu.embedding._plan import make_plan
 
 _COMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -364,9 +364,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             ids_splits.append(1 + len(local) * (1 + n) + sum(cnt) * (2 if weights is not None else 1))
         send = self._ch_ids.send_buffer((sum(ids_splits),), self._id_dtype)
         if parts:
-            head = torch.tensor(heads, dtype=self._id_dtype)
-            if values.is_cuda:  # host ints to the device without blocking the host
-                head = head.pin_memory().to(values.device, non_blocking=True)
+            head = to_device(torch.tensor(heads, dtype=self._id_dtype), values.device)
             pieces, at = [], 0
             for k, r_parts in parts:
                 pieces += [head[at:at + k], *r_parts]
