@@ -35,11 +35,16 @@ def backend_bound() -> int:
     return _int("BLSGPU_BOUND", 4)
 
 
+MAX_TIMEOUT_S = 1e9  # about 30 years: as good as forever, and still a finite wait for gloo
+
+
 def default_timeout() -> timedelta:
     """Timeout of a channel when none is given (default 300 s)."""
     seconds = _float("BLSGPU_TIMEOUT_S", 300.0)
-    if not 0 < seconds <= 1e9:  # also refuses nan and inf
-        raise ValueError(f"BLSGPU_TIMEOUT_S={seconds!r} must be positive and at most 1e9 s")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise ValueError(
+            f"BLSGPU_TIMEOUT_S={seconds!r} must be positive and at most {MAX_TIMEOUT_S:.0e} s"
+        )
     return timedelta(seconds=seconds)
 
 

@@ -42,7 +42,6 @@ from blsgpu._trace import span
 from blsgpu._transport import DATA, HEADER, GlooTransport
 
 MAX_BOUND = 4096
-MAX_TIMEOUT_S = 1e9  # about 30 years: as good as forever, and still a finite wait for gloo
 _MAX_TRAILING_DIMS = 6
 _HEADER_LEN = 16
 _MAGIC = 0x424C5331  # "BLS1"
@@ -198,9 +197,9 @@ class BoundedLagAllToAll:
         self.timeout_s = (
             timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         )
-        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        if not 0 < self.timeout_s <= _env.MAX_TIMEOUT_S:  # also refuses nan and inf
             raise ValueError(
-                f"timeout must be positive and at most {MAX_TIMEOUT_S:.0e} s, got {timeout!r}"
+                f"timeout must be positive and at most {_env.MAX_TIMEOUT_S:.0e} s, got {timeout!r}"
             )
         self.bound = bound
         self.device = torch.device(device) if device is not None else None
@@ -742,7 +741,7 @@ def _prefix(splits: list[int]) -> list[int]:
 def _make_transport(kind: str, group: Any, device: torch.device | None):
     if kind not in ("auto", "gloo", "nccl", "local"):
         raise ValueError(f"transport must be 'auto', 'gloo', 'nccl' or 'local', got {kind!r}")
-    if group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(
             "this rank is not a member of the group (dist.new_group returned NON_GROUP_MEMBER): "
             "only the group's ranks create its channels"
