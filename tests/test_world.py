@@ -99,3 +99,34 @@ def test_a_dead_rank_is_named_first_and_the_survivors_verdicts_follow():
     with pytest.raises(RankError, match="rank 0 died with exit code 7") as info:
         run_world(3, _dies_before_gather, timeout_s=60)
     assert "meanwhile on the other ranks" not in str(info.value)  # survivors returned normally
+
+
+def _late_between_runs(rank, w, cfg):
+    from blsgpu.dlrm import runner  # noqa: PLC0415
+
+    original = runner._barrier
+
+    def barrier(name, cfg):
+        if rank == 1 and name == "sync:0 end":
+            time.sleep(4 * cfg.timeout_s)  # silent outside any exchange, between two runs
+        return original(name, cfg)
+
+    runner._barrier = barrier
+    t0 = time.monotonic()
+    try:
+        runner.run_rank(rank, w, cfg)
+    except PeerError as e:
+        return e.peer, e.channel, time.monotonic() - t0
+    return "finished"
+
+
+def test_the_dlrm_runner_names_a_rank_silent_between_runs():
+    from blsgpu.dlrm import BenchConfig  # noqa: PLC0415
+
+    cfg = BenchConfig(world_size=2, bounds=(1,), iterations=3, warmup=0, batch=4,
+                      embedding_sizes=(20, 20), mlp_bot=(13, 4), mlp_top=(4, 1), delay="none",
+                      timeout_s=1.5)
+    results = run_world(2, _late_between_runs, cfg, timeout_s=60, return_exceptions=True)
+    peer, channel, elapsed = results[0]
+    assert peer == 1 and channel == "barrier 'sync:0 end'", channel
+    assert elapsed < 4 * cfg.timeout_s

@@ -44,10 +44,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from blsgpu import _provenance, sim
+from blsgpu import _provenance, _world, sim
 from blsgpu._trace import span
 from blsgpu.delays import DelayModel, sleep_schedule
 from blsgpu.dlrm.data import Batch, SyntheticCriteo
@@ -248,6 +247,12 @@ class Progress:
         return min(done[: self.world_size]), done[self.world_size]
 
 
+def _barrier(name: str, cfg: BenchConfig) -> None:
+    """Between runs: bounded by the channels' timeout, a rank that does not come is named
+    (PeerError), as a silent peer of an exchange is."""
+    _world.barrier(name, cfg.timeout_s)
+
+
 def _blocked_s(model: DLRM) -> float:
     return sum(s["waiting_for_data_s"] + s["blocked_on_bound_s"] for s in model.stats().values())
 
@@ -321,12 +326,12 @@ class _Rank:
         K = cfg.iterations
         if cfg.warmup:
             self._loop(model, bound, K, cfg.warmup, [], None)  # past the timed iterations
-        dist.barrier()
+        _barrier(f"{label}:{self.repeat} start", cfg)
         with span("run", label, self.repeat):
             out = self._loop(model, bound, 0, K, delays, run_index)
         stats = model.stats()
         model.close()
-        dist.barrier()
+        _barrier(f"{label}:{self.repeat} end", cfg)
         preds = out.pop("preds")
         if self.reference is None:
             self.reference = preds
@@ -402,10 +407,9 @@ def _run_all(me: _Rank, cfg: BenchConfig, rank: int, world_size: int):
                     if model.kind == "skew":
                         # skew scales the compute of one iteration: the slowest rank's mean busy
                         # time without delays, agreed once (not per iteration).
-                        t = torch.tensor([float(np.mean(runs["none"]["busy_s"])) * 1e3],
-                                         dtype=torch.float64)
-                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                        base_ms = float(t)
+                        mine = float(np.mean(runs["none"]["busy_s"])) * 1e3
+                        base_ms = max(_world.all_gather_object("skew base_ms", mine,
+                                                               cfg.timeout_s))
                     schedule = model.schedule(world_size, K, cfg.seed, base_ms=base_ms)
                 runs[label] = me.run(label, run_index, schedule[rank].tolist())
             run_index += 1
