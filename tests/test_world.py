@@ -123,9 +123,18 @@ def _late_between_runs(rank, w, cfg):
 def test_the_dlrm_runner_names_a_rank_silent_between_runs():
     from blsgpu.dlrm import BenchConfig  # noqa: PLC0415
 
-    cfg = BenchConfig(world_size=2, bounds=(1,), iterations=3, warmup=0, batch=4,
-                      embedding_sizes=(20, 20), mlp_bot=(13, 4), mlp_top=(4, 1), delay="none",
-                      timeout_s=1.5)
+    cfg = BenchConfig(
+        world_size=2,
+        bounds=(1,),
+        iterations=3,
+        warmup=0,
+        batch=4,
+        embedding_sizes=(20, 20),
+        mlp_bot=(13, 4),
+        mlp_top=(4, 1),
+        delay="none",
+        timeout_s=1.5,
+    )
     results = run_world(2, _late_between_runs, cfg, timeout_s=60, return_exceptions=True)
     peer, channel, elapsed = results[0]
     assert peer == 1 and channel == "barrier 'sync:0 end'", channel
