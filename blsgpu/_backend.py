@@ -1,12 +1,16 @@
 """The torch.distributed backend "bls": async all_to_all_single runs through a BLS channel.
 
-After ``dist.init_process_group("bls")``, ``dist.all_to_all_single(out, inp, out_splits, in_splits,
-async_op=True)`` posts one iteration of a channel and returns a Work whose ``wait()`` fills ``out``.
-CPU tensors go through a gloo channel; CUDA tensors through an NCCL channel on that device (the GPU
-path: CuPy's NCCL bindings, stream-ordered hand-off, device lag counters). Everything else typical
-inference code calls (barrier, all_reduce, broadcast, all_gather, blocking all_to_all_single, ...)
-delegates to an inner group: gloo for CPU tensors, torch's NCCL for CUDA tensors (created on the first
-CUDA call). The lag bound comes from BLSGPU_BOUND (default 4): a backend is built by
+After ``dist.init_process_group("bls")`` (no ``import blsgpu`` needed: the package's entry point
+registers the backend when torch is imported, see _autoload.py), ``dist.all_to_all_single(out, inp,
+out_splits, in_splits, async_op=True)`` posts one iteration of a channel and returns a Work whose
+``wait()`` fills ``out``; so does the functional ``all_to_all_single`` (always async). CPU tensors go
+through a gloo channel; CUDA tensors through an NCCL channel on that device (the GPU path: CuPy's NCCL
+bindings, stream-ordered hand-off, device lag counters). Everything else (barrier, all_reduce,
+broadcast, all_gather, all_gather_into_tensor, reduce_scatter_tensor, blocking all_to_all_single,
+monitored_barrier, ...) runs on an inner backend registered on the group per device, as torch
+registers a built-in group's: gloo for CPU tensors, torch's NCCL for CUDA tensors. That registration
+also carries the group's name, which functional collectives, init_device_mesh and TorchRec resolve
+the group by. The lag bound comes from BLSGPU_BOUND (default 4): a backend is built by
 torch.distributed, where no argument reaches.
 """
 
@@ -19,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from blsgpu import _env
+from blsgpu import _autoload, _env
 
-BACKEND_NAME = "bls"
+BACKEND_NAME = _autoload.BACKEND_NAME
 
 
 class _BLSWork(dist.Work):
@@ -60,12 +64,24 @@ class BLSProcessGroup(dist.ProcessGroup):
     def __init__(self, store, rank: int, world_size: int, timeout: timedelta):
         super().__init__(rank, world_size)
         self._store = store
+        self._timeout = timeout
+        self._channels: dict[str, Any] = {}
+        # The inner backends are registered on the group itself, per device, as torch registers a
+        # built-in group's: torch keeps the group's name in them (group_name, hence functional
+        # collectives, init_device_mesh and TorchRec's ShardingEnv), and every collective torch
+        # routes by device (all_gather_into_tensor, reduce_scatter_tensor, monitored_barrier, ...)
+        # finds gloo for CPU tensors and NCCL for CUDA ones.
         self.gloo = dist.ProcessGroupGloo(
             dist.PrefixStore("blsgpu/gloo", store), rank, world_size, timeout
         )
-        self._nccl = None  # torch's NCCL group for CUDA tensors, created on first use
-        self._timeout = timeout
-        self._channels: dict[str, Any] = {}
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.gloo)
+        self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        self._nccl = None  # torch's NCCL group for CUDA tensors
+        if dist.is_nccl_available() and torch.cuda.is_available():
+            try:
+                self.inner_for(torch.device("cuda"))  # registered now; NCCL connects on first use
+            except Exception:  # CPU use goes on; the first CUDA collective retries and raises
+                self._nccl = None
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
@@ -101,6 +117,10 @@ class BLSProcessGroup(dist.ProcessGroup):
             self._channels[key] = ch
         return ch
 
+    def channel_stats(self) -> dict[str, dict[str, Any]]:
+        """stats() of every channel created so far, by device ("cpu", "cuda:0"); creates none."""
+        return {key: ch.stats() for key, ch in self._channels.items()}
+
     def inner_for(self, device: torch.device):
         """The backend that runs every other operation for tensors on `device`."""
         if device.type == "cpu":
@@ -118,6 +138,11 @@ class BLSProcessGroup(dist.ProcessGroup):
             self._nccl = dist.ProcessGroupNCCL(
                 dist.PrefixStore("blsgpu/nccl", self._store), self.rank(), self.size(), opts
             )
+            self._register_backend(
+                torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, self._nccl
+            )
+            if self.group_name:  # registered after torch named the group: NCCL gets the name too
+                self._set_group_name(self.group_name)
         return self._nccl
 
     def _inner(self, *tensors):
@@ -211,14 +236,5 @@ def _device_of(tensors: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _create(store, rank: int, world_size: int, timeout: timedelta) -> BLSProcessGroup:
-    return BLSProcessGroup(store, rank, world_size, timeout)
-
-
-def _register() -> None:
-    if BACKEND_NAME.upper() not in dist.Backend._plugins:
-        dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
-
-
-if dist.is_available():
-    _register()
+# `import blsgpu` registers "bls" too (where torch's autoload is off): the same registration.
+_autoload.register()
