@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from blsgpu.delays import ACCEPTED as DELAY_FORMS
@@ -132,8 +133,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_int_at_least(0, "--seed"), default=d["seed"],
                    help="seed of the weights, the batches and the delays")
     g.add_argument("--timeout-s", type=_int_at_least(1, "--timeout-s"), default=900,
-                   help="give up on a world that has not finished after this long; a peer "
-                        "silent for min(this, 300) s fails its exchange")
+                   help="give up on a local world that has not finished after this long "
+                        "(under torchrun: the process group's timeout); a peer silent for "
+                        "min(this, 300) s fails its exchange or barrier, naming it")
     if p.prog.endswith("bench"):
         g.add_argument("--bounds", type=_int_list("--bounds", 0, MAX_BOUND), default=d["bounds"],
                        help=f"one BLS run per bound B (default {d['bounds']})")
@@ -360,7 +362,8 @@ def _cmd_run(args, parser) -> int:
         finally:
             bar.close()
     else:
-        results = _run_torchrun(cfg, rank, world, local, total, labels, not args.no_progress)
+        results = _run_torchrun(cfg, rank, world, local, total, labels, not args.no_progress,
+                                args.timeout_s)
         if results is None:
             return 0
     doc = runner.analyse(cfg, results, flags=_flags(args))
@@ -384,11 +387,19 @@ def _cmd_run(args, parser) -> int:
     return 0 if doc["exact"] else 1
 
 
-def _run_torchrun(cfg, rank: int, world: int, local: int, total: int, labels, show: bool):
-    """One rank of a torchrun job: init, run, gather every rank's result once on rank 0."""
+def _run_torchrun(cfg, rank: int, world: int, local: int, total: int, labels, show: bool,
+                  timeout_s: float):
+    """One rank of a torchrun job: init, run, gather every rank's result once on rank 0.
+
+    Every blocking step is bounded: the process group has the user's timeout, and the start, the
+    barriers between runs and the final gather go through the rendezvous store (served by the
+    launcher) with the channels' timeout, so a rank that died or fell silent there is named on
+    every rank that waits for it (PeerError), as a silent peer of an exchange is.
+    """
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
+    from blsgpu import _world  # noqa: PLC0415
     from blsgpu.dlrm import runner  # noqa: PLC0415
 
     if cfg.device == "cuda":
@@ -397,17 +408,24 @@ def _run_torchrun(cfg, rank: int, world: int, local: int, total: int, labels, sh
         # Launchers that give each process only its own GPU make LOCAL_RANK exceed the count.
         torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
     backend = "cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    timeout = timedelta(seconds=timeout_s)
+    # The rendezvous init_process_group would do, kept in hand for the control collectives.
+    store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    store.set_timeout(timeout)
+    _world.set_control_store(store, rank, world)
+    _world.barrier("start", cfg.timeout_s)  # names a rank that never came
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
+                            world_size=world, timeout=timeout)
     try:
         bar = _RankBar(total, labels, show and rank == 0)
         try:
             result = runner.run_rank(rank, world, cfg, bar if rank == 0 else None)
         finally:
             bar.close()
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(result, gathered, dst=0)
+        gathered = _world.gather_object("results", result, cfg.timeout_s, dst=0)
     finally:
         dist.destroy_process_group()
+        _world.set_control_store(None)
     return gathered if rank == 0 else None
 
 
