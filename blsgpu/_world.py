@@ -59,17 +59,21 @@ class _PrefixWriter(io.TextIOBase):
 
 _control_store: dist.Store | None = None
 _control_seq = 0
+_control_rank: tuple[int, int] | None = None
 
 
-def set_control_store(store: dist.Store | None) -> None:
+def set_control_store(store: dist.Store | None, rank: int | None = None,
+                      world_size: int | None = None) -> None:
     """The store that barrier / gather_object / all_gather_object use in this process.
 
     run_world's ranks and the CLI under torchrun set it to their rendezvous store (whose server
     lives in the launcher, so it answers while a rank is stopped). Without one, the default process
-    group's store is used.
+    group's store is used. rank and world_size default to the default group's (give them to use
+    the control collectives before init_process_group).
     """
-    global _control_store, _control_seq
+    global _control_store, _control_seq, _control_rank
     _control_store = None if store is None else dist.PrefixStore("blsgpu", store)
+    _control_rank = None if rank is None else (rank, world_size)
     _control_seq = 0
 
 
@@ -89,9 +93,12 @@ def _post(name: str, payload: bytes) -> tuple[dist.Store, str, int, int]:
     store = _store()
     _control_seq += 1
     prefix = f"{_control_seq}:{name}"
-    rank = dist.get_rank()
+    if _control_rank is not None:
+        rank, world_size = _control_rank
+    else:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     store.set(f"{prefix}/{rank}", payload)
-    return store, prefix, rank, dist.get_world_size()
+    return store, prefix, rank, world_size
 
 
 def _await(store: dist.Store, prefix: str, rank: int, world_size: int, what: str,
@@ -154,7 +161,7 @@ def _child(rank, world_size, port, backend, timeout_s, fn, args, results, releas
         store = dist.TCPStore(
             "127.0.0.1", port, world_size + 1, False, timedelta(seconds=timeout_s)
         )
-        set_control_store(store)
+        set_control_store(store, rank, world_size)
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
