@@ -50,23 +50,41 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _lengths_from_offsets(offsets: torch.Tensor, n_values: int, what: str) -> torch.Tensor:
     if offsets.numel() == 0:
         raise ValueError(f"{what}: offsets must have at least one element (a leading 0)")
-    first, last = offsets[0].item(), offsets[-1].item()
+    # One read on the host (one sync on a GPU).
+    first, last, low, high = torch.stack(
+        [offsets[0], offsets[-1], offsets.min(), offsets.max()]
+    ).long().tolist()
     if first != 0:
         raise ValueError(f"{what}: offsets must start at 0, got {first}")
     if last != n_values:
         raise ValueError(f"{what}: offsets end at {last} but there are {n_values} values")
+    if low < 0 or high > n_values:
+        # Also keeps the differences below from wrapping around (int64 offsets near 2**63).
+        raise ValueError(f"{what}: offsets must lie in [0, {n_values}] (the number of values), "
+                         f"got values in [{low}, {high}]")
     lengths = offsets[1:] - offsets[:-1]
     if lengths.numel() and bool((lengths < 0).any()):
         raise ValueError(f"{what}: offsets must be non-decreasing")
     return lengths
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _check_lengths(lengths: torch.Tensor, n_values: int, what: str) -> None:
-    low, total = 0, 0
+    low, high, total = 0, 0, 0
     if lengths.numel():  # one read on the host (one sync on a GPU)
-        low, total = torch.stack([lengths.min().long(), lengths.sum().long()]).tolist()
+        low, high, total = torch.stack(
+            [lengths.min().long(), lengths.max().long(), lengths.sum().long()]
+        ).tolist()
     if low < 0:
         raise ValueError(f"{what}: lengths must be non-negative")
+    # No bag can hold more than all the values; and int64 lengths whose sum wraps past 2**63
+    # could otherwise add up to len(values) (their offsets then go negative).
+    if high > n_values:
+        raise ValueError(f"{what}: a length of {high} but there are only {n_values} values")
+    if high * lengths.numel() > _INT64_MAX:  # the int64 sum may have wrapped: add exactly
+        total = sum(lengths.tolist())
     if total != n_values:
         raise ValueError(f"{what}: lengths sum to {total} but there are {n_values} values")
 
