@@ -57,6 +57,12 @@ class HostCounters:
             self.peer_posted[peer] = max(self.peer_posted[peer], k + 1)
             self.peer_released[peer] = max(self.peer_released[peer], released)
 
+    def learn_all(self, k: int, released: list[int]) -> None:
+        """Every peer's header for iteration k arrived; `released[p]` is what peer p reported."""
+        with self.cond:
+            self.peer_posted = [max(n, k + 1) for n in self.peer_posted]
+            self.peer_released = list(map(max, self.peer_released, released))
+
     def lag(self) -> int:
         """Iterations this rank has posted that the slowest peer has not (as its headers told).
 

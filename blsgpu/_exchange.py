@@ -1,45 +1,49 @@
-"""The BLS engine: a bounded-lag alltoallv channel over a transport (design.md, "The contract").
+"""The BLS engine: a bounded-lag alltoallv channel over a transport (docs/design.md, "The contract").
 
-Iteration k on a rank:
-  exchange(k)  checks its arguments, waits until the sends of iteration k-B-1 are delivered (so at
-               most B+1 send slots exist), copies `send` into slot k % (B+1) of the send ring (no copy
-               when the caller filled `send_buffer()`), then posts one fixed-size header and one data
-               message per peer and the header receives. It never waits for peers' data.
-  progress     a per-channel thread (the CPU analogue of the GPU comm stream) takes posted iterations
-               in order: waits for each peer's header, sizes and posts the data receives from it,
-               waits for the data. Headers carry the split, dtype, trailing dims, the receiver's
-               expected split and the sender's release count, so mismatches are caught on both sides
-               of a pair before a byte of data lands in a buffer of the wrong size.
-  wait(k)      blocks (no spinning) until iteration k has arrived, then releases it.
+Iteration k on a rank costs at most two alltoalls of the transport, never a message per peer:
 
-A rank may post iteration k only after it released k-B-1; asking for more raises at once. Every pair
-matches its messages in order, so no rank finishes k before every peer released k-B-1.
+  exchange(k)  checks its arguments, copies `send` into slot k % (B+1) of the send ring (no copy
+               when the caller filled `send_buffer()`) and posts the MESSAGE alltoall of k: one
+               fixed-size header per peer (split, dtype, trailing dims, the receiver's expected
+               split, the sender's release count) and, where the transport allows it, the payload
+               behind it when it fits the channel's inline capacity. It never waits for peers.
+  process(k)   once the messages of k arrived: checks every header (a mismatch is caught on both
+               sides of a pair before a byte lands in a buffer of the wrong size), then either
+               gathers the inline payloads into the receive tensor, or, when any rank sent a
+               payload too large to inline (every rank sees every sender's flag, so all agree),
+               posts the DATA alltoall of k with exactly sized receives straight into it.
+               Done by a progress thread (the CPU analogue of the GPU comm stream) for iterations
+               posted ahead, or by the caller itself when it waits on one nobody took yet.
+  wait(k)      completes k (the data alltoall, if any), releases it, returns the tensor.
 
-The same code drives every transport (blsgpu/_transport.py lists what a transport offers). On a
-stream-ordered one (NCCL, or the in-process mode on a GPU) the progress thread waits for the headers
-only: it launches iteration k's data on the comm stream after the counters' device gate
-(released >= k-B), and wait(k) makes the caller's current stream wait for it instead of the host.
+A rank posts iteration k only after it released k-B-1; asking for more raises at once. Each kind's
+alltoalls complete in posting order on every rank, so no rank finishes k before every peer released
+k-B-1. On a stream-ordered transport (NCCL, or the in-process mode on a GPU) the data alltoall runs
+on the comm stream after the counters' device gate (released >= k-B), and wait(k) makes the caller's
+current stream wait for it instead of the host.
 """
 
 from __future__ import annotations
 
-import collections
+import itertools
 import math
 import operator
+import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from blsgpu import _env, _local
 from blsgpu._errors import BLSError, PeerError
 from blsgpu._trace import span
-from blsgpu._transport import DATA, HEADER, GlooTransport
+from blsgpu._transport import DATA, MESSAGE, GlooTransport
 
 MAX_BOUND = 4096
 _MAX_TRAILING_DIMS = 6
@@ -48,25 +52,77 @@ _MAGIC = 0x424C5331  # "BLS1"
 # Header fields (int64).
 _H_MAGIC, _H_CHANNEL, _H_ITER, _H_ROWS, _H_DTYPE, _H_NDIM = 0, 1, 2, 3, 4, 5
 _H_DIMS = 6  # .. 6 + _MAX_TRAILING_DIMS
-_H_RELEASED, _H_EXPECT, _H_INLINE = 12, 13, 14
+_H_RELEASED, _H_EXPECT, _H_INLINE, _H_SPILL = 12, 13, 14, 15
 _HEADER_BYTES = _HEADER_LEN * 8
-# Payloads up to this many bytes per peer ride in the header message (one message, no data
-# rendezvous) on transports that allow a receive longer than what arrives (gloo).
+# Per-peer payloads up to this many bytes ride behind the header (one alltoall per iteration) on
+# transports that allow a receive longer than what arrives (gloo).
 DEFAULT_INLINE_BYTES = 256 << 10
-_INLINE_BUDGET = 32 << 20  # per channel and direction, over all peers
+_INLINE_BUDGET = 32 << 20  # per channel and slot, over all peers
 
 _DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
     torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
 ]  # fmt: skip
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+_INT64_MAX = 2**63 - 1
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+_NO_BYTES = np.empty(0, dtype=np.uint8)
+_CACHED_VIEWS = 32  # per buffer: exact-length and typed views of its start, reused across iterations
+
+
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+class _Buffer:
+    """A growable byte buffer: its tensor, a numpy view when it is host memory, and cached views of
+    its start (an alltoall wants a tensor of exactly the bytes it moves; most iterations repeat
+    the sizes of an earlier one, and a view costs more than the lookup)."""
+
+    __slots__ = ("t", "np", "_cuts", "_typed")
+
+    def __init__(self) -> None:
+        self.t: torch.Tensor | None = None
+        self.np: np.ndarray | None = None
+        self._cuts: dict[int, torch.Tensor] = {}
+        self._typed: dict[tuple, torch.Tensor] = {}
+
+    def grow(self, nbytes: int, empty: Any) -> None:
+        # Geometric growth: a ring fed slowly growing batches does not reallocate each time.
+        size = max(nbytes, 64, 0 if self.t is None else 2 * self.t.numel())
+        self.t = empty((size,), torch.uint8)
+        self.np = self.t.numpy() if self.t.device.type == "cpu" else None
+        self._cuts.clear()
+        self._typed.clear()
+
+    def host(self, nbytes: int) -> np.ndarray:
+        """The numpy view of a host buffer of at least nbytes. Untouched pages cost nothing: only
+        the bytes messages use become resident."""
+        if self.t is None or self.t.numel() < nbytes:
+            self.grow(nbytes, _host_empty)
+        return self.np
+
+    def torch(self, nbytes: int) -> torch.Tensor:
+        cut = self._cuts.get(nbytes)
+        if cut is None:
+            if len(self._cuts) >= _CACHED_VIEWS:
+                self._cuts.clear()
+            cut = self._cuts[nbytes] = self.t[:nbytes]
+        return cut
+
+    def typed(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (dtype, shape)
+        view = self._typed.get(key)
+        if view is None:
+            if len(self._typed) >= _CACHED_VIEWS:
+                self._typed.clear()
+            nbytes = math.prod(shape) * dtype.itemsize
+            view = self._typed[key] = self.t[:nbytes].view(dtype).view(shape)
+        return view
 
 
 class BoundError(BLSError):
     """More than B+1 exchanges outstanding on a channel: wait() an older one first."""
-
-
-_INT64_MAX = 2**63 - 1
 
 
 def _as_splits(splits: Any, world_size: int, what: str) -> list[int]:
@@ -74,28 +130,36 @@ def _as_splits(splits: Any, world_size: int, what: str) -> list[int]:
         if splits.dim() != 1 or splits.dtype.is_floating_point or splits.is_complex():
             raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints")
         splits = splits.tolist()
-    if isinstance(splits, (str, bytes)):
+    if isinstance(splits, (str, bytes, Mapping, set, frozenset)):
+        # A dict would be read by its keys and a set in no particular order: never what was meant.
         raise TypeError(f"{what} must be a sequence of ints, got {type(splits).__name__}")
     try:
         items = list(splits)
     except TypeError as e:
         raise TypeError(f"{what} must be a sequence of ints, got {type(splits).__name__}") from e
-    out = []
-    for raw in items:
-        try:
-            # Integers only (Python, numpy, 0-d integer tensors): a float, even 2.0, is refused
-            # rather than truncated into a split that may still add up.
-            out.append(operator.index(raw))
-        except TypeError:
-            raise TypeError(f"{what} must hold integers, got {raw!r}") from None
+    try:
+        # Integers only (Python, numpy, 0-d integer tensors): a float, even 2.0, is refused rather
+        # than truncated into a split that may still add up.
+        out = [s if type(s) is int else operator.index(s) for s in items]
+    except TypeError:
+        bad = next(s for s in items if not _is_index(s))
+        raise TypeError(f"{what} must hold integers, got {bad!r}") from None
     if len(out) != world_size:
         raise ValueError(f"{what} has {len(out)} entries; it needs one per rank ({world_size})")
-    neg = [i for i, s in enumerate(out) if s < 0]
-    if neg:
+    if out and min(out) < 0:
+        neg = [i for i, s in enumerate(out) if s < 0]
         raise ValueError(f"{what} has negative entries at ranks {neg}: {out}")
     if sum(out) > _INT64_MAX:
         raise ValueError(f"{what} sum to {sum(out)}, more rows than an int64 counts")
     return out
+
+
+def _is_index(x: Any) -> bool:
+    try:
+        operator.index(x)
+        return True
+    except TypeError:
+        return False
 
 
 def _cause(exc: BaseException) -> str:
@@ -105,25 +169,36 @@ def _cause(exc: BaseException) -> str:
         return "connection closed: the peer process died or closed its channel"
     if "timed out" in low or "timeout" in low:
         return "timed out: the peer is silent"
+    if "abort" in low:
+        return "the channel was abandoned"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-@dataclass(eq=False)
 class _Iteration:
-    k: int
-    send: torch.Tensor  # slot view [n, *trailing], contiguous, on the transport's device
-    send_splits: list[int]
-    recv_splits: list[int] | None
-    out_device: torch.device
-    msg_in: torch.Tensor  # [W, header + inline bytes]: what each peer's header message fills
-    header_recvs: dict[int, Any]
-    send_works: list[tuple[int, Any]] = field(default_factory=list)
-    # Stream-ordered transports: the data receives that wait() hands to the caller's stream.
-    ready: list[tuple[int, Any]] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    result: tuple[torch.Tensor, list[int]] | None = None
-    error: BaseException | None = None
-    waited: bool = False
+    """One posted iteration: what its alltoalls read and write, and how far it got."""
+
+    __slots__ = ("k", "slot", "send_splits", "recv_splits", "row_bytes", "out_device", "msg_work",
+                 "queued", "claimed", "done", "data_work",
+                 "result", "error", "waited", "prev", "spill")
+
+    def __init__(self, k: int, slot: torch.Tensor, send_splits: list[int],
+                 recv_splits: list[int] | None, row_bytes: int, out_device: torch.device):
+        self.k = k
+        self.slot = slot  # [n, *trailing], contiguous, on the transport's device
+        self.send_splits = send_splits
+        self.recv_splits = recv_splits
+        self.row_bytes = row_bytes
+        self.out_device = out_device
+        self.msg_work: Any = None  # the MESSAGE alltoall (None in a world of one rank)
+        self.queued = False  # handed to the progress thread
+        self.claimed = False  # a thread took it to process
+        self.done = threading.Event()  # processed: result (or error) known, data posted if any
+        self.data_work: Any = None
+        self.result: tuple[torch.Tensor, list[int]] | None = None
+        self.error: BaseException | None = None
+        self.waited = False
+        self.prev: _Iteration | None = None  # processed before this one, on every rank alike
+        self.spill = False  # this rank sends a payload in the data alltoall
 
 
 class ExchangeHandle:
@@ -140,9 +215,9 @@ class ExchangeHandle:
         return self._it.k
 
     def done(self) -> bool:
-        """True once wait() will not block the host: the data arrived (or, on a stream-ordered
-        transport, the headers arrived and the data is on its way on the comm stream)."""
-        return self._it.done.is_set()
+        """True once wait() will not block the host for the headers (on a host transport: nor for
+        the data). Polling hands the iteration to the progress thread if nobody has it yet."""
+        return self._channel._poll(self._it)
 
     def wait(self, blocking: bool = False) -> tuple[torch.Tensor, list[int]]:
         """Block until iteration k arrived, release it, return (recv, recv_splits).
@@ -168,12 +243,12 @@ class BoundedLagAllToAll:
         device: where received tensors are returned (default: the device of each send tensor).
         transport: "gloo" (CPU), "nccl" (GPU, CuPy), "local" (the ranks of blsgpu._local.run_local)
             or "auto": local inside run_local, else nccl for a CUDA device when the GPU path is
-            available, else gloo.
+            available, else gloo. A transport object is used as it is (benchmarks, tests).
         timeout: how long a wait may last before a silent peer is declared failed.
         name: the channel's name in errors, stats and traces.
-        inline_bytes: per-peer payloads up to this size travel inside the header message (gloo
-            only; default min(256 KiB, 32 MiB / W)); the ranks agree on the smallest value asked.
-            0 turns it off. Ring buffers are allocated lazily, so memory is what messages use.
+        inline_bytes: per-peer payloads up to this size travel behind the header, in the same
+            alltoall (gloo only; default min(256 KiB, 32 MiB / W)); the ranks agree on the smallest
+            value asked. 0 turns it off. Untouched receive pages cost no memory.
     """
 
     def __init__(
@@ -201,36 +276,52 @@ class BoundedLagAllToAll:
             raise ValueError(
                 f"timeout must be positive and at most {_env.MAX_TIMEOUT_S:.0e} s, got {timeout!r}"
             )
+        if inline_bytes is not None and (
+            isinstance(inline_bytes, bool) or not isinstance(inline_bytes, int) or inline_bytes < 0
+        ):
+            raise ValueError(f"inline_bytes must be a non-negative int, got {inline_bytes!r}")
         self.bound = bound
         self.device = torch.device(device) if device is not None else None
-        self.transport = _make_transport(transport, group, self.device)
-        self.rank = self.transport.rank
-        self.world_size = self.transport.world_size
-        self.name = name or f"bls{self.transport.channel_id}"
-        # With a loopback transport the rank messages itself like any peer.
-        self._peers = [
-            p for p in range(self.world_size) if p != self.rank or self.transport.loopback
-        ]
-        connect = getattr(self.transport, "connect", None)
+        self.transport = _make_transport(transport, group, self.device, self.timeout_s)
+        tr = self.transport
+        self.rank = tr.rank
+        self.world_size = tr.world_size
+        self.name = name or f"bls{tr.channel_id}"
+        connect = getattr(tr, "connect", None)
         if connect is not None:  # NCCL: every pair connects now, within the timeout
             connect(self.timeout_s)
-        self._counters = self.transport.make_counters(self.world_size, self.rank, self.timeout_s)
-        self._slots: list[torch.Tensor | None] = [None] * (bound + 1)
+        self._counters = tr.make_counters(self.world_size, self.rank, self.timeout_s)
         self._inline = self._agree_inline_bytes(inline_bytes)
-        self._msg_out: list[torch.Tensor | None] = [None] * (bound + 1)
-        self._msg_in: list[torch.Tensor | None] = [None] * (bound + 1)
+        self._slot_written = getattr(tr, "slot_written", None)
+        # MESSAGE alltoall: a header (and room for an inline payload) from every peer, nothing
+        # from itself (a rank's own rows never travel; its header is known). Regions are all alike,
+        # so the received headers are one strided [W-1, 16] view of the buffer.
+        W, me, H = self.world_size, self.rank, _HEADER_BYTES
+        self._stride = H + self._inline
+        self._msg_out_sizes = [self._stride] * W
+        self._msg_out_sizes[me] = 0
+        self._msg_in_bytes = (W - 1) * self._stride
+        n = bound + 1
+        self._slots = [_Buffer() for _ in range(n)]  # send ring, on the transport's device
+        self._msg_in = [_Buffer() for _ in range(n)]  # host
+        self._msg_out = [_Buffer() for _ in range(n)]  # host
+        self._heads: dict[tuple, np.ndarray] = {}  # (dtype, trailing) -> this rank's header row
         self._records: dict[int, _Iteration] = {}
         self._next_k = 0
         self._next_wait = 0
         self._closed = False
         self._broken: BaseException | None = None
+        self._fail_lock = threading.Lock()
+        self._claim_lock = threading.Lock()
         self._warned_staging = False
         self._blocked_on_bound_s = 0.0
         self._waiting_for_data_s = 0.0
         self._bytes_sent = 0
         self._bytes_received = 0
-        self._queue: collections.deque[_Iteration] = collections.deque()
-        self._stop = False
+        # B=0 callers wait on each iteration right after posting it: they process it themselves
+        # (no thread hand-off). Iterations posted ahead go to the progress thread at once.
+        self._eager = bound > 0 or not tr.caller_may_receive
+        self._queue: queue.SimpleQueue[_Iteration | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._progress, name=f"blsgpu-{self.name}-r{self.rank}", daemon=True
         )
@@ -247,13 +338,13 @@ class BoundedLagAllToAll:
             self.close()
         else:
             # Do not mask the caller's error with a drain that may wait on the same broken peer.
-            self._shutdown()
+            self._shutdown(abandon=True)
 
     def send_buffer(self, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor in the send ring that the next `exchange()` posts without a copy.
 
-        Fill it (e.g. with `blsgpu.pooled_lookup(..., out=buf)`) and pass it as `send`. Waits, like
-        exchange(), until the slot's previous iteration was delivered.
+        Fill it (e.g. with `blsgpu.pooled_lookup(..., out=buf)`) and pass it as `send`. Like
+        exchange(), it raises BoundError when B+1 exchanges are outstanding.
         """
         self._check_usable()
         if dtype not in _DTYPE_CODE:
@@ -262,10 +353,8 @@ class BoundedLagAllToAll:
         if not shape or any(s < 0 for s in shape):
             raise ValueError(f"send_buffer shape must be non-empty and non-negative, got {shape}")
         self._check_bound(self._next_k)
-        self._reclaim_slot(self._next_k)
         nbytes = math.prod(shape) * dtype.itemsize
-        slot = self._slot_bytes(self._next_k, nbytes)
-        return slot[:nbytes].view(dtype).view(shape)
+        return self._slot(self._next_k, nbytes).typed(dtype, shape)
 
     def exchange(
         self,
@@ -275,125 +364,15 @@ class BoundedLagAllToAll:
     ) -> ExchangeHandle:
         """Post the next iteration: rows send[sum(send_splits[:p]) : ...] go to rank p.
 
-        Non-blocking: it returns once the messages are posted. Raises before anything is sent when
-        the arguments are wrong, when the channel is closed, or when B+1 exchanges are already
-        outstanding.
+        Non-blocking: it returns once the messages are posted, and `send` may be reused at once.
+        Raises before anything is sent when the arguments are wrong, when the channel is closed,
+        or when B+1 exchanges are already outstanding.
         """
         with span("post", self.name, self._next_k):
             return self._post(send, send_splits, recv_splits)
 
-    def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> ExchangeHandle:
-        self._check_usable()
-        if not isinstance(send, torch.Tensor):
-            raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
-        if send.dim() < 1:
-            raise ValueError("send must have at least one dimension (rows are split along dim 0)")
-        if send.dim() - 1 > _MAX_TRAILING_DIMS:
-            raise ValueError(
-                f"send has {send.dim() - 1} trailing dims; at most {_MAX_TRAILING_DIMS} supported"
-            )
-        if send.dtype not in _DTYPE_CODE:
-            raise TypeError(f"send dtype {send.dtype} is not supported by the exchange")
-        send_splits = _as_splits(send_splits, self.world_size, "send_splits")
-        if sum(send_splits) != send.shape[0]:
-            raise ValueError(
-                f"send_splits sum to {sum(send_splits)} but send has {send.shape[0]} rows (dim 0)"
-            )
-        if recv_splits is not None:
-            recv_splits = _as_splits(recv_splits, self.world_size, "recv_splits")
-            if recv_splits[self.rank] != send_splits[self.rank]:
-                raise ValueError(
-                    f"recv_splits[{self.rank}]={recv_splits[self.rank]} but this rank sends "
-                    f"send_splits[{self.rank}]={send_splits[self.rank]} rows to itself"
-                )
-        if send.is_cuda and self.transport.device.type != "cuda" and not self._warned_staging:
-            self._warned_staging = True
-            warnings.warn(
-                f"channel {self.name!r} runs on {self.transport.name}: its CUDA tensors are staged "
-                f"through host memory every iteration (the host waits for the copy). Create it with "
-                f"device='cuda' for the GPU path (transport 'auto' then picks NCCL).",
-                RuntimeWarning, stacklevel=3,
-            )
-        k = self._next_k
-        self._check_bound(k)
-        self._reclaim_slot(k)
-        nbytes = send.numel() * send.element_size()
-        slot_bytes = self._slot_bytes(k, nbytes)
-        if send.device == slot_bytes.device and send.is_contiguous() and nbytes and (
-            send.data_ptr() == slot_bytes.data_ptr()
-        ):
-            slot = send  # filled in place through send_buffer()
-        elif send.device == slot_bytes.device and nbytes and (
-            send.untyped_storage().data_ptr() == slot_bytes.untyped_storage().data_ptr()
-        ):
-            raise ValueError(
-                "send is a view into the channel's send buffer that does not start at it (or is "
-                "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
-            )
-        else:
-            slot = slot_bytes[:nbytes].view(send.dtype).view(send.shape)
-            slot.copy_(send)
-        out_device = self.device if self.device is not None else send.device
-
-        row_bytes = send.element_size() * math.prod(send.shape[1:])
-        i = k % (self.bound + 1)
-        msg_out = self._msg_ring(self._msg_out, i)
-        msg_in = self._msg_ring(self._msg_in, i)
-        dims = list(send.shape[1:]) + [0] * (_MAX_TRAILING_DIMS - (send.dim() - 1))
-        head = [_MAGIC, self.transport.channel_id, k, 0, _DTYPE_CODE[send.dtype], send.dim() - 1,
-                *dims, self._counters.released, -1, 0, 0]
-        rows = []
-        for p in range(self.world_size):
-            h = list(head)
-            h[_H_ROWS] = send_splits[p]
-            if recv_splits is not None:
-                h[_H_EXPECT] = recv_splits[p]
-            h[_H_INLINE] = int(p != self.rank and 0 < send_splits[p] * row_bytes <= self._inline)
-            rows.append(h)
-        msg_out.view(torch.int64)[:, :_HEADER_LEN].copy_(torch.tensor(rows, dtype=torch.int64))
-        it = _Iteration(
-            k=k,
-            send=slot,
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            out_device=out_device,
-            msg_in=msg_in,
-            header_recvs={},
-        )
-        flat = slot.reshape(-1).view(torch.uint8) if nbytes else None
-        offsets = _prefix(send_splits)
-        tr = self.transport
-        p = self.rank
-        try:
-            for p in self._peers:
-                it.header_recvs[p] = tr.irecv(msg_in[p], p, HEADER, k)
-            for p in self._peers:
-                nb = send_splits[p] * row_bytes
-                chunk = flat[offsets[p] * row_bytes : offsets[p] * row_bytes + nb] if nb else None
-                if rows[p][_H_INLINE]:
-                    msg_out[p, _HEADER_BYTES : _HEADER_BYTES + nb].copy_(chunk)
-                    message = msg_out[p, : _HEADER_BYTES + nb]
-                    it.send_works.append((p, tr.isend(message, p, HEADER, k)))
-                else:
-                    it.send_works.append((p, tr.isend(msg_out[p, :_HEADER_BYTES], p, HEADER, k)))
-                    if nb:
-                        it.send_works.append((p, tr.isend(chunk, p, DATA, k)))
-                if p != self.rank:
-                    self._bytes_sent += nb
-            tr.flush(HEADER, k)
-        except Exception as e:  # the transport refuses to post: that peer is gone
-            self._broken = self._peer_error(getattr(e, "peer", p), k, "posting", e)
-            raise self._broken from e
-        self._records[k] = it
-        self._next_k = k + 1
-        self._counters.post(k)
-        with self._counters.cond:
-            self._queue.append(it)
-            self._counters.cond.notify_all()
-        return ExchangeHandle(self, it)
-
     def stats(self) -> dict[str, Any]:
-        """Counters and times of this channel (design.md "Observable")."""
+        """Counters and times of this channel (docs/design.md, "Observable")."""
         c = self._counters
         extra = c.extra_stats()  # read outside the lock: device counters need no host sync
         with c.cond:
@@ -417,33 +396,435 @@ class BoundedLagAllToAll:
             }
 
     def close(self) -> None:
-        """Wait out every outstanding iteration and deliver every posted message, then stop.
+        """Wait out every outstanding iteration (so every posted message was delivered), then stop.
 
         Returns only once all this rank posted has reached its peers (or raises PeerError after the
         timeout), so a rank that finishes first never cuts a slower peer off.
         """
         if self._closed:
             return
+        clean = False
         try:
             if self._broken is None:
                 for k in range(self._next_wait, self._next_k):
-                    self._wait(self._records[k], False)
-                for k in sorted(self._records):
-                    self._wait_sends(self._records.pop(k), time.monotonic() + self.timeout_s)
+                    self._wait(self._records[k], True)
+                clean = True
         finally:
-            self._shutdown()
+            self._shutdown(abandon=not clean)
 
     # ----------------------------------------------------------------------------------------
-    # internals
+    # posting
 
-    def _shutdown(self) -> None:
+    def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> ExchangeHandle:
+        self._check_usable()
+        if not isinstance(send, torch.Tensor):
+            raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
+        if send.layout != torch.strided:
+            raise TypeError(f"send must be a dense (strided) tensor, got layout {send.layout}")
+        if send.device.type == "meta":
+            raise ValueError("send is on the meta device: it has no data to exchange")
+        if send.dim() < 1:
+            raise ValueError("send must have at least one dimension (rows are split along dim 0)")
+        if send.dim() - 1 > _MAX_TRAILING_DIMS:
+            raise ValueError(
+                f"send has {send.dim() - 1} trailing dims; at most {_MAX_TRAILING_DIMS} supported"
+            )
+        if send.dtype not in _DTYPE_CODE:
+            raise TypeError(f"send dtype {send.dtype} is not supported by the exchange")
+        W, me = self.world_size, self.rank
+        send_splits = _as_splits(send_splits, W, "send_splits")
+        if sum(send_splits) != send.shape[0]:
+            raise ValueError(
+                f"send_splits sum to {sum(send_splits)} but send has {send.shape[0]} rows (dim 0)"
+            )
+        if recv_splits is not None:
+            recv_splits = _as_splits(recv_splits, W, "recv_splits")
+            if recv_splits[me] != send_splits[me]:
+                raise ValueError(
+                    f"recv_splits[{me}]={recv_splits[me]} but this rank sends "
+                    f"send_splits[{me}]={send_splits[me]} rows to itself"
+                )
+        tr = self.transport
+        if send.is_cuda and tr.device.type != "cuda" and not self._warned_staging:
+            self._warned_staging = True
+            warnings.warn(
+                f"channel {self.name!r} runs on {tr.name}: its CUDA tensors are staged through "
+                f"host memory every iteration (the host waits for the copy). Create it with "
+                f"device='cuda' for the GPU path (transport 'auto' then picks NCCL).",
+                RuntimeWarning, stacklevel=3,
+            )
+        k = self._next_k
+        self._check_bound(k)
+        slot = self._fill_slot(k, send)
+        trailing = tuple(send.shape[1:])
+        row_bytes = send.element_size() * math.prod(trailing)
+        out_device = self.device if self.device is not None else send.device
+        it = _Iteration(k, slot, send_splits, recv_splits, row_bytes, out_device)
+        it.prev = self._records.get(k - 1)
+
+        # Per peer (this rank left out): rows, bytes, whether they ride behind the header.
+        nbs = [s * row_bytes for s in send_splits]
+        rows_p = send_splits[:me] + send_splits[me + 1 :]
+        nbs_p = nbs[:me] + nbs[me + 1 :]
+        cap = self._inline
+        if cap:
+            inline = [0 < nb <= cap for nb in nbs_p]
+            spill = bool(nbs_p) and max(nbs_p) > cap
+        else:
+            inline = [False] * (W - 1)
+            spill = any(nbs)  # every payload, its own rows too, travels in the data alltoall
+        it.spill = spill
+        head = self._head(send.dtype, trailing)
+
+        H, i = _HEADER_BYTES, k % (self.bound + 1)
+        sizes_p = [H + nb if il else H for nb, il in zip(nbs_p, inline, strict=True)]
+        total = sum(sizes_p)
+        out_buf = self._msg_out[i]
+        msg = out_buf.host(total)
+        uniform = len(set(sizes_p)) <= 1
+        if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
+            step = sizes_p[0] if sizes_p else H
+            table = msg[:total].reshape(W - 1, step)
+            hdr = table[:, :H].view(np.int64)
+        else:
+            hdr = np.empty((W - 1, _HEADER_LEN), dtype=np.int64)
+        hdr[:] = head
+        hdr[:, _H_ITER] = k
+        hdr[:, _H_ROWS] = rows_p
+        hdr[:, _H_RELEASED] = self._counters.released
+        if recv_splits is not None:
+            hdr[:, _H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
+        hdr[:, _H_INLINE] = inline
+        hdr[:, _H_SPILL] = spill
+        if any(inline):
+            src = self._slot(k, 0).np  # host bytes of the slot (gloo)
+            if uniform:
+                nb = nbs_p[0]
+                table[:me, H:] = src[: me * nb].reshape(me, nb)
+                after = me * nb + nbs[me]  # the peers after this rank follow its own rows
+                table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
+            else:
+                chunks = np.split(src[: sum(nbs)], list(itertools.accumulate(nbs))[:-1])
+                del chunks[me]
+                parts: list[np.ndarray] = [_NO_BYTES] * (2 * (W - 1))
+                parts[0::2] = hdr.view(np.uint8)
+                for q in range(W - 1):
+                    if inline[q]:
+                        parts[2 * q + 1] = chunks[q]
+                np.concatenate(parts, out=msg[:total])
+        in_sizes = sizes_p[:me] + [0] + sizes_p[me:]
+        if spill and self._slot_written is not None:
+            self._slot_written(k)  # stream-ordered: where the caller's stream finished the slot
+        in_buf = self._msg_in[i]
+        in_buf.host(self._msg_in_bytes)
+        if W > 1:
+            try:
+                it.msg_work = tr.alltoall(MESSAGE, k, in_buf.torch(self._msg_in_bytes),
+                                          self._msg_out_sizes,
+                                          out_buf.torch(total), in_sizes)
+            except Exception as e:  # the transport refuses to post: the channel is gone
+                raise self._fail(k, "posting", e) from e
+        self._bytes_sent += sum(nbs_p)
+        self._records[k] = it
+        self._next_k = k + 1
+        self._counters.post(k)
+        if self._eager:
+            it.queued = True
+            self._queue.put(it)
+        return ExchangeHandle(self, it)
+
+    def _fill_slot(self, k: int, send: torch.Tensor) -> torch.Tensor:
+        nbytes = send.numel() * send.element_size()
+        buf = self._slot(k, nbytes)
+        if not nbytes:
+            return send.new_empty(send.shape, device=buf.t.device)
+        same_device = send.device == buf.t.device
+        if same_device and send.is_contiguous() and send.data_ptr() == buf.t.data_ptr():
+            return send  # filled in place through send_buffer()
+        if same_device and send.untyped_storage().data_ptr() == buf.t.untyped_storage().data_ptr():
+            raise ValueError(
+                "send is a view into the channel's send buffer that does not start at it (or is "
+                "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
+            )
+        slot = buf.typed(send.dtype, tuple(send.shape))
+        slot.copy_(send)
+        return slot
+
+    def _slot(self, k: int, nbytes: int) -> _Buffer:
+        """Send slot k % (B+1), at least nbytes long, on the transport's device."""
+        buf = self._slots[k % (self.bound + 1)]
+        if buf.t is None or buf.t.numel() < nbytes:
+            # On the transport's device: NCCL reads the slot itself (a fused lookup can write
+            # straight into it through send_buffer()); gloo's is host memory.
+            buf.grow(nbytes, self.transport.empty)
+        return buf
+
+    def _head(self, dtype: torch.dtype, trailing: tuple[int, ...]) -> np.ndarray:
+        """This rank's header row for rows of (dtype, trailing dims); per-iteration fields 0."""
+        head = self._heads.get((dtype, trailing))
+        if head is None:
+            dims = list(trailing) + [0] * (_MAX_TRAILING_DIMS - len(trailing))
+            head = np.array([_MAGIC, self.transport.channel_id, 0, 0, _DTYPE_CODE[dtype],
+                             len(trailing), *dims, 0, -1, 0, 0], dtype=np.int64)
+            self._heads[(dtype, trailing)] = head
+        return head
+
+    def _check_bound(self, k: int) -> None:
+        outstanding = k - self._next_wait
+        if outstanding >= self.bound + 1:
+            raise BoundError(
+                f"channel {self.name!r} (rank {self.rank}): {outstanding} exchanges outstanding "
+                f"with bound B={self.bound}; wait() iteration {self._next_wait} before posting "
+                f"iteration {k}"
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # processing (progress thread, or the caller)
+
+    def _progress(self) -> None:
+        while True:
+            it = self._queue.get()
+            if it is None:
+                return
+            if self._claim(it):
+                self._process(it)
+
+    def _claim(self, it: _Iteration) -> bool:
+        with self._claim_lock:
+            if it.claimed:
+                return False
+            it.claimed = True
+            return True
+
+    def _poll(self, it: _Iteration) -> bool:
+        if not it.queued and not it.claimed:
+            it.queued = True
+            self._queue.put(it)
+        if not it.done.is_set():
+            return False
+        work = it.data_work
+        return work is None or self.transport.stream_ordered or work.is_completed()
+
+    def _process(self, it: _Iteration) -> None:
+        """Read the headers of iteration k; gather its inline payloads or post its data.
+
+        Strictly in iteration order (data alltoalls must be posted in one order on every rank):
+        a thread that takes k while another still processes k-1 waits for it first.
+        """
+        prev, it.prev = it.prev, None
+        if prev is not None:
+            prev.done.wait()
+        if self._broken is not None:
+            it.error = self._broken
+        else:
+            try:
+                with span("receive", self.name, it.k):
+                    self._receive(it)
+            except BaseException as e:  # handed to the waiting caller
+                it.error = e
+                if not isinstance(e, ValueError):
+                    self._broken = e
+        it.done.set()
+
+    def _receive(self, it: _Iteration) -> None:
+        k, tr, W, me, H = it.k, self.transport, self.world_size, self.rank, _HEADER_BYTES
+        slot, row_bytes = it.slot, it.row_bytes
+        trailing = tuple(slot.shape[1:])
+        head = self._head(slot.dtype, trailing)
+        if it.msg_work is not None:
+            try:
+                tr.wait_all(it.msg_work, self.timeout_s)
+            except Exception as e:
+                raise self._fail(k, "header", e) from e
+        # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer.
+        table = self._msg_in[k % (self.bound + 1)].np[: self._msg_in_bytes].reshape(
+            W - 1, self._stride)
+        hdr = table[:, :H].view(np.int64)
+        if W > 1 and ((hdr[:, :3] != (_MAGIC, tr.channel_id, k)).any()):
+            bad = int(np.flatnonzero((hdr[:, :3] != (_MAGIC, tr.channel_id, k)).any(axis=1))[0])
+            raise BLSError(
+                f"channel {self.name!r} (rank {me}): corrupt header from peer "
+                f"{bad + (bad >= me)} for iteration {k}: {hdr[bad, :3].tolist()}"
+            )
+        rows_p = hdr[:, _H_ROWS].tolist()
+        released = hdr[:, _H_RELEASED].tolist()
+        self._counters.learn_all(k, released[:me] + [self._counters.released] + released[me:])
+        rows = rows_p[:me] + [it.send_splits[me]] + rows_p[me:]
+        spill = it.spill or bool(hdr[:, _H_SPILL].any())
+        problems = self._check_headers(it, hdr, head, rows)
+        if problems:
+            # Complete the iteration so every rank stays in step, then say what disagreed.
+            if spill:
+                sizes = [rows[p] * (_row_bytes_of(hdr[p - (p > me)]) if p != me else row_bytes)
+                         for p in range(W)]
+                scratch = tr.empty((sum(sizes),), torch.uint8)
+                self._counters.gate(k, self.bound)
+                it.data_work = self._post_data(it, scratch, sizes)
+            it.error = ValueError(
+                f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
+            )
+            return
+
+        total = sum(rows)
+        if spill:
+            out = tr.empty((total * row_bytes,), torch.uint8)
+            self._counters.gate(k, self.bound)  # device gate (released >= k-B) before the data
+            it.data_work = self._post_data(it, out, [r * row_bytes for r in rows])
+        else:
+            out = torch.empty((total * row_bytes,), dtype=torch.uint8)
+            if total * row_bytes:
+                self._gather(it, out.numpy(), table, rows)
+        self._bytes_received += (total - rows[me]) * row_bytes
+        it.result = (out.view(slot.dtype).view((total, *trailing)), rows)
+
+    def _gather(self, it: _Iteration, out: np.ndarray, table: np.ndarray, rows: list[int]) -> None:
+        """Every peer's inline payload, and this rank's own rows, into `out` in rank order."""
+        me, W, H, rb = self.rank, self.world_size, _HEADER_BYTES, it.row_bytes
+        own = self._slot(it.k, 0).np
+        lo = sum(it.send_splits[:me]) * rb
+        n_me = rows[me] * rb
+        if len(set(rows)) == 1:  # balanced: three block copies
+            nb = n_me
+            out[: me * nb].reshape(me, nb)[:] = table[:me, H : H + nb]
+            out[me * nb : (me + 1) * nb] = own[lo : lo + nb]
+            out[(me + 1) * nb :].reshape(W - 1 - me, nb)[:] = table[me:, H : H + nb]
+            return
+        pieces = [table[q, H : H + r * rb] for q, r in enumerate(rows[:me] + rows[me + 1 :])]
+        pieces.insert(me, own[lo : lo + n_me])
+        np.concatenate(pieces, out=out)
+
+    def _check_headers(self, it: _Iteration, hdr: np.ndarray, head: np.ndarray,
+                       rows: list[int]) -> list[str]:
+        """What the peers' headers of this iteration contradict (empty: nothing)."""
+        W, me = self.world_size, self.rank
+        problems: list[str] = []
+        if W > 1 and (hdr[:, _H_DTYPE:_H_RELEASED] != head[_H_DTYPE:_H_RELEASED]).any():
+            for q in np.flatnonzero((hdr[:, _H_DTYPE:_H_RELEASED]
+                                     != head[_H_DTYPE:_H_RELEASED]).any(axis=1)).tolist():
+                dt, tr = _dtype_of(hdr[q]), _trailing_of(hdr[q])
+                problems.append(
+                    f"rank {q + (q >= me)} sends {dt} rows of shape {tr} but rank {me} exchanges "
+                    f"{it.slot.dtype} rows of shape {list(it.slot.shape[1:])}")
+        known = it.recv_splits
+        if known is not None and known != rows:
+            problems += [f"recv_splits[{p}]={known[p]} on rank {me} but rank {p} sends {rows[p]} "
+                         f"rows" for p in range(W) if known[p] != rows[p]]
+        expect = hdr[:, _H_EXPECT].tolist()
+        expect.insert(me, -1)
+        if expect != it.send_splits and max(expect) >= 0:
+            problems += [f"rank {p} expects {e} rows from rank {me} (its recv_splits) but rank "
+                         f"{me} sends send_splits[{p}]={it.send_splits[p]}"
+                         for p, e in enumerate(expect) if 0 <= e != it.send_splits[p]]
+        return problems
+
+    def _post_data(self, it: _Iteration, out: torch.Tensor, out_sizes: list[int]) -> Any:
+        nbytes = sum(it.send_splits) * it.row_bytes
+        inp = self._slot(it.k, 0).torch(nbytes) if nbytes else _EMPTY
+        try:
+            return self.transport.alltoall(DATA, it.k, out, out_sizes, inp,
+                                           [s * it.row_bytes for s in it.send_splits])
+        except Exception as e:
+            raise self._fail(it.k, "posting the data", e) from e
+
+    # ----------------------------------------------------------------------------------------
+    # waiting
+
+    def _wait(self, it: _Iteration, blocking: bool) -> tuple[torch.Tensor, list[int]]:
+        while self._next_wait <= it.k:
+            self._finish(self._records[self._next_wait], blocking and self._next_wait == it.k)
+        if it.error is not None:
+            raise it.error
+        assert it.result is not None
+        return it.result
+
+    def _finish(self, it: _Iteration, blocking: bool) -> None:
+        with span("wait", self.name, it.k):
+            t0 = time.monotonic()
+            try:
+                self._finish_inner(it, blocking)
+            finally:
+                self._waiting_for_data_s += time.monotonic() - t0
+                it.waited = True
+                del self._records[it.k]
+                with span("release", self.name, it.k):
+                    self._counters.release(it.k)
+                self._next_wait = it.k + 1
+
+    def _finish_inner(self, it: _Iteration, blocking: bool) -> None:
+        # An iteration nobody took yet is processed here: no thread hand-off (all of them at B=0).
+        if not it.done.is_set() and self.transport.caller_may_receive and self._claim(it):
+            self._process(it)
+        # Every transport wait inside is bounded by the timeout; this is a safety net.
+        if not it.done.wait(timeout=2 * self.timeout_s + 10.0):
+            it.error = BLSError(
+                f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
+            )
+            self._broken = it.error
+        work = it.data_work
+        if work is not None:
+            tr = self.transport
+            try:
+                if tr.stream_ordered:
+                    # The caller's stream waits for the data; the caching allocator keeps the
+                    # buffers for it. The host waits too only when asked.
+                    tr.order_all(work, self.timeout_s)
+                    if blocking:
+                        tr.wait_all(work, self.timeout_s)
+                else:
+                    tr.wait_all(work, self.timeout_s)
+            except Exception as e:
+                it.error = self._fail(it.k, "data", e)
+            it.data_work = None
+        self._counters.arrive(it.k)
+        if it.error is None and it.result is not None:
+            out, rows = it.result
+            if out.device != it.out_device:
+                it.result = (out.to(it.out_device), rows)
+        elif it.error is not None and not isinstance(it.error, ValueError):
+            self._broken = it.error
+
+    # ----------------------------------------------------------------------------------------
+    # failures and shutdown
+
+    def _fail(self, k: int, what: str, exc: BaseException) -> BaseException:
+        """The channel's first failure as a PeerError naming the peer (asking the transport when
+        the error does not say); later failures raise the same error again."""
+        with self._fail_lock:
+            if self._broken is not None:
+                return self._broken
+            grace = min(3.0, max(0.5, 0.25 * self.timeout_s))
+            peers, sure = self.transport.blame(k, exc, grace)
+            others = [p for p in range(self.world_size) if p != self.rank]
+            peer = peers[0] if peers else (others[0] if others else self.rank)
+            note = ""
+            if sure and len(peers) > 1:
+                note = f" (ranks {peers} did not report the failure either)"
+            elif not sure and not peers:
+                note = " (the failing peer could not be told apart)"
+            err = PeerError(
+                f"BLS channel {self.name!r} (rank {self.rank}): peer {peer} failed during iteration "
+                f"{k} ({what}): {_cause(exc)}{note}",
+                peer=peer, channel=self.name, iteration=k,
+            )
+            self._broken = err
+            return err
+
+    def _shutdown(self, abandon: bool) -> None:
+        if self._closed:
+            return
         self._closed = True
-        with self._counters.cond:
-            self._stop = True
-            self._counters.cond.notify_all()
-        if threading.current_thread() is not self._thread:
+        pending = abandon and any(not it.done.is_set() or it.data_work is not None
+                                  for it in self._records.values())
+        self._queue.put(None)
+        if pending:
+            # Cancel what is still posted on this channel's own connections: nothing else shares
+            # them, and the caller does not wait for a peer that may never come.
+            self.transport.abort()
+        elif threading.current_thread() is not self._thread:
             self._thread.join(timeout=1.0)
-        self.transport.close()
+        self._records.clear()
+        if not pending:
+            self.transport.close()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -457,288 +838,30 @@ class BoundedLagAllToAll:
             return 0
         if asked is None:
             asked = min(DEFAULT_INLINE_BYTES, _INLINE_BUDGET // max(self.world_size, 1))
-        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
-            raise ValueError(f"inline_bytes must be a non-negative int, got {asked!r}")
         asked -= asked % 8  # keeps every header in the ring 8-byte aligned
-        # A receive buffer must never be shorter than what arrives: all ranks use the smallest.
+        # A receive region must never be shorter than what arrives: all ranks use the smallest.
         return self.transport.agree_min(asked)
 
-    def _msg_ring(self, ring: list[torch.Tensor | None], i: int) -> torch.Tensor:
-        buf = ring[i]
-        if buf is None:
-            # Host memory on every transport: the engine reads headers on the host (the NCCL
-            # transport stages them through pinned memory). Untouched pages cost nothing: only
-            # the bytes messages use become resident.
-            buf = torch.empty((self.world_size, _HEADER_BYTES + self._inline), dtype=torch.uint8)
-            ring[i] = buf
-        return buf
 
-    def _check_bound(self, k: int) -> None:
-        outstanding = k - self._next_wait
-        if outstanding >= self.bound + 1:
-            raise BoundError(
-                f"channel {self.name!r} (rank {self.rank}): {outstanding} exchanges outstanding "
-                f"with bound B={self.bound}; wait() iteration {self._next_wait} before posting "
-                f"iteration {k}"
-            )
-
-    def _slot_bytes(self, k: int, nbytes: int) -> torch.Tensor:
-        i = k % (self.bound + 1)
-        slot = self._slots[i]
-        if slot is None or slot.numel() < nbytes:
-            # Grow geometrically so a ring fed slowly growing batches does not reallocate each time.
-            size = max(nbytes, 64, 0 if slot is None else slot.numel() * 2)
-            # On the transport's device: NCCL reads the slot itself (a fused lookup can write
-            # straight into it through send_buffer()); gloo's is host memory.
-            slot = self.transport.empty((size,), torch.uint8)
-            self._slots[i] = slot
-        return slot
-
-    def _reclaim_slot(self, k: int) -> None:
-        """Slot k % (B+1) last held iteration k-B-1: its sends must be delivered before reuse."""
-        old = self._records.get(k - self.bound - 1)
-        if old is None or not old.waited:
-            return
-        t0 = time.monotonic()
-        try:
-            # Stream-ordered: the caller's stream (which writes the slot) waits, not the host.
-            self._wait_sends(old, t0 + self.timeout_s, order=True)
-        finally:
-            self._blocked_on_bound_s += time.monotonic() - t0
-        del self._records[old.k]
-
-    def _wait_sends(self, it: _Iteration, deadline: float, order: bool = False) -> None:
-        done = self.transport.order if order else self.transport.wait
-        for p, work in it.send_works:
-            try:
-                done(work, deadline - time.monotonic())
-            except Exception as e:
-                err = self._peer_error(p, it.k, "delivery of this rank's messages", e)
-                self._broken = err
-                raise err from e
-        it.send_works.clear()
-
-    def _wait(self, it: _Iteration, blocking: bool) -> tuple[torch.Tensor, list[int]]:
-        while self._next_wait <= it.k:
-            self._finish(self._records[self._next_wait], blocking and self._next_wait == it.k)
-        if it.error is not None:
-            raise it.error
-        assert it.result is not None
-        return it.result
-
-    def _finish(self, it: _Iteration, blocking: bool) -> None:
-        with span("wait", self.name, it.k):
-            self._finish_inner(it, blocking)
-
-    def _finish_inner(self, it: _Iteration, blocking: bool) -> None:
-        t0 = time.monotonic()
-        # A caller about to block on an iteration the progress thread has not picked up yet
-        # receives it itself: one thread hand-off less per iteration (all of them at B=0). The
-        # thread takes iterations in order, so it is busy with none older than this one.
-        if self.transport.caller_may_receive:
-            with self._counters.cond:
-                stolen = bool(self._queue) and self._queue[0] is it
-                if stolen:
-                    self._queue.popleft()
-            if stolen:
-                self._run(it)
-        # The progress thread enforces the timeout on every transport wait; this is a safety net.
-        ok = it.done.wait(timeout=2 * self.timeout_s + 10.0)
-        if not ok:
-            it.error = BLSError(
-                f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
-            )
-            self._broken = it.error
-        elif it.error is None and self.transport.stream_ordered:
-            self._hand_over(it, blocking)
-        self._waiting_for_data_s += time.monotonic() - t0
-        it.waited = True
-        with span("release", self.name, it.k):
-            self._counters.release(it.k)
-        self._next_wait = it.k + 1
-        if it.error is not None and not isinstance(it.error, ValueError):
-            self._broken = it.error
-
-    def _hand_over(self, it: _Iteration, blocking: bool) -> None:
-        """Stream-ordered data: the caller's current stream waits for it (the host too if asked).
-
-        order() always runs: it also keeps the caching allocator from handing the receive buffer
-        to a later iteration while the caller's stream still reads it.
-        """
-        deadline = time.monotonic() + self.timeout_s
-        for p, work in it.ready:
-            try:
-                self.transport.order(work, deadline - time.monotonic())
-                if blocking:
-                    self.transport.wait(work, deadline - time.monotonic())
-            except Exception as e:
-                it.error = self._peer_error(getattr(e, "peer", p), it.k, "data", e)
-                self._broken = it.error
-                return
-        it.ready.clear()
-        out, rows = it.result
-        if out.device != it.out_device:
-            it.result = (out.to(it.out_device), rows)
-
-    def _peer_error(self, peer: int, k: int, what: str, exc: BaseException) -> PeerError:
-        return PeerError(
-            f"BLS channel {self.name!r} (rank {self.rank}): peer {peer} failed during iteration "
-            f"{k} ({what}): {_cause(exc)}",
-            peer=peer,
-            channel=self.name,
-            iteration=k,
-        )
-
-    def _post_recv(self, buf: torch.Tensor, peer: int, k: int):
-        try:
-            return self.transport.irecv(buf, peer, DATA, k)
-        except Exception as e:
-            raise self._peer_error(peer, k, "posting the data receive", e) from e
-
-    def _progress(self) -> None:
-        cond = self._counters.cond
-        while True:
-            with cond:
-                while not self._queue and not self._stop:
-                    cond.wait()
-                if self._stop and not self._queue:
-                    return
-                it = self._queue.popleft()
-            self._run(it)
-
-    def _run(self, it: _Iteration) -> None:
-        """Receive one iteration (on the progress thread, or on a caller that got there first)."""
-        if self._broken is not None:
-            it.error = self._broken
-        else:
-            try:
-                with span("receive", self.name, it.k):
-                    self._receive(it)
-            except BaseException as e:  # handed to the waiting caller
-                it.error = e
-                if not isinstance(e, ValueError):
-                    self._broken = e
-        self._counters.arrive(it.k)
-        it.done.set()
-
-    def _receive(self, it: _Iteration) -> None:
-        k, tr = it.k, self.transport
-        deadline = time.monotonic() + self.timeout_s
-        send = it.send
-        trailing = tuple(send.shape[1:])
-        row_bytes = send.element_size() * math.prod(trailing)
-        known = it.recv_splits
-        # Rows come from the headers (what peers really send), never from the caller's
-        # recv_splits: those are only checked, so a wrong one cannot size a buffer.
-        rows = [0] * self.world_size
-        rows[self.rank] = it.send_splits[self.rank]
-        problems: list[str] = []
-        scratch: list[torch.Tensor] = []
-        data_recvs: list[tuple[int, Any]] = []
-        pending: list[tuple[int, int]] = []  # (peer, rows) whose data receive waits for `out`
-        inline: list[tuple[int, int]] = []  # (peer, rows) whose payload came with the header
-        msg_in = it.msg_in
-
-        for p in self._peers:
-            try:
-                tr.wait(it.header_recvs[p], deadline - time.monotonic())
-            except Exception as e:
-                raise self._peer_error(p, k, "header", e) from e
-            h = msg_in[p, :_HEADER_BYTES].view(torch.int64).tolist()
-            if h[_H_MAGIC] != _MAGIC or h[_H_CHANNEL] != tr.channel_id or h[_H_ITER] != k:
-                raise BLSError(
-                    f"channel {self.name!r} (rank {self.rank}): corrupt header from peer {p} for "
-                    f"iteration {k}: {h[:3]}"
-                )
-            self._counters.learn(p, k, h[_H_RELEASED])
-            n = h[_H_ROWS]
-            code = h[_H_DTYPE]
-            p_dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else None
-            p_trailing = tuple(h[_H_DIMS : _H_DIMS + h[_H_NDIM]])
-            p_row_bytes = (p_dtype.itemsize if p_dtype else 1) * math.prod(p_trailing)
-            bad = False
-            if p_dtype != send.dtype or p_trailing != trailing:
-                problems.append(
-                    f"rank {p} sends {p_dtype} rows of shape {list(p_trailing)} but rank "
-                    f"{self.rank} exchanges {send.dtype} rows of shape {list(trailing)}"
-                )
-                bad = True
-            if known is not None and known[p] != n:
-                problems.append(
-                    f"recv_splits[{p}]={known[p]} on rank {self.rank} but rank {p} sends {n} rows"
-                )
-                bad = True
-            if h[_H_EXPECT] >= 0 and h[_H_EXPECT] != it.send_splits[p]:
-                problems.append(
-                    f"rank {p} expects {h[_H_EXPECT]} rows from rank {self.rank} (its recv_splits) "
-                    f"but rank {self.rank} sends send_splits[{p}]={it.send_splits[p]}"
-                )
-                bad = True
-            if bad:
-                # Drain the peer's bytes into scratch so its send completes; never post a receive
-                # smaller than what arrives (gloo aborts the process on that).
-                if n * p_row_bytes and not h[_H_INLINE]:
-                    buf = tr.empty((n * p_row_bytes,), torch.uint8)
-                    scratch.append(buf)
-                    data_recvs.append((p, self._post_recv(buf, p, k)))
-                rows[p] = 0
-                continue
-            rows[p] = n
-            if h[_H_INLINE]:
-                inline.append((p, n))
-            elif n * row_bytes:  # rows of zero bytes (a [n, 0] tensor) send no data message
-                pending.append((p, n))
-
-        out = tr.empty((sum(rows), *trailing), send.dtype)
-        out_bytes = out.reshape(-1).view(torch.uint8) if out.numel() else None
-        offsets = _prefix(rows)
-        for p, n in pending:
-            lo = offsets[p] * row_bytes
-            data_recvs.append((p, self._post_recv(out_bytes[lo : lo + n * row_bytes], p, k)))
-
-        for p, n in inline:
-            lo = offsets[p] * row_bytes
-            out_bytes[lo : lo + n * row_bytes] = msg_in[p, _HEADER_BYTES : _HEADER_BYTES + n * row_bytes]
-
-        # The device gate (released >= k-B) goes on the comm stream before the data is launched.
-        self._counters.gate(k, self.bound)
-        try:
-            tr.flush(DATA, k)
-        except Exception as e:
-            first = self._peers[0] if self._peers else self.rank
-            raise self._peer_error(getattr(e, "peer", first), k, "data", e) from e
-        if tr.stream_ordered:
-            it.ready = data_recvs  # wait() hands them to the caller's stream
-        else:
-            for p, work in data_recvs:
-                try:
-                    tr.wait(work, deadline - time.monotonic())
-                except Exception as e:
-                    raise self._peer_error(p, k, "data", e) from e
-        me = self.rank
-        self._bytes_received += sum(rows[p] for p in self._peers if p != me) * row_bytes
-
-        if rows[me] and not tr.loopback:
-            src = _prefix(it.send_splits)[me]
-            out[offsets[me] : offsets[me] + rows[me]] = send[src : src + rows[me]]
-        if problems:
-            raise ValueError(
-                f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
-            )
-        if out.device != it.out_device and not tr.stream_ordered:
-            out = out.to(it.out_device)  # stream-ordered: in wait(), once the data is there
-        it.result = (out, rows)
+def _dtype_of(row: np.ndarray) -> torch.dtype | None:
+    code = int(row[_H_DTYPE])
+    return _DTYPES[code] if 0 <= code < len(_DTYPES) else None
 
 
-def _prefix(splits: list[int]) -> list[int]:
-    out, acc = [], 0
-    for s in splits:
-        out.append(acc)
-        acc += s
-    return out
+def _trailing_of(row: np.ndarray) -> list[int]:
+    n = min(max(int(row[_H_NDIM]), 0), _MAX_TRAILING_DIMS)
+    return row[_H_DIMS : _H_DIMS + n].tolist()
 
 
-def _make_transport(kind: str, group: Any, device: torch.device | None):
+def _row_bytes_of(row: np.ndarray) -> int:
+    """Bytes per row that a peer sends, from its header (its dtype, its trailing dims)."""
+    dt = _dtype_of(row)
+    return (dt.itemsize if dt is not None else 1) * math.prod(_trailing_of(row))
+
+
+def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_s: float):
+    if not isinstance(kind, str) and hasattr(kind, "alltoall"):
+        return kind  # a transport object (blsgpu/_transport.py lists what it offers)
     if kind not in ("auto", "gloo", "nccl", "local"):
         raise ValueError(f"transport must be 'auto', 'gloo', 'nccl' or 'local', got {kind!r}")
     if group is dist.GroupMember.NON_GROUP_MEMBER:
@@ -760,7 +883,7 @@ def _make_transport(kind: str, group: Any, device: torch.device | None):
         from blsgpu import _nccl  # noqa: PLC0415 (CuPy and NCCL load only on the GPU path)
 
         return _nccl.NcclTransport(group, device)
-    return GlooTransport(group)
+    return GlooTransport(group, timeout_s)
 
 
 def _gpu_path_available() -> bool:

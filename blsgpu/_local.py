@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from blsgpu._counters import HostCounters
-from blsgpu._transport import DATA, HEADER
+from blsgpu._transport import DATA, HEADER, PointToPoint
 from blsgpu._world import RankError
 
 
@@ -152,7 +152,7 @@ class _Work:
     launched: bool = False
 
 
-class LocalTransport:
+class LocalTransport(PointToPoint):
     """The in-process transport of one channel of one rank (see the module docstring)."""
 
     name = "local"
@@ -210,14 +210,17 @@ class LocalTransport:
         if not 0 <= peer < self.world_size or (peer == self.rank and not self.loopback):
             raise ValueError(f"rank {self.rank} cannot message rank {peer}")
 
+    def slot_written(self, k: int) -> None:
+        """exchange(k) filled its send slot on the caller's current stream: mark where."""
+        if self.stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._slot_ready[k] = ev
+
     def flush(self, kind: int, k: int) -> None:
-        if kind == HEADER:
-            if self.stream is not None and k in self._sends:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.device))  # the caller wrote the slot
-                self._slot_ready[k] = ev
-            return
-        self._launch_data(k)
+        if kind == DATA:
+            self._launch_data(k)
+
 
     def _launch_data(self, k: int) -> None:
         sends = self._sends.pop(k, [])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blsgpu._transport import DATA, HEADER, _next_channel_id
+from blsgpu._transport import HEADER, PointToPoint, _next_channel_id, group_store
 
 INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
 
@@ -195,17 +195,6 @@ def uid_from_bytes(raw: bytes) -> Any:
     raise ValueError(f"not a serialized NCCL unique id (marker {kind!r})")
 
 
-def group_store(pg: Any) -> Any:
-    """The torch.distributed store of a process group (None: the default group)."""
-    c10d = dist.distributed_c10d
-    if pg is None or pg is c10d._get_default_group():
-        return c10d._get_default_store()
-    getter = getattr(c10d, "_get_process_group_store", None)
-    if getter is not None:
-        return getter(pg)
-    return c10d._world.pg_map[pg][1]
-
-
 def _make_comm(nccl: Any, store: Any, key: str, rank: int, world_size: int, index: int) -> Any:
     import cupy  # noqa: PLC0415
 
@@ -300,7 +289,7 @@ class TorchCuda:
         return DeviceCounters(world_size, rank, self.device, stream, timeout_s)
 
 
-class NcclTransport:
+class NcclTransport(PointToPoint):
     """NCCL point-to-point for one channel (see the module docstring)."""
 
     name = "nccl"
@@ -386,6 +375,11 @@ class NcclTransport:
         with self._cuda.use(self.data_stream):  # NCCL writes it on this stream: allocate here
             return self._cuda.empty(shape, dtype)
 
+    def slot_written(self, k: int) -> None:
+        """exchange(k) filled its send slot on the caller's current stream: the data group of k
+        waits for this event on the data stream."""
+        self._slot_ready[k] = self._cuda.record(self._cuda.current_stream())
+
     def isend(self, buf: torch.Tensor, peer: int, kind: int, k: int) -> _Work:
         return self._post(_Work(kind, k, peer, buf, True))
 
@@ -405,8 +399,6 @@ class NcclTransport:
         self._check()
         works = self._pending.pop((kind, k), [])
         if kind == HEADER:
-            if (DATA, k) in self._pending:  # data sends of k: the caller's stream wrote the slot
-                self._slot_ready[k] = self._cuda.record(self._cuda.current_stream())
             self._launch_headers(works)
         else:
             self._launch_data(k, works)
@@ -508,6 +500,9 @@ class NcclTransport:
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def abort(self) -> None:
+        self._abort(RuntimeError("the channel was abandoned (aborted)"))
 
     def _abort(self, err: BaseException) -> None:
         if self._error is None:

@@ -521,7 +521,7 @@ def fake_nccl(monkeypatch):
     built: dict = defaultdict(list)
     counters: dict = defaultdict(int)
 
-    def make(kind, group, device):
+    def make(kind, group, device, timeout_s):
         g = current_group()
         if kind != "nccl" or g is None:
             raise AssertionError("the fake only builds nccl channels inside run_local")
@@ -576,10 +576,11 @@ def test_nccl_transport_logic_over_fakes(fake_nccl, w, bound):
         assert stats["transport"] == "nccl"
         dev = stats["device"]
         assert (dev["posted"], dev["arrived"], dev["released"]) == (iters, iters, iters)
-        # One NCCL group per iteration on each communicator: headers always (loopback: even at
-        # W=1), data where any moves (the rest of the test data has zero rows); plus the one
-        # that connects every pair when the channel is created.
-        assert nccl.groups[("0/header", rank)] == iters + 1
+        # One NCCL group per iteration on each communicator: headers wherever there are peers
+        # (a rank's own header does not travel: none at W=1), data where any moves to or from
+        # this rank (the rest of the test data has zero rows); plus the one that connects every
+        # pair when the channel is created.
+        assert nccl.groups[("0/header", rank)] == (iters if w > 1 else 0) + 1
         assert nccl.groups[("0/data", rank)] == busy + 1
         t = built[rank][0]
         assert t._pending == {} and t._slot_ready == {}

@@ -1,0 +1,234 @@
+"""Host cost of the BLS engine per iteration: the real engine code over a transport that does no I/O.
+
+One rank of a world of W drives a channel over MirrorTransport: every alltoall completes when it is
+posted, and each peer "sends" this rank exactly what this rank sends it (balanced, symmetric
+splits), so headers check out and every byte the engine gathers is real. What is left is what the
+engine itself costs the host: argument checks, the send-slot copy, headers, the alltoall calls, the
+header checks, the gather of inline payloads (or the data alltoall), releases and counters.
+
+Times are CPU time of the thread that spends them (time.thread_time), so other load on the host
+does not inflate them. Reported per iteration, medians over --repeats runs of --iters iterations:
+  exchange_us  time inside exchange()
+  process_us   time processing iterations (headers, gather or data post): at B=0 the caller does
+               it inside wait(), at B>0 the progress thread (timed there)
+  wait_us      time inside wait() minus the processing it did itself
+  total_us     exchange + process + wait: the host time one iteration costs, whichever thread
+Payloads: --rows rows of --dim float32 per peer; "inline" fits the header alltoall, "spill"
+(--spill-rows) takes the data alltoall.
+
+Usage: python perf/bench_host_cost.py [--worlds 1,8,64] [--bounds 0,4] [--iters 2000] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import blsgpu
+from blsgpu import _exchange, _provenance
+from blsgpu._counters import HostCounters
+from blsgpu._transport import _Done
+
+NAME = "bench_host_cost"
+GOALS_US = {8: 60.0, 64: 250.0}  # total per iteration
+
+
+class MirrorTransport:
+    """A transport of W ranks whose alltoalls complete at once, peers mirroring this rank."""
+
+    name = "mirror"
+    device = torch.device("cpu")
+    stream_ordered = False
+    inline_ok = True
+    caller_may_receive = True
+
+    def __init__(self, world_size: int):
+        self.rank, self.world_size, self.channel_id = 0, world_size, 0
+
+    @staticmethod
+    def agree_min(value: int) -> int:
+        return value
+
+    @staticmethod
+    def make_counters(world_size: int, rank: int, timeout_s: float) -> HostCounters:
+        return HostCounters(world_size, rank)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    def alltoall(self, kind, k, out, out_sizes, inp, in_sizes):
+        # Rank 0's own part comes first in both buffers; every peer sends what it receives.
+        n0 = in_sizes[0]
+        out[:n0].copy_(inp[:n0])
+        if self.world_size > 1 and len(set(in_sizes[1:])) == 1 and len(set(out_sizes[1:])) == 1:
+            w1, s_in, s_out = self.world_size - 1, in_sizes[1], out_sizes[1]
+            dst = out[out_sizes[0] :].view(w1, s_out)[:, :s_in]
+            dst.copy_(inp[n0:].view(w1, s_in))
+        else:
+            o_in, o_out = n0, out_sizes[0]
+            for p in range(1, self.world_size):
+                out[o_out : o_out + in_sizes[p]].copy_(inp[o_in : o_in + in_sizes[p]])
+                o_in, o_out = o_in + in_sizes[p], o_out + out_sizes[p]
+        return _Done
+
+    @staticmethod
+    def wait_all(work, timeout_s):
+        pass
+
+    order_all = wait_all
+
+    @staticmethod
+    def blame(k, exc, grace_s):
+        return [], False
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+
+# CPU time of the calling thread: what the host spends, unaffected by other load on a shared box.
+_clock = time.thread_time
+
+
+class _Timed:
+    """Accumulates the time spent in the engine's _process on every thread."""
+
+    def __init__(self):
+        self.s = 0.0
+        self.lock = threading.Lock()
+        self.real = _exchange.BoundedLagAllToAll._process
+
+    def __call__(self, chan, it):
+        t0 = _clock()
+        try:
+            return self.real(chan, it)
+        finally:
+            with self.lock:
+                self.s += _clock() - t0
+
+
+def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool) -> dict:
+    timed = _Timed()
+    _exchange.BoundedLagAllToAll._process = lambda chan, it: timed(chan, it)
+    try:
+        a2a = blsgpu.BoundedLagAllToAll(bound=bound, transport=MirrorTransport(world_size),
+                                        timeout=60, name="host-cost")
+        send = torch.randn(rows * world_size, dim)
+        splits = [rows] * world_size
+        recv_splits = splits if known else None
+        handles = []
+        t_ex = t_wait = 0.0
+        for k in range(iters + bound):
+            if k < iters:
+                t0 = _clock()
+                handles.append(a2a.exchange(send, splits, recv_splits))
+                t_ex += _clock() - t0
+            if k >= bound:
+                t0 = _clock()
+                recv, _ = handles.pop(0).wait()
+                t_wait += _clock() - t0
+        a2a.close()
+        assert torch.equal(recv, send), "the mirror must deliver what was sent"
+    finally:
+        _exchange.BoundedLagAllToAll._process = timed.real
+    process = timed.s
+    if bound == 0:
+        t_wait -= process  # the caller processed every iteration inside wait()
+    return {"exchange_us": t_ex / iters * 1e6, "wait_us": t_wait / iters * 1e6,
+            "process_us": process / iters * 1e6,
+            "total_us": (t_ex + t_wait + process) / iters * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worlds", default="1,8,64")
+    ap.add_argument("--bounds", default="0,4")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=16, help="rows per peer (inline payloads)")
+    ap.add_argument("--spill-rows", type=int, default=4096, help="rows per peer (data alltoall)")
+    ap.add_argument("--dim", type=int, default=16, help="float32 columns per row")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    bounds = [int(b) for b in args.bounds.split(",")]
+    if min(worlds) < 1 or min(bounds) < 0 or args.iters < 1 or args.repeats < 1:
+        ap.error("worlds >= 1, bounds >= 0, iters and repeats >= 1")
+    torch.set_num_threads(1)
+    rows_out = []
+    for payload, rows in (("inline", args.rows), ("spill", args.spill_rows)):
+        for known in (False, True):
+            for w in worlds:
+                for b in bounds:
+                    if payload == "spill" and w > 8:
+                        continue  # big buffers at W=64 measure memcpy, not the engine
+                    iters = args.iters if payload == "inline" else max(args.iters // 10, 50)
+                    run_once(w, b, min(iters, 100), rows, args.dim, known)  # warm-up
+                    reps = [run_once(w, b, iters, rows, args.dim, known)
+                            for _ in range(args.repeats)]
+                    row = {"payload": payload, "splits": "known" if known else "exchanged",
+                           "world_size": w, "bound": b, "rows": rows, "dim": args.dim}
+                    for key in reps[0]:
+                        row[key] = statistics.median(r[key] for r in reps)
+                    row["goal_us"] = GOALS_US.get(w)
+                    rows_out.append(row)
+                    print(f"{payload:6} {row['splits']:9} W={w:3} B={b}: total "
+                          f"{row['total_us']:7.1f} us  (exchange {row['exchange_us']:6.1f}, "
+                          f"process {row['process_us']:6.1f}, wait {row['wait_us']:6.1f})",
+                          flush=True)
+    met = all(r["total_us"] <= r["goal_us"] for r in rows_out
+              if r["goal_us"] and r["payload"] == "inline")
+    summary = {"goals_us": GOALS_US, "goals_met_inline": met,
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "config": vars(args) | {"worlds": worlds, "bounds": bounds}}
+    machine, commit = _provenance.machine(), _provenance.commit()
+    records = [{"name": NAME, "provider": "bls", "metric": "host_us_per_iteration", "unit": "us",
+                "x": r["world_size"], "value": r["total_us"], "config": r, "machine": machine,
+                "commit": commit} for r in rows_out]
+    _provenance.write_report(args.out, NAME, {**summary, "machine": machine, "commit": commit},
+                             records, rows_out,
+                             None if args.no_plot else lambda p: _plot(rows_out, p))
+    return 0
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 (optional dependency)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for payload in ("inline", "spill"):
+        for splits in ("exchanged", "known"):
+            for b in sorted({r["bound"] for r in rows}):
+                sel = [r for r in rows if (r["payload"], r["splits"], r["bound"]) ==
+                       (payload, splits, b)]
+                if sel:
+                    ax.plot([r["world_size"] for r in sel], [r["total_us"] for r in sel],
+                            marker="o", label=f"{payload}, {splits}, B={b}")
+    goals = sorted(GOALS_US.items())
+    ax.scatter([w for w, _ in goals], [g for _, g in goals], marker="x", color="k", s=60,
+               label="goal", zorder=5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("world size W")
+    ax.set_ylabel("host time per iteration (us)")
+    ax.set_title("BLS engine host cost (no I/O)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
