@@ -356,7 +356,18 @@ def run_world(
     own = [r for r in seen if outcome[r][0] == "died"
            or (outcome[r][0] == "err" and remote.get(r) != "PeerError")]
     peer = [r for r in seen if remote.get(r) == "PeerError"]
-    first = (own or peer or seen)[0]
+    if not own and not peer:  # nobody failed: the world ran out of time (or of grace)
+        late = ", ".join(map(str, sorted(errors)))
+        status, _ = outcome[seen[0]]
+        many = len(errors) > 1
+        why = (f"did not finish within {timeout_s:g} s" if status == "timeout"
+               else f"{'were' if many else 'was'} still running {grace_s:g} s after another "
+               f"rank failed")
+        err = RankError(f"rank{'s' if many else ''} {late} {why} and {'were' if many else 'was'} "
+                        f"killed", seen[0])
+        err.others = {r: e for r, e in errors.items() if r != seen[0]}
+        raise err
+    first = (own or peer)[0]
     err = errors[first]
     others = {r: e for r, e in errors.items() if r != first}
     if others:

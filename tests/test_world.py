@@ -139,3 +139,13 @@ def test_the_dlrm_runner_names_a_rank_silent_between_runs():
     peer, channel, elapsed = results[0]
     assert peer == 1 and channel == "barrier 'sync:0 end'", channel
     assert elapsed < 4 * cfg.timeout_s
+
+
+def _sleeps(rank, w):
+    time.sleep(60)
+
+
+def test_a_world_out_of_time_names_every_late_rank_once():
+    with pytest.raises(RankError) as info:
+        run_world(2, _sleeps, timeout_s=3)
+    assert str(info.value) == "ranks 0, 1 did not finish within 3 s and were killed"
