@@ -1,9 +1,14 @@
 """Lag counters of one channel: posted / arrived / released iterations.
 
-On CPU they are host integers guarded by one condition variable. The GPU path keeps the same counters
-in device-visible memory too (blsgpu/_device_counters.py over kernels/lag_counters.cuh); the engine only
-calls the methods below, so both paths run the same protocol code. Every count is "how many
-iterations", so it is k+1 once iteration k is done.
+On CPU they are host integers. The GPU path keeps the same counters in device-visible memory too
+(blsgpu/_device_counters.py over kernels/lag_counters.cuh); the engine only calls the methods below,
+so both paths run the same protocol code. Every count is "how many iterations", so it is k+1 once
+iteration k is done.
+
+Each count has one writer (posted and released: the caller's thread; arrived and what peers
+reported: whichever thread processes the iteration, in iteration order), and a Python int
+assignment is atomic, so the hot path takes no lock; `lock` only makes stats() a consistent
+snapshot.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ class HostCounters:
     """Posted / arrived / released counts of one rank, plus what it learned of its peers."""
 
     def __init__(self, world_size: int, rank: int):
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.peers = [p for p in range(world_size) if p != rank]
         self.posted = 0
         self.arrived = 0
@@ -24,21 +29,21 @@ class HostCounters:
         # release count that peer reported in its latest header.
         self.peer_posted = [0] * world_size
         self.peer_released = [0] * world_size
+        self._peer_posted_min = 0
         self.max_lag = 0
 
     def post(self, k: int) -> None:
-        with self.cond:
-            self.posted = k + 1
-            self.max_lag = max(self.max_lag, self.lag())
+        self.posted = k + 1
+        lag = self.lag()
+        if lag > self.max_lag:
+            self.max_lag = lag
 
     def arrive(self, k: int) -> None:
-        with self.cond:
-            self.arrived = max(self.arrived, k + 1)
-            self.cond.notify_all()
+        if k + 1 > self.arrived:
+            self.arrived = k + 1
 
     def release(self, k: int) -> None:
-        with self.cond:
-            self.released = k + 1
+        self.released = k + 1
 
     def gate(self, k: int, bound: int) -> None:
         """Hold the comm stream before iteration k until `released` reaches k-B.
@@ -51,17 +56,15 @@ class HostCounters:
         """Counters beyond the host ones (the device copies on the GPU path); none here."""
         return {}
 
-    def learn(self, peer: int, k: int, released: int) -> None:
-        """Peer's header for iteration k arrived, reporting `released` iterations released there."""
-        with self.cond:
-            self.peer_posted[peer] = max(self.peer_posted[peer], k + 1)
-            self.peer_released[peer] = max(self.peer_released[peer], released)
-
     def learn_all(self, k: int, released: list[int]) -> None:
-        """Every peer's header for iteration k arrived; `released[p]` is what peer p reported."""
-        with self.cond:
-            self.peer_posted = [max(n, k + 1) for n in self.peer_posted]
+        """Every peer's header for iteration k arrived; `released[p]` is what peer p reported.
+
+        Iterations are processed in order, so k+1 is every peer's new posted count.
+        """
+        with self.lock:
+            self.peer_posted = [k + 1] * len(self.peer_posted)
             self.peer_released = list(map(max, self.peer_released, released))
+            self._peer_posted_min = k + 1
 
     def lag(self) -> int:
         """Iterations this rank has posted that the slowest peer has not (as its headers told).
@@ -72,7 +75,7 @@ class HostCounters:
         """
         if not self.peers:
             return 0
-        return self.posted - min(self.peer_posted[p] for p in self.peers)
+        return self.posted - self._peer_posted_min
 
     def min_peer_released(self) -> int:
         if not self.peers:

@@ -49,10 +49,12 @@ MAX_BOUND = 4096
 _MAX_TRAILING_DIMS = 6
 _HEADER_LEN = 16
 _MAGIC = 0x424C5331  # "BLS1"
-# Header fields (int64).
-_H_MAGIC, _H_CHANNEL, _H_ITER, _H_ROWS, _H_DTYPE, _H_NDIM = 0, 1, 2, 3, 4, 5
-_H_DIMS = 6  # .. 6 + _MAX_TRAILING_DIMS
-_H_RELEASED, _H_EXPECT, _H_INLINE, _H_SPILL = 12, 13, 14, 15
+# Header fields (int64). The first _H_FIXED must equal what the receiver expects of the iteration
+# (magic, channel, iteration, dtype, trailing dims): one comparison checks them all.
+_H_MAGIC, _H_CHANNEL, _H_ITER, _H_DTYPE, _H_NDIM = 0, 1, 2, 3, 4
+_H_DIMS = 5  # .. 5 + _MAX_TRAILING_DIMS
+_H_FIXED = _H_DIMS + _MAX_TRAILING_DIMS
+_H_ROWS, _H_RELEASED, _H_EXPECT, _H_SPILL = 11, 12, 13, 14
 _HEADER_BYTES = _HEADER_LEN * 8
 # Per-peer payloads up to this many bytes ride behind the header (one alltoall per iteration) on
 # transports that allow a receive longer than what arrives (gloo).
@@ -178,7 +180,7 @@ class _Iteration:
     """One posted iteration: what its alltoalls read and write, and how far it got."""
 
     __slots__ = ("k", "slot", "send_splits", "recv_splits", "row_bytes", "out_device", "msg_work",
-                 "queued", "claimed", "done", "data_work",
+                 "queued", "claimed", "finished", "event", "data_work",
                  "result", "error", "waited", "prev", "spill")
 
     def __init__(self, k: int, slot: torch.Tensor, send_splits: list[int],
@@ -192,7 +194,8 @@ class _Iteration:
         self.msg_work: Any = None  # the MESSAGE alltoall (None in a world of one rank)
         self.queued = False  # handed to the progress thread
         self.claimed = False  # a thread took it to process
-        self.done = threading.Event()  # processed: result (or error) known, data posted if any
+        self.finished = False  # processed: result (or error) known, data posted if any
+        self.event: threading.Event | None = None  # made by a thread that waits for `finished`
         self.data_work: Any = None
         self.result: tuple[torch.Tensor, list[int]] | None = None
         self.error: BaseException | None = None
@@ -375,7 +378,7 @@ class BoundedLagAllToAll:
         """Counters and times of this channel (docs/design.md, "Observable")."""
         c = self._counters
         extra = c.extra_stats()  # read outside the lock: device counters need no host sync
-        with c.cond:
+        with c.lock:
             return extra | {
                 "channel": self.name,
                 "rank": self.rank,
@@ -488,14 +491,14 @@ class BoundedLagAllToAll:
             hdr = table[:, :H].view(np.int64)
         else:
             hdr = np.empty((W - 1, _HEADER_LEN), dtype=np.int64)
-        hdr[:] = head
-        hdr[:, _H_ITER] = k
+        row = head.copy()
+        row[_H_ITER] = k
+        row[_H_RELEASED] = self._counters.released
+        row[_H_SPILL] = spill
+        hdr[:] = row
         hdr[:, _H_ROWS] = rows_p
-        hdr[:, _H_RELEASED] = self._counters.released
         if recv_splits is not None:
             hdr[:, _H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
-        hdr[:, _H_INLINE] = inline
-        hdr[:, _H_SPILL] = spill
         if any(inline):
             src = self._slot(k, 0).np  # host bytes of the slot (gloo)
             if uniform:
@@ -564,8 +567,8 @@ class BoundedLagAllToAll:
         head = self._heads.get((dtype, trailing))
         if head is None:
             dims = list(trailing) + [0] * (_MAX_TRAILING_DIMS - len(trailing))
-            head = np.array([_MAGIC, self.transport.channel_id, 0, 0, _DTYPE_CODE[dtype],
-                             len(trailing), *dims, 0, -1, 0, 0], dtype=np.int64)
+            head = np.array([_MAGIC, self.transport.channel_id, 0, _DTYPE_CODE[dtype],
+                             len(trailing), *dims, 0, 0, -1, 0, 0], dtype=np.int64)
             self._heads[(dtype, trailing)] = head
         return head
 
@@ -600,7 +603,7 @@ class BoundedLagAllToAll:
         if not it.queued and not it.claimed:
             it.queued = True
             self._queue.put(it)
-        if not it.done.is_set():
+        if not it.finished:
             return False
         work = it.data_work
         return work is None or self.transport.stream_ordered or work.is_completed()
@@ -613,7 +616,7 @@ class BoundedLagAllToAll:
         """
         prev, it.prev = it.prev, None
         if prev is not None:
-            prev.done.wait()
+            self._await(prev, None)
         if self._broken is not None:
             it.error = self._broken
         else:
@@ -624,7 +627,21 @@ class BoundedLagAllToAll:
                 it.error = e
                 if not isinstance(e, ValueError):
                     self._broken = e
-        it.done.set()
+        with self._claim_lock:
+            it.finished = True
+            event = it.event
+        if event is not None:
+            event.set()
+
+    def _await(self, it: _Iteration, timeout_s: float | None) -> bool:
+        """Block until another thread processed `it` (False: not within timeout_s)."""
+        with self._claim_lock:
+            if it.finished:
+                return True
+            if it.event is None:
+                it.event = threading.Event()
+            event = it.event
+        return event.wait(timeout_s)
 
     def _receive(self, it: _Iteration) -> None:
         k, tr, W, me, H = it.k, self.transport, self.world_size, self.rank, _HEADER_BYTES
@@ -640,18 +657,22 @@ class BoundedLagAllToAll:
         table = self._msg_in[k % (self.bound + 1)].np[: self._msg_in_bytes].reshape(
             W - 1, self._stride)
         hdr = table[:, :H].view(np.int64)
-        if W > 1 and ((hdr[:, :3] != (_MAGIC, tr.channel_id, k)).any()):
-            bad = int(np.flatnonzero((hdr[:, :3] != (_MAGIC, tr.channel_id, k)).any(axis=1))[0])
+        want = head[:_H_FIXED].copy()
+        want[_H_ITER] = k
+        # One byte comparison of every peer's fixed fields (a mismatch is then looked at closely).
+        off = hdr[:, :_H_FIXED].tobytes() != want.tobytes() * (W - 1)
+        if off and (hdr[:, :3] != want[:3]).any():
+            bad = int(np.flatnonzero((hdr[:, :3] != want[:3]).any(axis=1))[0])
             raise BLSError(
                 f"channel {self.name!r} (rank {me}): corrupt header from peer "
                 f"{bad + (bad >= me)} for iteration {k}: {hdr[bad, :3].tolist()}"
             )
-        rows_p = hdr[:, _H_ROWS].tolist()
-        released = hdr[:, _H_RELEASED].tolist()
+        rows_p, released, expect, spills = hdr[:, _H_ROWS : _H_SPILL + 1].T.tolist()
         self._counters.learn_all(k, released[:me] + [self._counters.released] + released[me:])
         rows = rows_p[:me] + [it.send_splits[me]] + rows_p[me:]
-        spill = it.spill or bool(hdr[:, _H_SPILL].any())
-        problems = self._check_headers(it, hdr, head, rows)
+        spill = it.spill or any(spills)
+        expect.insert(me, -1)
+        problems = self._check_headers(it, hdr, off, rows, expect)
         if problems:
             # Complete the iteration so every rank stays in step, then say what disagreed.
             if spill:
@@ -666,16 +687,18 @@ class BoundedLagAllToAll:
             return
 
         total = sum(rows)
+        shape = (total, *trailing)
         if spill:
             out = tr.empty((total * row_bytes,), torch.uint8)
             self._counters.gate(k, self.bound)  # device gate (released >= k-B) before the data
             it.data_work = self._post_data(it, out, [r * row_bytes for r in rows])
+            result = out.view(slot.dtype).view(shape)
         else:
-            out = torch.empty((total * row_bytes,), dtype=torch.uint8)
+            raw, result = _host_tensor(slot.dtype, shape)
             if total * row_bytes:
-                self._gather(it, out.numpy(), table, rows)
+                self._gather(it, raw, table, rows)
         self._bytes_received += (total - rows[me]) * row_bytes
-        it.result = (out.view(slot.dtype).view((total, *trailing)), rows)
+        it.result = (result, rows)
 
     def _gather(self, it: _Iteration, out: np.ndarray, table: np.ndarray, rows: list[int]) -> None:
         """Every peer's inline payload, and this rank's own rows, into `out` in rank order."""
@@ -693,14 +716,15 @@ class BoundedLagAllToAll:
         pieces.insert(me, own[lo : lo + n_me])
         np.concatenate(pieces, out=out)
 
-    def _check_headers(self, it: _Iteration, hdr: np.ndarray, head: np.ndarray,
-                       rows: list[int]) -> list[str]:
+    def _check_headers(self, it: _Iteration, hdr: np.ndarray, off: bool, rows: list[int],
+                       expect: list[int]) -> list[str]:
         """What the peers' headers of this iteration contradict (empty: nothing)."""
         W, me = self.world_size, self.rank
         problems: list[str] = []
-        if W > 1 and (hdr[:, _H_DTYPE:_H_RELEASED] != head[_H_DTYPE:_H_RELEASED]).any():
-            for q in np.flatnonzero((hdr[:, _H_DTYPE:_H_RELEASED]
-                                     != head[_H_DTYPE:_H_RELEASED]).any(axis=1)).tolist():
+        if off:  # dtype or trailing dims differ somewhere
+            head = self._head(it.slot.dtype, tuple(it.slot.shape[1:]))
+            differ = (hdr[:, _H_DTYPE:_H_FIXED] != head[_H_DTYPE:_H_FIXED]).any(axis=1)
+            for q in np.flatnonzero(differ).tolist():
                 dt, tr = _dtype_of(hdr[q]), _trailing_of(hdr[q])
                 problems.append(
                     f"rank {q + (q >= me)} sends {dt} rows of shape {tr} but rank {me} exchanges "
@@ -709,8 +733,6 @@ class BoundedLagAllToAll:
         if known is not None and known != rows:
             problems += [f"recv_splits[{p}]={known[p]} on rank {me} but rank {p} sends {rows[p]} "
                          f"rows" for p in range(W) if known[p] != rows[p]]
-        expect = hdr[:, _H_EXPECT].tolist()
-        expect.insert(me, -1)
         if expect != it.send_splits and max(expect) >= 0:
             problems += [f"rank {p} expects {e} rows from rank {me} (its recv_splits) but rank "
                          f"{me} sends send_splits[{p}]={it.send_splits[p]}"
@@ -752,10 +774,10 @@ class BoundedLagAllToAll:
 
     def _finish_inner(self, it: _Iteration, blocking: bool) -> None:
         # An iteration nobody took yet is processed here: no thread hand-off (all of them at B=0).
-        if not it.done.is_set() and self.transport.caller_may_receive and self._claim(it):
+        if not it.finished and self.transport.caller_may_receive and self._claim(it):
             self._process(it)
         # Every transport wait inside is bounded by the timeout; this is a safety net.
-        if not it.done.wait(timeout=2 * self.timeout_s + 10.0):
+        if not it.finished and not self._await(it, 2 * self.timeout_s + 10.0):
             it.error = BLSError(
                 f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
             )
@@ -813,7 +835,7 @@ class BoundedLagAllToAll:
         if self._closed:
             return
         self._closed = True
-        pending = abandon and any(not it.done.is_set() or it.data_work is not None
+        pending = abandon and any(not it.finished or it.data_work is not None
                                   for it in self._records.values())
         self._queue.put(None)
         if pending:
@@ -841,6 +863,27 @@ class BoundedLagAllToAll:
         asked -= asked % 8  # keeps every header in the ring 8-byte aligned
         # A receive region must never be shorter than what arrives: all ranks use the smallest.
         return self.transport.agree_min(asked)
+
+
+# numpy's dtype of each torch dtype (bfloat16: its bits as uint16); numpy allocates and fills host
+# tensors at a fraction of torch's per-call cost.
+_NUMPY_OF = {
+    torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+    torch.bfloat16: np.uint16, torch.int8: np.int8, torch.uint8: np.uint8, torch.int16: np.int16,
+    torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_,
+    torch.complex64: np.complex64, torch.complex128: np.complex128,
+}  # fmt: skip
+
+
+def _host_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
+    """A new host tensor and a flat uint8 numpy view of its bytes."""
+    if not math.prod(shape):  # numpy gives empty arrays zero strides, which torch views refuse
+        return _NO_BYTES, torch.empty(shape, dtype=dtype)
+    arr = np.empty(shape, dtype=_NUMPY_OF[dtype])
+    t = torch.from_numpy(arr)
+    if dtype is torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return arr.reshape(-1).view(np.uint8), t
 
 
 def _dtype_of(row: np.ndarray) -> torch.dtype | None:
