@@ -20,6 +20,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from blsgpu._env import MAX_TIMEOUT_S
 from blsgpu.delays import ACCEPTED as DELAY_FORMS
 from blsgpu.delays import DelayModel
 from blsgpu.dlrm.runner import BenchConfig
@@ -36,6 +37,15 @@ DEFAULTS = dict(
 )
 SIM_DEFAULTS = dict(world_size="4,64,1024,4096", iterations=100, base_ms=10.0, comm_ms=0.1)
 MAX_SIM_WORLD = 1 << 16
+# Upper bounds of the flags. Beyond them a number is a typo, not a job; below them, the memory the
+# configuration needs is estimated and checked against what this machine has (_check_memory).
+MAX_PEER_TIMEOUT_S = 300  # a channel's (and a barrier's) timeout: min(--timeout-s, this)
+MAX_DELAY_MS = MAX_PEER_TIMEOUT_S * 1e3  # an injected delay per iteration, at most
+MAX_LOCAL_WORLD = 1024
+MAX_SEED = 2**32 - 1  # table t's generator is seeded with seed * 1_000_003 + t: stays < 2**64
+MAX_ROWS = 2**31  # the synthetic data's row permutation stays inside int64
+MAX_ITERATIONS = 10**9
+MAX_TIME_MS = 1e9  # simulate's --base-ms / --comm-ms: finite arithmetic
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -56,18 +66,65 @@ def _int_at_least(lo: int, what: str, hi: int | None = None):
     return parse
 
 
-def _check_out_paths(parser: argparse.ArgumentParser, *paths: str | None) -> None:
-    """Refuse, before any work, an output path that cannot be written as a file."""
-    for path in paths:
-        if not path:
+def _probe_file(path: Path) -> None:
+    """Create and remove path (an existing file is opened for appending, not truncated)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if not path.is_file():
+            raise IsADirectoryError(21, "it is not a regular file") from None
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        return
+    os.close(fd)
+    os.unlink(path)
+
+
+def _check_out_paths(parser: argparse.ArgumentParser, *flags: tuple[str, str | None]) -> None:
+    """Refuse, before any work, an output file (flag, path) that cannot be written: the file is
+    created and removed (an existing one is opened for appending)."""
+    for flag, path in flags:
+        if path is None:
             continue
+        if not path.strip():
+            parser.error(f"{flag} needs a path, got {path!r}")
         if Path(path).is_dir():
             parser.error(f"cannot write {path}: it is a folder")
         if not Path(path).resolve().parent.is_dir():
             parser.error(f"cannot write {path}: its folder does not exist")
+        try:
+            _probe_file(Path(path))
+        except OSError as e:
+            parser.error(f"cannot write {path} ({flag}): {e.strerror or e}")
 
 
-def _nonneg_float(what: str):
+def _check_out_dir(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """Refuse a folder (e.g. --trace) in which no file can be written: folders that are missing
+    are created, a file is created and removed in it, and the folders created are removed."""
+    if path is None:
+        return
+    if not path.strip():
+        parser.error(f"{flag} needs a folder, got {path!r}")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"cannot write into {path} ({flag}): it is not a folder")
+    created = []
+    try:
+        for d in reversed([folder, *folder.parents]):
+            if not d.exists():
+                d.mkdir()
+                created.append(d)
+        _probe_file(folder / f".blsgpu-probe-{os.getpid()}")
+    except OSError as e:
+        parser.error(f"cannot write into {path} ({flag}): {e.strerror or e}")
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _nonneg_float(what: str, hi: float | None = None):
     def parse(text: str) -> float:
         try:
             v = float(text)
@@ -75,6 +132,8 @@ def _nonneg_float(what: str):
             raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
         if not math.isfinite(v) or v < 0:
             raise argparse.ArgumentTypeError(f"{what} must be finite and >= 0, got {text!r}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{what} must be <= {hi:g}, got {text!r}")
         return v
 
     return parse
@@ -100,9 +159,17 @@ def _int_list(what: str, lo: int, hi: int):
 
 def _delay(text: str) -> str:
     try:
-        return str(DelayModel.parse(text))
+        model = DelayModel.parse(text)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    times = {"exp": (0,), "straggler": (1,), "rotate": (0,), "spikes": (1,)}.get(model.kind, ())
+    for i in times:
+        if model.params[i] > MAX_DELAY_MS:
+            raise argparse.ArgumentTypeError(
+                f"--delay {text}: {model.params[i]:g} ms per iteration is more than "
+                f"{MAX_DELAY_MS:g} ms, longer than any peer waits (a channel's timeout is at "
+                f"most {MAX_PEER_TIMEOUT_S} s)")
+    return str(model)
 
 
 def _arch(what: str):
@@ -125,14 +192,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
     d = DEFAULTS
     g = p.add_argument_group("world")
-    g.add_argument("--world-size", type=_int_at_least(1, "--world-size"), default=None,
+    g.add_argument("--world-size", type=_int_at_least(1, "--world-size", MAX_LOCAL_WORLD),
+                   default=None,
                    help=f"W, local CPU processes (default {d['world_size']}; under torchrun: "
                         "its WORLD_SIZE)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: a local world on gloo; cuda: one GPU per rank, run under torchrun")
-    g.add_argument("--seed", type=_int_at_least(0, "--seed"), default=d["seed"],
+    g.add_argument("--seed", type=_int_at_least(0, "--seed", MAX_SEED), default=d["seed"],
                    help="seed of the weights, the batches and the delays")
-    g.add_argument("--timeout-s", type=_int_at_least(1, "--timeout-s"), default=900,
+    g.add_argument("--timeout-s", type=_int_at_least(1, "--timeout-s", int(MAX_TIMEOUT_S)),
+                   default=900,
                    help="give up on a local world that has not finished after this long "
                         "(under torchrun: the process group's timeout); a peer silent for "
                         "min(this, 300) s fails its exchange or barrier, naming it")
@@ -143,26 +212,28 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument("--bound", type=_int_at_least(0, "--bound", MAX_BOUND), default=d["bound"],
                        help=f"the BLS bound B (default {d['bound']})")
     g = p.add_argument_group("work")
-    g.add_argument("--iterations", type=_int_at_least(1, "--iterations"),
+    g.add_argument("--iterations", type=_int_at_least(1, "--iterations", MAX_ITERATIONS),
                    default=d["iterations"], help="K, timed iterations per run")
-    g.add_argument("--warmup", type=_int_at_least(0, "--warmup"), default=d["warmup"],
+    g.add_argument("--warmup", type=_int_at_least(0, "--warmup", MAX_ITERATIONS),
+                   default=d["warmup"],
                    help="untimed iterations before each run")
-    g.add_argument("--repeats", type=_int_at_least(1, "--repeats"), default=d["repeats"],
+    g.add_argument("--repeats", type=_int_at_least(1, "--repeats", 1000), default=d["repeats"],
                    help="repeat every run; times are medians")
-    g.add_argument("--batch", type=_int_at_least(1, "--batch"), default=d["batch"],
+    g.add_argument("--batch", type=_int_at_least(1, "--batch", 2**31), default=d["batch"],
                    help="N, samples per rank per iteration")
     g.add_argument("--delay", type=_delay, default=d["delay"],
                    help=f"injected per-rank, per-iteration delays: {DELAY_FORMS} (default "
                         f"{d['delay']})")
     g = p.add_argument_group("model (the reference DLRM's flags)")
-    g.add_argument("--tables", type=_int_at_least(1, "--tables"), default=None,
+    g.add_argument("--tables", type=_int_at_least(1, "--tables", 2**20), default=None,
                    help=f"T tables of --rows rows (default {d['tables']})")
-    g.add_argument("--rows", type=_int_at_least(1, "--rows"), default=None,
+    g.add_argument("--rows", type=_int_at_least(1, "--rows", MAX_ROWS), default=None,
                    help=f"rows per table with --tables (default {d['rows']})")
     g.add_argument("--arch-embedding-size", type=_arch("--arch-embedding-size"), default=None,
                    metavar="N1-N2-...", help="rows of each table (instead of --tables/--rows)")
-    g.add_argument("--arch-sparse-feature-size", type=_int_at_least(1, "--arch-sparse-feature-size"),
-                   default=None, metavar="D",
+    g.add_argument("--arch-sparse-feature-size",
+                   type=_int_at_least(1, "--arch-sparse-feature-size", 2**20), default=None,
+                   metavar="D",
                    help=f"embedding dim D (default {d['sparse_feature_size']}, or the end of "
                         "--arch-mlp-bot)")
     g.add_argument("--arch-mlp-bot", type=_arch("--arch-mlp-bot"), default=None,
@@ -221,17 +292,118 @@ def _add_sim_flags(p: argparse.ArgumentParser) -> None:
                    help=f"W to project, comma-separated (default {s['world_size']})")
     p.add_argument("--bounds", type=_int_list("--bounds", 0, MAX_BOUND), default=None,
                    help=f"bounds B (default {DEFAULTS['bounds']}, or the record's)")
-    p.add_argument("--iterations", type=_int_at_least(1, "--iterations"), default=None,
+    p.add_argument("--iterations", type=_int_at_least(1, "--iterations", MAX_ITERATIONS),
+                   default=None,
                    help=f"K (default {s['iterations']}, or the record's)")
-    p.add_argument("--base-ms", type=_nonneg_float("--base-ms"), default=None,
+    p.add_argument("--base-ms", type=_nonneg_float("--base-ms", MAX_TIME_MS), default=None,
                    help=f"each rank's compute per iteration (default {s['base_ms']}, or the "
                         "record's mean busy time without delays)")
-    p.add_argument("--comm-ms", type=_nonneg_float("--comm-ms"), default=None,
+    p.add_argument("--comm-ms", type=_nonneg_float("--comm-ms", MAX_TIME_MS), default=None,
                    help=f"time of one exchange (default {s['comm_ms']}, or the record's fitted "
                         "value)")
-    p.add_argument("--seed", type=_int_at_least(0, "--seed"), default=None,
+    p.add_argument("--seed", type=_int_at_least(0, "--seed", MAX_SEED), default=None,
                    help="seed of the delay schedule (default 0, or the record's)")
     p.add_argument("--json", metavar="PATH", help="write the projections as JSON")
+
+
+# ------------------------------------------------------------------------------ up-front checks
+
+_RANK_BASE_BYTES = 300 << 20  # a rank with torch, gloo and the channels' threads, before data
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def memory_estimate(cfg: BenchConfig, ranks_here: int, launcher: bool) -> tuple[int, dict]:
+    """Bytes a run of cfg needs on this machine (ranks_here ranks, plus the launcher of a local
+    world), and the per-rank parts by name. An estimate from above of what grows with the flags."""
+    sizes = cfg.embedding_sizes
+    arch = cfg.arch
+    W, T, D, N = cfg.world_size, len(sizes), arch.sparse_feature_size, cfg.batch
+    K = cfg.iterations
+    L = cfg.pooling + 4 * math.sqrt(cfg.pooling) + 1  # Poisson lengths, with their tail
+    B = max(cfg.bounds)
+    runs = len(cfg.labels()) * cfg.repeats
+    tables = [n * D * 4 for n in sizes]
+    ids = N * T * (L + 1) * 8  # one batch's ids and lengths (int64)
+    pooled = N * T * D * 4  # its pooled embeddings (float32)
+
+    def mlp(widths):
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) * 4
+
+    parts = {
+        "the process (torch, gloo, threads)": _RANK_BASE_BYTES,
+        "the id generator (8 bytes per row of every table, --rows)": (
+            8 * sum(sizes) if cfg.alpha > 0 else 0),
+        # A table is built whole on its owner, then copied: twice its share, at least the largest.
+        "the embedding tables (--rows x --arch-sparse-feature-size)": 2 * max(
+            max(tables), sum(tables) / W),
+        "the dense MLPs (--arch-mlp-bot, --arch-mlp-top, --tables)": mlp(arch.bottom) + mlp(
+            arch.top),
+        "the batches in flight (--batch, --tables, --pooling, --bound)": (B + 3) * 4 * (
+            ids + pooled),
+        "predictions, timings and delays (--iterations, --warmup, --repeats)": (
+            3 * (K + cfg.warmup) * N * 4 + runs * K * 200 + 2 * W * K * 8),
+    }
+    total = ranks_here * sum(parts.values())
+    if launcher:  # the launcher holds every rank's timings
+        total += _RANK_BASE_BYTES + W * runs * K * 200
+    return int(total), parts
+
+
+def _check_memory(parser, cfg: BenchConfig, ranks_here: int, launcher: bool) -> None:
+    avail = _available_memory()
+    need, parts = memory_estimate(cfg, ranks_here, launcher)
+    if avail is not None and need > avail:
+        name, biggest = max(parts.items(), key=lambda kv: kv[1])
+        parser.error(
+            f"this configuration needs about {_gib(need)} of memory on this machine "
+            f"({ranks_here} rank(s) of about {_gib(sum(parts.values()))}, most of it "
+            f"{_gib(biggest)} for {name}), more than the {_gib(avail)} available")
+
+
+def _check_delays(parser, cfg: BenchConfig, world_deadline_s: float | None) -> None:
+    """Refuse delays that would make the peers of a sleeping rank time out, or the world."""
+    import numpy as np  # noqa: PLC0415
+
+    model = cfg.delay_model
+    if model.kind in ("none", "skew"):  # skew scales the measured compute: known only at run time
+        return
+    sched = model.schedule(cfg.world_size, cfg.iterations, cfg.seed)
+    r, k = np.unravel_index(int(sched.argmax()), sched.shape)
+    worst = float(sched[r, k])
+    if worst >= cfg.timeout_s / 2:
+        parser.error(
+            f"--delay {cfg.delay}: rank {r} would sleep {worst:.3g} s in iteration {k}, not less "
+            f"than half of the {cfg.timeout_s:g} s a peer may stay silent (min(--timeout-s, "
+            f"{MAX_PEER_TIMEOUT_S})): its peers would give up on it while it sleeps")
+    if world_deadline_s is not None:
+        # Time the sleeps alone take at least: a synchronous run waits for the slowest rank in
+        # every iteration; a BLS run, for the rank that sleeps most in total.
+        sync_s = float(sched.max(axis=0).sum())
+        bls_s = float(sched.sum(axis=1).max())
+        at_least = cfg.repeats * (sync_s + len(cfg.bounds) * bls_s)
+        if at_least >= world_deadline_s:
+            parser.error(
+                f"--delay {cfg.delay}: the injected delays alone take at least {at_least:.3g} s "
+                f"({sync_s:.3g} s per synchronous run, {bls_s:.3g} s per BLS run, "
+                f"{cfg.repeats} repeat(s)), not less than --timeout-s {world_deadline_s:g}: the "
+                f"world would time out")
 
 
 # ------------------------------------------------------------------------------ run / bench
@@ -273,7 +445,7 @@ def _config(args, parser: argparse.ArgumentParser, world_size: int):
             warmup=args.warmup, batch=args.batch, embedding_sizes=tuple(sizes),
             mlp_bot=tuple(bot), mlp_top=tuple(top), delay=args.delay, seed=args.seed,
             alpha=args.alpha, pooling=args.pooling, device=args.device, repeats=args.repeats,
-            trace_dir=args.trace, timeout_s=float(min(args.timeout_s, 300)),
+            trace_dir=args.trace, timeout_s=float(min(args.timeout_s, MAX_PEER_TIMEOUT_S)),
         )
     except ValueError as e:
         parser.error(str(e))
@@ -347,7 +519,14 @@ def _cmd_run(args, parser) -> int:
     else:
         rank, world, local = 0, args.world_size or DEFAULTS["world_size"], 0
     cfg = _config(args, parser, world)
-    _check_out_paths(parser, args.json, args.plot)
+    if env is None:
+        _check_memory(parser, cfg, world, launcher=True)
+    else:
+        _check_memory(parser, cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), launcher=False)
+    _check_delays(parser, cfg, args.timeout_s if env is None else None)
+    if rank == 0:  # only rank 0 writes them
+        _check_out_paths(parser, ("--json", args.json), ("--plot", args.plot))
+    _check_out_dir(parser, "--trace", args.trace)
     total = cfg.repeats * len(cfg.labels()) * cfg.iterations
     labels = cfg.labels()
     t0 = time.perf_counter()
@@ -547,7 +726,9 @@ def _cmd_simulate(args, parser) -> int:
 
     s = SIM_DEFAULTS
     record = None
-    _check_out_paths(parser, args.json)
+    _check_out_paths(parser, ("--json", args.json))
+    if args.from_json is not None and not args.from_json.strip():
+        parser.error(f"--from-json needs a path, got {args.from_json!r}")
     if args.from_json:
         try:
             with open(args.from_json) as f:
@@ -567,6 +748,11 @@ def _cmd_simulate(args, parser) -> int:
     seed = args.seed if args.seed is not None else (rc["seed"] if record else 0)
     worlds = args.world_size or tuple(int(w) for w in s["world_size"].split(","))
     model = DelayModel.parse(delay)
+    avail = _available_memory()
+    need = 12 * 8 * max(worlds) * K  # a projection's [W, K] arrays (delays, work, schedule)
+    if avail is not None and need > avail:
+        parser.error(f"--world-size {max(worlds)} x --iterations {K} needs about {_gib(need)} of "
+                     f"memory, more than the {_gib(avail)} available")
     if model.kind == "straggler" and int(model.params[0]) >= min(worlds):
         parser.error(f"--delay {delay}: straggler rank {int(model.params[0])} is not < every "
                      f"--world-size ({min(worlds)})")

@@ -136,6 +136,36 @@ def test_simulate_4096_ranks_quickly(tmp_path):
         (["simulate", "--json", "/tmp"], "cannot write /tmp: it is a folder"),
         (["simulate", "--json", "/nonexistent/s.json"], "its folder does not exist"),
         ([], "required"),
+        # Outputs are created and removed up front: a folder that exists but takes no file.
+        (["bench", "--json", "/proc/blsgpu.json"], "cannot write /proc/blsgpu.json (--json)"),
+        (["run", "--plot", "/proc/blsgpu.png"], "cannot write /proc/blsgpu.png (--plot)"),
+        (["bench", "--trace", "/proc/blsgpu-trace"], "cannot write into /proc/blsgpu-trace"),
+        (["simulate", "--json", "/proc/blsgpu.json"], "cannot write /proc/blsgpu.json (--json)"),
+        (["bench", "--json", ""], "--json needs a path, got ''"),
+        (["run", "--plot", " "], "--plot needs a path"),
+        (["bench", "--trace", ""], "--trace needs a folder"),
+        (["simulate", "--json", ""], "--json needs a path, got ''"),
+        (["simulate", "--from-json", ""], "--from-json needs a path"),
+        # Delays: none longer than a peer may wait, none the world cannot sit out.
+        (["bench", "--delay", "straggler:1:1e16"], "more than 300000 ms"),
+        (["bench", "--delay", "exp:1e9"], "more than 300000 ms"),
+        (["simulate", "--delay", "rotate:1e7"], "more than 300000 ms"),
+        (["bench", "--delay", "exp:100000"], "its peers would give up on it while it sleeps"),
+        (["run", "--delay", "straggler:1:2000", "--timeout-s", "3"], "would give up on it"),
+        (["run", "--delay", "straggler:1:100", "--timeout-s", "10"], "the world would time out"),
+        # Sizes: hard bounds, then the memory the configuration needs against what there is.
+        (["run", "--rows", "2147483649"], "--rows must be <= 2147483648"),
+        (["run", "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["run", "--timeout-s", "99999999999"], "--timeout-s must be <= 1000000000"),
+        (["run", "--world-size", "5000"], "--world-size must be <= 1024"),
+        (["run", "--iterations", "10000000000"], "--iterations must be <= 1000000000"),
+        (["simulate", "--base-ms", "1e300"], "--base-ms must be <= 1e+09"),
+        (["run", "--rows", "2147483648", "--tables", "64"], "of memory on this machine"),
+        (["bench", "--batch", "1000000000"], "for the batches in flight"),
+        (["run", "--pooling", "1e12"], "for the batches in flight"),
+        (["run", "--iterations", "999999999", "--batch", "1000"], "predictions, timings"),
+        (["run", "--arch-mlp-top", "1000000-1000000-1"], "for the dense MLPs"),
+        (["simulate", "--world-size", "65536", "--iterations", "999999999"], "of memory"),
     ],
 )
 def test_bad_flags_give_clear_errors(argv, message, capsys, monkeypatch):
@@ -162,3 +192,26 @@ def test_run_under_torchrun_gathers_once(tmp_path):
     assert doc["config"]["world_size"] == 2
     assert [(r["mode"], r["bound"]) for r in doc["runs"]] == [("sync", None), ("bls", 2)]
     assert all(r["exact"] for r in doc["runs"])
+
+
+def test_output_checks_leave_nothing_behind(tmp_path):
+    parser = cli.build_parser()
+    new = tmp_path / "new.json"
+    cli._check_out_paths(parser, ("--json", str(new)))
+    assert not new.exists()
+    old = tmp_path / "old.json"
+    old.write_text("keep me")
+    cli._check_out_paths(parser, ("--json", str(old)))
+    assert old.read_text() == "keep me"
+    cli._check_out_dir(parser, "--trace", str(tmp_path / "a" / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+    (tmp_path / "t").mkdir()
+    cli._check_out_dir(parser, "--trace", str(tmp_path / "t"))
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_memory_estimate_of_the_defaults_is_modest():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench"])
+    need, parts = cli.memory_estimate(cli._config(args, parser, 4), 4, launcher=True)
+    assert 5 * cli._RANK_BASE_BYTES < need < 5 * cli._RANK_BASE_BYTES + (200 << 20)  # ranks, launcher
