@@ -79,9 +79,10 @@ def _probe_file(path: Path) -> None:
     os.unlink(path)
 
 
-def _check_out_paths(parser: argparse.ArgumentParser, *flags: tuple[str, str | None]) -> None:
+def _check_out_paths(parser: argparse.ArgumentParser, *flags: tuple[str, str | None],
+                     probe: bool = True) -> None:
     """Refuse, before any work, an output file (flag, path) that cannot be written: the file is
-    created and removed (an existing one is opened for appending)."""
+    created and removed (an existing one is opened for appending; probe=False: not touched)."""
     for flag, path in flags:
         if path is None:
             continue
@@ -91,15 +92,19 @@ def _check_out_paths(parser: argparse.ArgumentParser, *flags: tuple[str, str | N
             parser.error(f"cannot write {path}: it is a folder")
         if not Path(path).resolve().parent.is_dir():
             parser.error(f"cannot write {path}: its folder does not exist")
+        if not probe:
+            continue
         try:
             _probe_file(Path(path))
         except OSError as e:
             parser.error(f"cannot write {path} ({flag}): {e.strerror or e}")
 
 
-def _check_out_dir(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+def _check_out_dir(parser: argparse.ArgumentParser, flag: str, path: str | None,
+                   keep: bool = False) -> None:
     """Refuse a folder (e.g. --trace) in which no file can be written: folders that are missing
-    are created, a file is created and removed in it, and the folders created are removed."""
+    are created, a file is created and removed in it, and the folders created are removed (kept
+    with keep=True: other processes may be probing them at the same time)."""
     if path is None:
         return
     if not path.strip():
@@ -111,13 +116,16 @@ def _check_out_dir(parser: argparse.ArgumentParser, flag: str, path: str | None)
     try:
         for d in reversed([folder, *folder.parents]):
             if not d.exists():
-                d.mkdir()
+                try:
+                    d.mkdir()
+                except FileExistsError:  # made by another rank meanwhile
+                    continue
                 created.append(d)
         _probe_file(folder / f".blsgpu-probe-{os.getpid()}")
     except OSError as e:
         parser.error(f"cannot write into {path} ({flag}): {e.strerror or e}")
     finally:
-        for d in reversed(created):
+        for d in [] if keep else reversed(created):
             try:
                 d.rmdir()
             except OSError:
@@ -524,9 +532,9 @@ def _cmd_run(args, parser) -> int:
     else:
         _check_memory(parser, cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), launcher=False)
     _check_delays(parser, cfg, args.timeout_s if env is None else None)
-    if rank == 0:  # only rank 0 writes them
-        _check_out_paths(parser, ("--json", args.json), ("--plot", args.plot))
-    _check_out_dir(parser, "--trace", args.trace)
+    # Only rank 0 writes them (every rank its own trace).
+    _check_out_paths(parser, ("--json", args.json), ("--plot", args.plot), probe=rank == 0)
+    _check_out_dir(parser, "--trace", args.trace, keep=env is not None)
     total = cfg.repeats * len(cfg.labels()) * cfg.iterations
     labels = cfg.labels()
     t0 = time.perf_counter()

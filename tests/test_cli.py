@@ -215,3 +215,13 @@ def test_memory_estimate_of_the_defaults_is_modest():
     args = parser.parse_args(["bench"])
     need, parts = cli.memory_estimate(cli._config(args, parser, 4), 4, launcher=True)
     assert 5 * cli._RANK_BASE_BYTES < need < 5 * cli._RANK_BASE_BYTES + (200 << 20)  # ranks, launcher
+
+
+def test_under_torchrun_every_rank_refuses_an_empty_output_path(capsys, monkeypatch):
+    # Only rank 0 writes --json, but a rank that let it pass would wait for rank 0 in vain.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--json", ""])
+    assert e.value.code == 2
+    assert "--json needs a path" in capsys.readouterr().err
