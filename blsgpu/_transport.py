@@ -211,12 +211,7 @@ class GlooTransport:
                 g.abort()
             except Exception:
                 pass
-        _graveyard.extend(self._groups)  # destroying a group joins its threads: never here
-        del _graveyard[:-64]
-        self._groups = []
-
-
-_graveyard: list[Any] = []
+        self._groups = []  # aborted: dropping them now returns at once
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
                 loop_s, checks = me.sync_loop(0, K, delays)
                 stats = {}
             else:
-                a2a = blsgpu.BoundedLagAllToAll(bound=bound, name=f"bench-B{bound}")
+                a2a = blsgpu.BoundedLagAllToAll(bound=bound, name=f"bench-B{bound}",
+                                                inline_bytes=cfg["inline_bytes"])
                 me.bls_loop(a2a, K, warm, None)
                 dist.barrier()
                 before = a2a.stats()
@@ -348,6 +349,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "its headers); known: both are told the receive splits")
     ap.add_argument("--compute-ms", type=float, default=0.0,
                     help="fixed busy compute per iteration per rank (oversubscribes small hosts)")
+    ap.add_argument("--inline-bytes", type=int, default=None,
+                    help="BLS channels' inline capacity per peer (default: the channel's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-plot", action="store_true")
@@ -385,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": args.world_size, "iters": args.iters, "warmup": args.warmup,
         "repeats": args.repeats, "bounds": args.bounds, "delays": args.delays, "rows": args.rows,
         "dim": args.dim, "splits": args.splits, "compute_ms": args.compute_ms, "seed": args.seed,
+        "inline_bytes": args.inline_bytes,
     }
     schedules = {
         spec: DelayModel.parse(spec).schedule(
