@@ -149,3 +149,13 @@ def test_a_world_out_of_time_names_every_late_rank_once():
     with pytest.raises(RankError) as info:
         run_world(2, _sleeps, timeout_s=3)
     assert str(info.value) == "ranks 0, 1 did not finish within 3 s and were killed"
+
+
+def _default_store_body(rank, w):
+    _world.set_control_store(None)  # as in a process group set up by the user: its own store
+    _world.barrier("x", timeout_s=30)
+    return _world.all_gather_object("y", rank * 10, timeout_s=30)
+
+
+def test_control_collectives_fall_back_to_the_default_groups_store():
+    assert run_world(2, _default_store_body, timeout_s=60) == [[0, 10], [0, 10]]
