@@ -25,9 +25,7 @@ class HostCounters:
         self.posted = 0
         self.arrived = 0
         self.released = 0
-        # Per peer: headers received (= iterations that peer has posted, as far as we know) and the
-        # release count that peer reported in its latest header.
-        self.peer_posted = [0] * world_size
+        # The release count each peer reported in its latest header.
         self.peer_released = [0] * world_size
         self._peer_posted_min = 0
         self.max_lag = 0
@@ -59,12 +57,18 @@ class HostCounters:
     def learn_all(self, k: int, released: list[int]) -> None:
         """Every peer's header for iteration k arrived; `released[p]` is what peer p reported.
 
-        Iterations are processed in order, so k+1 is every peer's new posted count.
+        Iterations are processed in order, so k+1 is every peer's new posted count, and what a
+        peer reports never decreases.
         """
         with self.lock:
-            self.peer_posted = [k + 1] * len(self.peer_posted)
-            self.peer_released = list(map(max, self.peer_released, released))
             self._peer_posted_min = k + 1
+            self.peer_released = released
+
+    @property
+    def peer_posted(self) -> list[int]:
+        """Per peer: headers received (= iterations that peer has posted, as far as we know)."""
+        n = self._peer_posted_min
+        return [self.posted if p not in self.peers else n for p in range(len(self.peer_released))]
 
     def lag(self) -> int:
         """Iterations this rank has posted that the slowest peer has not (as its headers told).

@@ -81,9 +81,11 @@ class _Buffer:
     its start (an alltoall wants a tensor of exactly the bytes it moves; most iterations repeat
     the sizes of an earlier one, and a view costs more than the lookup)."""
 
-    __slots__ = ("t", "np", "_cuts", "_typed")
+    __slots__ = ("t", "np", "ptr", "views", "_cuts", "_typed")
 
     def __init__(self) -> None:
+        self.ptr = 0
+        self.views: Any = None  # what a user of the buffer derived from it (reset on growth)
         self.t: torch.Tensor | None = None
         self.np: np.ndarray | None = None
         self._cuts: dict[int, torch.Tensor] = {}
@@ -94,6 +96,8 @@ class _Buffer:
         size = max(nbytes, 64, 0 if self.t is None else 2 * self.t.numel())
         self.t = empty((size,), torch.uint8)
         self.np = self.t.numpy() if self.t.device.type == "cpu" else None
+        self.ptr = self.t.data_ptr()
+        self.views = None
         self._cuts.clear()
         self._typed.clear()
 
@@ -128,6 +132,12 @@ class BoundError(BLSError):
 
 
 def _as_splits(splits: Any, world_size: int, what: str) -> list[int]:
+    # Fast path: a list (or tuple) of W non-negative Python ints, as most callers pass.
+    if (type(splits) is list or type(splits) is tuple) and len(splits) == world_size and all(
+        type(s) is int for s in splits
+    ):
+        if not splits or (min(splits) >= 0 and sum(splits) <= _INT64_MAX):
+            return list(splits)
     if isinstance(splits, torch.Tensor):
         if splits.dim() != 1 or splits.dtype.is_floating_point or splits.is_complex():
             raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints")
@@ -179,29 +189,30 @@ def _cause(exc: BaseException) -> str:
 class _Iteration:
     """One posted iteration: what its alltoalls read and write, and how far it got."""
 
-    __slots__ = ("k", "slot", "send_splits", "recv_splits", "row_bytes", "out_device", "msg_work",
-                 "queued", "claimed", "finished", "event", "data_work",
-                 "result", "error", "waited", "prev", "spill")
+    # Defaults live on the class: an iteration only stores what differs (cheaper to create).
+    msg_work: Any = None  # the MESSAGE alltoall (None in a world of one rank)
+    spill = False  # this rank sends its payloads in the data alltoall
+    queued = False  # handed to the progress thread
+    claimed = False  # a thread took it to process
+    finished = False  # processed: result (or error) known, data posted if any
+    event: threading.Event | None = None  # made by a thread that waits for `finished`
+    data_work: Any = None
+    result: tuple[torch.Tensor, list[int]] | None = None
+    error: BaseException | None = None
+    waited = False
+    prev: _Iteration | None = None  # processed before this one, on every rank alike
 
-    def __init__(self, k: int, slot: torch.Tensor, send_splits: list[int],
-                 recv_splits: list[int] | None, row_bytes: int, out_device: torch.device):
+    def __init__(self, k: int, slot: torch.Tensor, buf: _Buffer, head: np.ndarray,
+                 send_splits: list[int], recv_splits: list[int] | None, row_bytes: int,
+                 out_device: torch.device):
         self.k = k
         self.slot = slot  # [n, *trailing], contiguous, on the transport's device
+        self.buf = buf  # the send slot's buffer
+        self.head = head  # this rank's header row for the iteration's dtype and trailing dims
         self.send_splits = send_splits
         self.recv_splits = recv_splits
         self.row_bytes = row_bytes
         self.out_device = out_device
-        self.msg_work: Any = None  # the MESSAGE alltoall (None in a world of one rank)
-        self.queued = False  # handed to the progress thread
-        self.claimed = False  # a thread took it to process
-        self.finished = False  # processed: result (or error) known, data posted if any
-        self.event: threading.Event | None = None  # made by a thread that waits for `finished`
-        self.data_work: Any = None
-        self.result: tuple[torch.Tensor, list[int]] | None = None
-        self.error: BaseException | None = None
-        self.waited = False
-        self.prev: _Iteration | None = None  # processed before this one, on every rank alike
-        self.spill = False  # this rank sends a payload in the data alltoall
 
 
 class ExchangeHandle:
@@ -424,7 +435,7 @@ class BoundedLagAllToAll:
             raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
         if send.layout != torch.strided:
             raise TypeError(f"send must be a dense (strided) tensor, got layout {send.layout}")
-        if send.device.type == "meta":
+        if send.is_meta:
             raise ValueError("send is on the meta device: it has no data to exchange")
         if send.dim() < 1:
             raise ValueError("send must have at least one dimension (rows are split along dim 0)")
@@ -458,33 +469,28 @@ class BoundedLagAllToAll:
             )
         k = self._next_k
         self._check_bound(k)
-        slot = self._fill_slot(k, send)
-        trailing = tuple(send.shape[1:])
+        buf, slot = self._fill_slot(k, send)
+        trailing = send.shape[1:]
         row_bytes = send.element_size() * math.prod(trailing)
         out_device = self.device if self.device is not None else send.device
-        it = _Iteration(k, slot, send_splits, recv_splits, row_bytes, out_device)
+        head = self._head(send.dtype, trailing)
+        it = _Iteration(k, slot, buf, head, send_splits, recv_splits, row_bytes, out_device)
         it.prev = self._records.get(k - 1)
 
-        # Per peer (this rank left out): rows, bytes, whether they ride behind the header.
-        nbs = [s * row_bytes for s in send_splits]
+        # Per peer (this rank left out): rows and bytes. Unless some payload is too large to inline
+        # (then this rank sends every payload in the data alltoall), each rides behind its header.
         rows_p = send_splits[:me] + send_splits[me + 1 :]
-        nbs_p = nbs[:me] + nbs[me + 1 :]
+        nbs_p = [s * row_bytes for s in rows_p]
         cap = self._inline
-        if cap:
-            inline = [0 < nb <= cap for nb in nbs_p]
-            spill = bool(nbs_p) and max(nbs_p) > cap
-        else:
-            inline = [False] * (W - 1)
-            spill = any(nbs)  # every payload, its own rows too, travels in the data alltoall
+        spill = (max(nbs_p) > cap) if cap and nbs_p else (not cap and any(send_splits)
+                                                           and row_bytes > 0)
         it.spill = spill
-        head = self._head(send.dtype, trailing)
-
         H, i = _HEADER_BYTES, k % (self.bound + 1)
-        sizes_p = [H + nb if il else H for nb, il in zip(nbs_p, inline, strict=True)]
+        sizes_p = [H] * (W - 1) if spill else [H + nb for nb in nbs_p]
         total = sum(sizes_p)
         out_buf = self._msg_out[i]
         msg = out_buf.host(total)
-        uniform = len(set(sizes_p)) <= 1
+        uniform = spill or nbs_p.count(nbs_p[0]) == W - 1 if nbs_p else True
         if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
             step = sizes_p[0] if sizes_p else H
             table = msg[:total].reshape(W - 1, step)
@@ -499,25 +505,22 @@ class BoundedLagAllToAll:
         hdr[:, _H_ROWS] = rows_p
         if recv_splits is not None:
             hdr[:, _H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
-        if any(inline):
-            src = self._slot(k, 0).np  # host bytes of the slot (gloo)
+        if not spill and total > H * (W - 1):
+            src = buf.np  # host bytes of the slot (gloo)
             if uniform:
                 nb = nbs_p[0]
                 table[:me, H:] = src[: me * nb].reshape(me, nb)
-                after = me * nb + nbs[me]  # the peers after this rank follow its own rows
+                after = me * nb + send_splits[me] * row_bytes  # peers after this rank's own rows
                 table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
             else:
+                nbs = [s * row_bytes for s in send_splits]
                 chunks = np.split(src[: sum(nbs)], list(itertools.accumulate(nbs))[:-1])
                 del chunks[me]
                 parts: list[np.ndarray] = [_NO_BYTES] * (2 * (W - 1))
                 parts[0::2] = hdr.view(np.uint8)
-                for q in range(W - 1):
-                    if inline[q]:
-                        parts[2 * q + 1] = chunks[q]
+                parts[1::2] = chunks
                 np.concatenate(parts, out=msg[:total])
         in_sizes = sizes_p[:me] + [0] + sizes_p[me:]
-        if spill and self._slot_written is not None:
-            self._slot_written(k)  # stream-ordered: where the caller's stream finished the slot
         in_buf = self._msg_in[i]
         in_buf.host(self._msg_in_bytes)
         if W > 1:
@@ -536,22 +539,21 @@ class BoundedLagAllToAll:
             self._queue.put(it)
         return ExchangeHandle(self, it)
 
-    def _fill_slot(self, k: int, send: torch.Tensor) -> torch.Tensor:
+    def _fill_slot(self, k: int, send: torch.Tensor) -> tuple[_Buffer, torch.Tensor]:
         nbytes = send.numel() * send.element_size()
         buf = self._slot(k, nbytes)
         if not nbytes:
-            return send.new_empty(send.shape, device=buf.t.device)
-        same_device = send.device == buf.t.device
-        if same_device and send.is_contiguous() and send.data_ptr() == buf.t.data_ptr():
-            return send  # filled in place through send_buffer()
-        if same_device and send.untyped_storage().data_ptr() == buf.t.untyped_storage().data_ptr():
+            return buf, send.new_empty(send.shape, device=buf.t.device)
+        if send.untyped_storage().data_ptr() == buf.ptr:
+            if send.is_contiguous() and send.data_ptr() == buf.ptr:
+                return buf, send  # filled in place through send_buffer()
             raise ValueError(
                 "send is a view into the channel's send buffer that does not start at it (or is "
                 "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
             )
-        slot = buf.typed(send.dtype, tuple(send.shape))
+        slot = buf.typed(send.dtype, send.shape)
         slot.copy_(send)
-        return slot
+        return buf, slot
 
     def _slot(self, k: int, nbytes: int) -> _Buffer:
         """Send slot k % (B+1), at least nbytes long, on the transport's device."""
@@ -644,19 +646,15 @@ class BoundedLagAllToAll:
         return event.wait(timeout_s)
 
     def _receive(self, it: _Iteration) -> None:
-        k, tr, W, me, H = it.k, self.transport, self.world_size, self.rank, _HEADER_BYTES
-        slot, row_bytes = it.slot, it.row_bytes
-        trailing = tuple(slot.shape[1:])
-        head = self._head(slot.dtype, trailing)
+        k, tr, W, me = it.k, self.transport, self.world_size, self.rank
+        slot, row_bytes, head = it.slot, it.row_bytes, it.head
         if it.msg_work is not None:
             try:
                 tr.wait_all(it.msg_work, self.timeout_s)
             except Exception as e:
                 raise self._fail(k, "header", e) from e
         # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer.
-        table = self._msg_in[k % (self.bound + 1)].np[: self._msg_in_bytes].reshape(
-            W - 1, self._stride)
-        hdr = table[:, :H].view(np.int64)
+        table, hdr = self._received(k)
         want = head[:_H_FIXED].copy()
         want[_H_ITER] = k
         # One byte comparison of every peer's fixed fields (a mismatch is then looked at closely).
@@ -687,7 +685,7 @@ class BoundedLagAllToAll:
             return
 
         total = sum(rows)
-        shape = (total, *trailing)
+        shape = (total, *slot.shape[1:])
         if spill:
             out = tr.empty((total * row_bytes,), torch.uint8)
             self._counters.gate(k, self.bound)  # device gate (released >= k-B) before the data
@@ -700,10 +698,18 @@ class BoundedLagAllToAll:
         self._bytes_received += (total - rows[me]) * row_bytes
         it.result = (result, rows)
 
+    def _received(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
+        buf = self._msg_in[k % (self.bound + 1)]
+        if buf.views is None:
+            table = buf.np[: self._msg_in_bytes].reshape(self.world_size - 1, self._stride)
+            buf.views = (table, table[:, :_HEADER_BYTES].view(np.int64))
+        return buf.views
+
     def _gather(self, it: _Iteration, out: np.ndarray, table: np.ndarray, rows: list[int]) -> None:
         """Every peer's inline payload, and this rank's own rows, into `out` in rank order."""
         me, W, H, rb = self.rank, self.world_size, _HEADER_BYTES, it.row_bytes
-        own = self._slot(it.k, 0).np
+        own = it.buf.np
         lo = sum(it.send_splits[:me]) * rb
         n_me = rows[me] * rb
         if len(set(rows)) == 1:  # balanced: three block copies
@@ -741,7 +747,7 @@ class BoundedLagAllToAll:
 
     def _post_data(self, it: _Iteration, out: torch.Tensor, out_sizes: list[int]) -> Any:
         nbytes = sum(it.send_splits) * it.row_bytes
-        inp = self._slot(it.k, 0).torch(nbytes) if nbytes else _EMPTY
+        inp = it.buf.torch(nbytes) if nbytes else _EMPTY
         try:
             return self.transport.alltoall(DATA, it.k, out, out_sizes, inp,
                                            [s * it.row_bytes for s in it.send_splits])

@@ -45,7 +45,21 @@ from blsgpu.delays import DelayModel
 NAME = "bench_exchange"
 DEFAULT_DELAYS = "none,exp:10,straggler:1:10,rotate:10"
 TARGET_MASKING = 0.9  # at the largest bound under exponential delays
-TARGET_NONE_RATIO = 0.97  # BLS / sync throughput without delays
+# BLS / sync throughput without delays: known splits may lose 5% at B=0 (the sync exchange is one
+# alltoall, BLS adds its engine); from B=1 on, and with exchanged splits at every B, BLS must not
+# lose.
+TARGET_NONE_RATIO = {"known": {0: 0.95}, "default": 1.0}
+
+
+def _none_target(splits: str, bound: int) -> float:
+    return TARGET_NONE_RATIO.get(splits, {}).get(bound, TARGET_NONE_RATIO["default"])
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _split_matrix(iters: int, world_size: int, rows: int, seed: int) -> np.ndarray:
@@ -236,9 +250,14 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
         "masking_target": TARGET_MASKING,
         "masking_met": bool(exp_rows) and all(r["masking"] >= TARGET_MASKING for r in exp_rows),
         "none_ratio_by_bound": {r["bound"]: r["speedup"] for r in none_rows},
-        "none_ratio_target": TARGET_NONE_RATIO,
+        "none_ratio_target": {r["bound"]: _none_target(cfg["splits"], r["bound"])
+                              for r in none_rows},
         "none_ratio_met": bool(none_rows)
-        and all(r["speedup"] >= TARGET_NONE_RATIO for r in none_rows),
+        and all(r["speedup"] >= _none_target(cfg["splits"], r["bound"]) for r in none_rows),
+        # Ranks outnumber cores: a sleeping rank frees a core for the others, so T_ideal is no
+        # floor and measured masking can exceed 1. The simulator's masking is the figure to read.
+        "oversubscribed": cfg["world_size"] > _cores(),
+        "cores": _cores(),
         "exact": all(r["exact"] for r in rows),
     }
 
@@ -409,8 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["loadavg_1m"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     _print_table(rows)
+    if summary["oversubscribed"]:
+        print(f"OVERSUBSCRIBED: {args.world_size} ranks on {summary['cores']} cores; measured "
+              "masking can exceed 1 (a sleeping rank frees a core): read the simulator's (sim lat/cpu)")
     print(json.dumps({k: summary[k] for k in ("masking_exp_at_max_bound", "masking_met",
-                                              "none_ratio_by_bound", "none_ratio_met", "exact")},
+                                              "none_ratio_by_bound", "none_ratio_met",
+                                              "oversubscribed", "exact")},
                      default=str))
 
     machine, commit = _provenance.machine(backend="gloo"), _provenance.commit()
