@@ -435,6 +435,9 @@ def _config(args, parser: argparse.ArgumentParser, world_size: int):
             parser.error(f"--tables {args.tables} but --arch-embedding-size lists "
                          f"{len(args.arch_embedding_size)} tables")
         sizes = args.arch_embedding_size
+        if max(sizes) > MAX_ROWS:
+            parser.error(f"--arch-embedding-size: a table of {max(sizes)} rows; at most "
+                         f"{MAX_ROWS} rows per table")
     else:
         sizes = (args.rows or d["rows"],) * (args.tables or d["tables"])
     D = args.arch_sparse_feature_size

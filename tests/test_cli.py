@@ -155,6 +155,7 @@ def test_simulate_4096_ranks_quickly(tmp_path):
         (["run", "--delay", "straggler:1:100", "--timeout-s", "10"], "the world would time out"),
         # Sizes: hard bounds, then the memory the configuration needs against what there is.
         (["run", "--rows", "2147483649"], "--rows must be <= 2147483648"),
+        (["run", "--arch-embedding-size", "10-3000000000"], "at most 2147483648 rows per table"),
         (["run", "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["run", "--timeout-s", "99999999999"], "--timeout-s must be <= 1000000000"),
         (["run", "--world-size", "5000"], "--world-size must be <= 1024"),
