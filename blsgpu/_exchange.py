@@ -201,6 +201,7 @@ class _Iteration:
     error: BaseException | None = None
     waited = False
     prev: _Iteration | None = None  # processed before this one, on every rank alike
+    gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
 
     def __init__(self, k: int, slot: torch.Tensor, buf: _Buffer, head: np.ndarray,
                  send_splits: list[int], recv_splits: list[int] | None, row_bytes: int,
@@ -335,6 +336,9 @@ class BoundedLagAllToAll:
         # B=0 callers wait on each iteration right after posting it: they process it themselves
         # (no thread hand-off). Iterations posted ahead go to the progress thread at once.
         self._eager = bound > 0 or not tr.caller_may_receive
+        # Host transports gather inline payloads on the caller's thread (what the progress thread
+        # must do early is only to post data alltoalls, which peers wait for).
+        self._gather_late = not tr.stream_ordered
         self._queue: queue.SimpleQueue[_Iteration | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._progress, name=f"blsgpu-{self.name}-r{self.rank}", daemon=True
@@ -624,7 +628,14 @@ class BoundedLagAllToAll:
         else:
             try:
                 with span("receive", self.name, it.k):
-                    self._receive(it)
+                    self._await_messages(it)
+                    if (threading.current_thread() is self._thread and self._gather_late
+                            and not it.spill and not self._received(it.k)[1][:, _H_SPILL].any()):
+                        # No data alltoall in k: nothing peers wait for. Reading the headers and
+                        # gathering the payloads is left to the caller's wait(), with no hand-off.
+                        it.gather_late = True
+                    else:
+                        self._receive(it)
             except BaseException as e:  # handed to the waiting caller
                 it.error = e
                 if not isinstance(e, ValueError):
@@ -645,14 +656,17 @@ class BoundedLagAllToAll:
             event = it.event
         return event.wait(timeout_s)
 
+    def _await_messages(self, it: _Iteration) -> None:
+        if it.msg_work is not None:
+            try:
+                self.transport.wait_all(it.msg_work, self.timeout_s)
+            except Exception as e:
+                raise self._fail(it.k, "header", e) from e
+            it.msg_work = None
+
     def _receive(self, it: _Iteration) -> None:
         k, tr, W, me = it.k, self.transport, self.world_size, self.rank
         slot, row_bytes, head = it.slot, it.row_bytes, it.head
-        if it.msg_work is not None:
-            try:
-                tr.wait_all(it.msg_work, self.timeout_s)
-            except Exception as e:
-                raise self._fail(k, "header", e) from e
         # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer.
         table, hdr = self._received(k)
         want = head[:_H_FIXED].copy()
@@ -788,6 +802,12 @@ class BoundedLagAllToAll:
                 f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
             )
             self._broken = it.error
+        if it.gather_late:
+            it.gather_late = False
+            try:
+                self._receive(it)
+            except BaseException as e:
+                it.error = e
         work = it.data_work
         if work is not None:
             tr = self.transport
