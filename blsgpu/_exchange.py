@@ -43,7 +43,7 @@ import torch.distributed as dist
 from blsgpu import _env, _local
 from blsgpu._errors import BLSError, PeerError
 from blsgpu._trace import span
-from blsgpu._transport import DATA, MESSAGE, GlooTransport
+from blsgpu._transport import DATA, MESSAGE, GlooTransport, PeerFailure
 
 MAX_BOUND = 4096
 _MAX_TRAILING_DIMS = 6
@@ -297,7 +297,13 @@ class BoundedLagAllToAll:
             raise ValueError(f"inline_bytes must be a non-negative int, got {inline_bytes!r}")
         self.bound = bound
         self.device = torch.device(device) if device is not None else None
-        self.transport = _make_transport(transport, group, self.device, self.timeout_s)
+        try:
+            self.transport = _make_transport(transport, group, self.device, self.timeout_s)
+        except PeerFailure as e:
+            raise PeerError(
+                f"BLS channel {name or 'new'!r}: peer {e.peer} failed during channel creation: {e}",
+                peer=e.peer, channel=name or "new", iteration=-1,
+            ) from e
         tr = self.transport
         self.rank = tr.rank
         self.world_size = tr.world_size

@@ -139,6 +139,7 @@ class GlooTransport:
         self._store = dist.PrefixStore(f"blsgpu/ch{self.channel_id}", group_store(group))
         self._groups: list[Any] = []
         if self.world_size > 1:
+            self._await_peers(timeout_s)
             timeout = timedelta(seconds=timeout_s)
             # Connecting is collective: every rank of the group builds the same two, in order.
             self._groups = [
@@ -146,6 +147,21 @@ class GlooTransport:
                                       self.world_size, timeout)
                 for kind in ("message", "data")
             ]
+
+    def _await_peers(self, timeout_s: float) -> None:
+        """Every rank of the group says it creates this channel: one that does not within the
+        timeout is named (connecting would only say that some key never came)."""
+        self._store.set(f"joined/{self.rank}", "1")
+        keys = [f"joined/{p}" for p in range(self.world_size) if p != self.rank]
+        try:
+            self._store.wait(keys, timedelta(seconds=timeout_s))
+        except Exception as e:
+            missing = [p for p in range(self.world_size)
+                       if p != self.rank and not self._store.check([f"joined/{p}"])]
+            raise PeerFailure(
+                f"rank(s) {missing or '?'} did not create channel {self.channel_id} of the group "
+                f"within {timeout_s:.1f} s (a rank is silent, dead, or creates its channels in "
+                f"another order)", missing[0] if missing else -1) from e
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` over the group's ranks (a collective, at channel creation)."""

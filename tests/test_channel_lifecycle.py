@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from blsgpu import BoundedLagAllToAll, run_world
+from blsgpu import BoundedLagAllToAll, PeerError, run_world
 
 
 def _resources() -> tuple[int, int]:
@@ -92,3 +92,24 @@ def test_inputs_that_would_be_misread_are_refused_before_sending():
     seen, recv, splits, posted = run_world(1, _misread_inputs_body)[0]
     assert seen == [True] * 5, seen
     assert recv == [[0.0, 1.0], [2.0, 3.0]] and splits == [2] and posted == 1
+
+
+def _late_creator_body(rank, w):
+    if rank == 2:
+        time.sleep(3.0)  # silent while the others create a channel
+        return "late"
+    t0 = time.monotonic()
+    try:
+        BoundedLagAllToAll(bound=1, timeout=1.0, name="late-peer")
+    except PeerError as e:
+        return e.peer, e.channel, str(e), time.monotonic() - t0
+    return "created"
+
+
+def test_a_rank_that_never_creates_the_channel_is_named():
+    results = run_world(3, _late_creator_body, timeout_s=60, return_exceptions=True, grace_s=10)
+    assert results[2] == "late"
+    for r in (0, 1):
+        peer, channel, msg, elapsed = results[r]
+        assert (peer, channel) == (2, "late-peer") and "channel creation" in msg, msg
+        assert 0.9 < elapsed < 3.0
