@@ -1,4 +1,4 @@
-"""Lag counters in device-visible memory for the GPU path (design.md, "The GPU path in one paragraph").
+"""Lag counters in device-visible memory for the GPU path (docs/design.md, "The GPU path").
 
 posted / arrived / released of one channel live in one small pinned host-mapped int64 array, which
 streams read and write through its device address (pinned memory is mapped under unified addressing):

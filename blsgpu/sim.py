@@ -1,4 +1,4 @@
-"""Discrete-event simulator of the synchronous and the BLS schedules (design.md, "Measuring").
+"""Discrete-event simulator of the synchronous and the BLS schedules (docs/design.md, "Measuring").
 
 Input: ``work[r, k]``, the seconds rank r is busy in iteration k (its compute plus its injected
 delay, not the time it spends blocked), and ``comm_s``, the time an exchange takes from the moment
@@ -21,7 +21,7 @@ k, plus the exchange time, then consumes k (``work[r, k]``) and releases it::
 
 A rank posts k+B in step k, after it released k-1 in step k-1: it posts k only after releasing
 k-B-1, and so ``s[r, k+1] >= s[p, k-B] + c >= s[p, k-B]``, the time peer p released k-B-1: no rank
-finishes iteration k before every peer has released iteration k-B-1 (design.md's contract). B = 0
+finishes iteration k before every peer has released iteration k-B-1 (docs/design.md, the contract). B = 0
 gives the synchronous schedule; B >= K gives ``c[0] + max_r sum_k work[r, k]`` when c is constant.
 
 ``T_ideal = T_none + max_r sum_k delay[r, k]``, with T_none the synchronous run of the same work
@@ -72,7 +72,7 @@ class SimResult:
 
 @dataclass(frozen=True)
 class Projection:
-    """Simulated times of one delay model at one bound, and the ratios design.md reports."""
+    """Simulated times of one delay model at one bound, and the ratios docs/design.md reports."""
 
     world_size: int
     iterations: int

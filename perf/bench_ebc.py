@@ -26,7 +26,7 @@ Figures (defined once):
   second, all ranks). ratio = T(torchrec-dmp) / T(provider) of the same delay model in the same
   round; the median over rounds is reported (and the median time).
 - ceiling: the ratio the provider would reach if it hid every injected delay except its slowest
-  rank's own (design.md's T_ideal with the provider's own no-delay time): T(torchrec-dmp) /
+  rank's own (docs/design.md's T_ideal with the provider's own no-delay time): T(torchrec-dmp) /
   (T(provider, none) + max over ranks of the rank's summed delays). A synchronous provider pays
   the per-batch maximum over ranks instead.
 - cpu ms: CPU time of all ranks' processes (every thread: main, BLS progress threads, gloo's) per

@@ -12,7 +12,7 @@ an optional fixed compute (--compute-ms) and sleep the rank's delay for k from a
 - bls B: ``blsgpu.BoundedLagAllToAll(bound=B)`` driven as a pipeline: post k+B, wait k, consume k.
 
 Time of a configuration: max over ranks of the timed loop (after a warm-up and a barrier); medians
-over --repeats. Masking (design.md) = (T_sync - T_bls) / (T_sync - T_ideal), T_ideal = T_none + max
+over --repeats. Masking (docs/design.md) = (T_sync - T_bls) / (T_sync - T_ideal), T_ideal = T_none + max
 over ranks of that rank's injected delays summed, T_none = the sync run without delays. Each ratio is
 taken within one repeat, then the median over repeats is reported. blsgpu.sim predicts every figure
 from the same schedule and the measured T_none, with the exchange modelled either as latency ("lat")
@@ -309,7 +309,7 @@ def _print_table(rows: list[dict]) -> None:
               f"{m(r.get('blocked_on_bound_s'), '7.3f'):>7} "
               f"{m(r.get('waiting_for_data_s'), '7.3f'):>7} {r['oversleep_s']:6.3f} "
               f"{'yes' if r['exact'] else 'NO'}")
-    print("speedup = T_sync/T of the same delay model; masking per design.md (n/a: nothing to hide);"
+    print("speedup = T_sync/T of the same delay model; masking per docs/design.md (n/a: nothing to hide);"
           " sim lat/cpu: blsgpu.sim with the exchange as latency / as busy time; lag: max_lag; "
           "bound_s, wait_s: blocked on the bound / waiting for data (max over ranks); ovsl_s: "
           "oversleep of the injected sleeps (max over ranks)")

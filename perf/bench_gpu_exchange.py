@@ -10,7 +10,7 @@ Part "local" (blsgpu._local.run_local, W ranks as W stream sets on one GPU): eve
 sleeps on its own stream for its delay of iteration k (seeded blsgpu.delays schedule, a spin kernel:
 the host never waits), B in --bounds. B=0 is lock-step, so it is the synchronous reference: T_none =
 B=0 without delays, T_sync = B=0 with them, T_ideal = T_none + max over ranks of that rank's delays
-summed, masking = (T_sync - T_bls) / (T_sync - T_ideal) (design.md). Target: masking >= 0.9 at B=8.
+summed, masking = (T_sync - T_bls) / (T_sync - T_ideal) (docs/design.md). Target: masking >= 0.9 at B=8.
 Each configuration's per-rank checksums of every received tensor must agree with B=0's (exact).
 
 Times: wall clock from a start barrier to the device being idle again (torch.cuda.synchronize),

@@ -1,4 +1,4 @@
-"""The BLS exchange contract (design.md) on gloo: exact, bounded, loud, live, not spinning."""
+"""The BLS exchange contract (docs/design.md) on gloo: exact, bounded, loud, live, not spinning."""
 
 from __future__ import annotations
 
