@@ -14,8 +14,8 @@ does not inflate them. Reported per iteration, medians over --repeats runs of --
   wait_us      time inside wait() minus the processing it did itself
   total_us     exchange + process + wait: the host time one iteration costs, whichever thread
   transport_us the fake transport's own copies (left out of exchange_us and total_us)
-Payloads: --rows rows of --dim float32 per peer; "inline" fits the header alltoall, "spill"
-(--spill-rows) takes the data alltoall.
+Payloads: --rows rows of --dim float32 per peer; "inline" rides behind the headers in the message
+alltoall, "spill" is the same payload on a channel without inline capacity (the data alltoall).
 
 Usage: python perf/bench_host_cost.py [--worlds 1,8,64] [--bounds 0,4] [--iters 2000] [--out DIR]
 """
@@ -117,13 +117,14 @@ class _Timed:
                 self.s += _clock() - t0
 
 
-def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool) -> dict:
+def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool,
+             inline_bytes: int | None = None) -> dict:
     timed = _Timed()
     _exchange.BoundedLagAllToAll._process = lambda chan, it: timed(chan, it)
     try:
         mirror = MirrorTransport(world_size)
         a2a = blsgpu.BoundedLagAllToAll(bound=bound, transport=mirror, timeout=60,
-                                        name="host-cost")
+                                        name="host-cost", inline_bytes=inline_bytes)
         send = torch.randn(rows * world_size, dim)
         splits = [rows] * world_size
         recv_splits = splits if known else None
@@ -159,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", type=int, default=16, help="rows per peer (inline payloads)")
-    ap.add_argument("--spill-rows", type=int, default=4096, help="rows per peer (data alltoall)")
     ap.add_argument("--dim", type=int, default=16, help="float32 columns per row")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-plot", action="store_true")
@@ -170,18 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("worlds >= 1, bounds >= 0, iters and repeats >= 1")
     torch.set_num_threads(1)
     rows_out = []
-    for payload, rows in (("inline", args.rows), ("spill", args.spill_rows)):
+    for payload, inline_bytes in (("inline", None), ("spill", 0)):
         for known in (False, True):
             for w in worlds:
                 for b in bounds:
-                    if payload == "spill" and w > 8:
-                        continue  # big buffers at W=64 measure memcpy, not the engine
-                    iters = args.iters if payload == "inline" else max(args.iters // 10, 50)
-                    run_once(w, b, min(iters, 100), rows, args.dim, known)  # warm-up
-                    reps = [run_once(w, b, iters, rows, args.dim, known)
+                    run_once(w, b, min(args.iters, 100), args.rows, args.dim, known, inline_bytes)
+                    reps = [run_once(w, b, args.iters, args.rows, args.dim, known, inline_bytes)
                             for _ in range(args.repeats)]
                     row = {"payload": payload, "splits": "known" if known else "exchanged",
-                           "world_size": w, "bound": b, "rows": rows, "dim": args.dim}
+                           "world_size": w, "bound": b, "rows": args.rows, "dim": args.dim}
                     for key in reps[0]:
                         row[key] = statistics.median(r[key] for r in reps)
                     row["goal_us"] = GOALS_US.get(w)
