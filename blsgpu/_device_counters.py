@@ -1,17 +1,23 @@
 """Lag counters in device-visible memory for the GPU path (docs/design.md, "The GPU path").
 
 posted / arrived / released of one channel live in one small pinned host-mapped int64 array, which
-streams read and write through its device address (pinned memory is mapped under unified addressing):
-the comm stream writes posted before launching iteration k and arrived after it, the consumer's
-stream writes released when wait() hands iteration k over, and before launching k the comm stream
-waits on device until released >= k-B. The host never blocks for any of it, and stats() reads the
-three counts straight from host memory, without synchronizing the device.
+streams write through its device address (pinned memory is mapped under unified addressing): the
+comm stream writes posted when iteration k's data is launched and arrived after it, the consumer's
+stream writes released when wait() hands iteration k over. stats() and the watchdog read the counts
+straight from host memory, without synchronizing the device. The counters are only written on
+device, never waited on.
 
-Stream operations, in order of preference:
-- cuStreamWaitValue64 / cuStreamWriteValue64 through cuda-bindings, where the driver runs them
-  (probed once per device: a satisfied wait and a write on a scratch stream);
-- else the kernels of kernels/lag_counters.cu, compiled at first use by CuPy (NVRTC): a spin-wait with
-  backoff and a timeout flag, and a release store.
+The bound itself is a CUDA-visible dependency: release(k) records an event on the consumer's stream
+(after the stream waited for k's data and wrote `released`), and gate(k, B) makes the comm stream
+wait on the event of release k-B-1 before the data of k. CUDA then knows every edge of the schedule
+(no stream spins on a value another stream has yet to write), so it cannot deadlock however many
+streams share the hardware queues (CUDA_DEVICE_MAX_CONNECTIONS).
+
+Stream writes, in order of preference:
+- cuStreamWriteValue64 through cuda-bindings, where the driver runs it (probed once per device);
+- else the release-store kernel of kernels/lag_counters.cu, compiled at first use by CuPy (NVRTC).
+The wait operations (cuStreamWaitValue64, the spin kernel with its timeout flag) stay available as
+`ops.wait_geq` for diagnostics; the engine no longer uses them.
 
 Imported only on the GPU path; CuPy and cuda-bindings load inside the functions that need them.
 """
@@ -63,14 +69,17 @@ def host_wait(event: Any, timeout_s: float) -> bool:
 
 
 class DeviceCounters(HostCounters):
-    """HostCounters plus posted / arrived / released that streams write and wait on.
+    """HostCounters plus posted / arrived / released that streams write, and the device gate.
 
     The host counts stay what the engine uses (headers carry the host's release count); the device
-    counts say how far the streams really are, and are what bounds the lag on device.
+    counts say how far the streams really are (stats, watchdog messages).
 
     Args:
         comm_stream: the channel's comm stream; gate() and arrive() enqueue there.
-        ops: stream operations (default: the best that `stream_ops` finds for the device).
+        ops: stream writes (default: the best that `stream_ops` finds for the device).
+        events: record(stream) -> event, wait_event(stream, event), current_stream(): the CUDA
+            events of the gate (default on a GPU: torch's). None on CPU emulation, where the host
+            order (release k-B-1 before exchange k) is all there is.
     """
 
     def __init__(
@@ -81,6 +90,7 @@ class DeviceCounters(HostCounters):
         comm_stream: Any,
         timeout_s: float,
         ops: Any = None,
+        events: Any = None,
     ):
         super().__init__(world_size, rank)
         self.device = device
@@ -91,16 +101,35 @@ class DeviceCounters(HostCounters):
         self.mem = _counter_block(pinned=gpu)
         self._addr = self.mem.data_ptr()  # unified addressing: the device sees the same address
         self.ops = ops if ops is not None else stream_ops(device)
-        self._consumer = (lambda: torch.cuda.current_stream(device)) if gpu else (lambda: None)
+        if events is None and gpu:
+            events = TorchEvents(device)
+        self.events = events
+        self._consumer = events.current_stream if events is not None else (lambda: None)
+        # k -> event recorded on the consumer's stream after release(k); gate(k+B+1) takes it.
+        # Written by the caller's thread, taken by the progress thread (dict ops are atomic).
+        self.release_events: dict[int, Any] = {}
+        self._pruned = 0  # every key below this one was taken or dropped
+        self.gated_on = -1  # the release the latest gate waited for (-1: none yet)
 
     def _ptr(self, i: int) -> int:
         return self._addr + 8 * i
 
     def gate(self, k: int, bound: int) -> None:
-        self.check()
-        if k - bound > 0:
-            self.ops.wait_geq(self.comm_stream, self._ptr(_RELEASED), k - bound, self.timeout_ns,
-                              self._ptr(_STATUS))
+        """The comm stream waits for the consumer's release of k-B-1 (an event), then marks k
+        posted. Called on the progress thread, always after the caller's release(k-B-1)."""
+        j = k - bound - 1
+        if j >= 0 and self.events is not None:
+            events = self.release_events
+            while self._pruned < j:  # releases whose iterations moved no data: not needed
+                events.pop(self._pruned, None)
+                self._pruned += 1
+            ev = events.pop(j, None)
+            if ev is None:
+                raise BLSError(f"device gate of iteration {k}: release {j} recorded no event "
+                               f"(releases must precede the gate)")
+            self._pruned = j + 1
+            self.events.wait_event(self.comm_stream, ev)
+            self.gated_on = j
         self.ops.write(self.comm_stream, self._ptr(_POSTED), k + 1)
 
     def arrive(self, k: int) -> None:
@@ -110,7 +139,10 @@ class DeviceCounters(HostCounters):
     def release(self, k: int) -> None:
         super().release(k)
         # On the consumer's stream, after wait() made it wait for iteration k's data.
-        self.ops.write(self._consumer(), self._ptr(_RELEASED), k + 1)
+        stream = self._consumer()
+        self.ops.write(stream, self._ptr(_RELEASED), k + 1)
+        if self.events is not None:
+            self.release_events[k] = self.events.record(stream)
 
     def device_counts(self) -> dict[str, Any]:
         """The counts as the streams have written them so far (no device synchronization)."""
@@ -122,12 +154,32 @@ class DeviceCounters(HostCounters):
         return {"device": {**self.device_counts(), "stream_ops": self.ops.name}}
 
     def check(self) -> None:
-        """Raise if a device wait on the release counter gave up (spin kernel timeout)."""
+        """Raise if a spin-kernel wait on the release counter gave up (diagnostics only)."""
         if int(self.mem[_STATUS]) != 0:
             raise BLSError(
                 f"a device wait for the release counter timed out after {self.timeout_ns / 1e9:.0f} s "
                 f"(device counts {self.device_counts()}): the consumer stream stopped releasing"
             )
+
+
+class TorchEvents:
+    """The CUDA events of the gate, through torch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def current_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device)
+
+    @staticmethod
+    def record(stream: Any) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def wait_event(stream: Any, event: Any) -> None:
+        stream.wait_event(event)
 
 
 # Comm streams: CUDA streams of their own, kept as long as the process.
@@ -214,7 +266,8 @@ class MemOps:
             raise RuntimeError(f"{fn.__name__} failed: CUresult {int(err)} ({_cu_error(self.cu, err)})")
 
     def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
-        # No timeout on device: the host only ever gates k after it enqueued release(k-B-1).
+        # Diagnostics only (perf/gpu_check.sh): no timeout on device, and a wait on a value that
+        # another stream writes is invisible to CUDA's scheduling (the gate uses events instead).
         cu = self.cu
         self._call(cu.cuStreamWaitValue64, cu.CUstream(stream.cuda_stream), cu.CUdeviceptr(addr),
                    cu.cuuint64_t(value), _GEQ)

@@ -202,6 +202,7 @@ class _Iteration:
     waited = False
     prev: _Iteration | None = None  # processed before this one, on every rank alike
     gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
+    msg_args: tuple | None = None  # stream-ordered: the MESSAGE alltoall the progress thread posts
 
     def __init__(self, k: int, slot: torch.Tensor, buf: _Buffer, head: np.ndarray,
                  send_splits: list[int], recv_splits: list[int] | None, row_bytes: int,
@@ -264,6 +265,13 @@ class BoundedLagAllToAll:
         inline_bytes: per-peer payloads up to this size travel behind the header, in the same
             alltoall (gloo only; default min(256 KiB, 32 MiB / W)); the ranks agree on the smallest
             value asked. 0 turns it off. Untouched receive pages cost no memory.
+        known_splits: every exchange() on every rank passes recv_splits. On a stream-ordered
+            transport (NCCL, the in-process mode) no header travels then: the data moves sized by
+            the splits, one NCCL group per iteration, with no header round trip before it; the
+            splits are trusted (a wrong one is NCCL's size mismatch, not a ValueError) and stats'
+            lag counts only this rank's iterations not yet launched (peers report nothing). The
+            ranks agree at creation: unless every rank asks for it, headers travel as usual.
+            Ignored on gloo, where small payloads ride in the headers.
     """
 
     def __init__(
@@ -275,6 +283,7 @@ class BoundedLagAllToAll:
         timeout: timedelta | float | None = None,
         name: str | None = None,
         inline_bytes: int | None = None,
+        known_splits: bool = False,
     ):
         if isinstance(bound, bool) or not isinstance(bound, int):
             raise TypeError(f"bound must be an int, got {type(bound).__name__}")
@@ -313,6 +322,12 @@ class BoundedLagAllToAll:
             connect(self.timeout_s)
         self._counters = tr.make_counters(self.world_size, self.rank, self.timeout_s)
         self._inline = self._agree_inline_bytes(inline_bytes)
+        # Header-less iterations: stream-ordered transports only, and only if every rank asked.
+        self._known = False
+        if tr.stream_ordered and self.world_size > 1:
+            agree = getattr(tr, "agree_min", None)
+            asked = int(bool(known_splits))
+            self._known = agree is not None and bool(agree(asked))
         self._slot_written = getattr(tr, "slot_written", None)
         # MESSAGE alltoall: a header (and room for an inline payload) from every peer, nothing
         # from itself (a rank's own rows never travel; its header is known). Regions are all alike,
@@ -345,9 +360,18 @@ class BoundedLagAllToAll:
         # Host transports gather inline payloads on the caller's thread (what the progress thread
         # must do early is only to post data alltoalls, which peers wait for).
         self._gather_late = not tr.stream_ordered
+        # Stream-ordered transports (NCCL, local): one thread, the progress thread, posts every
+        # alltoall of the channel (MESSAGE of k, then DATA of k, then MESSAGE of k+1, ...), so every
+        # rank issues to its communicators in one global order and no caller thread ever waits on
+        # the host for headers (docs/design.md, "The GPU path").
+        self._ordered = tr.stream_ordered
+        if self._ordered and tr.caller_may_receive:
+            raise ValueError(f"transport {tr.name!r}: a stream-ordered transport is driven by the "
+                             f"progress thread alone (caller_may_receive must be False)")
         self._queue: queue.SimpleQueue[_Iteration | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._progress, name=f"blsgpu-{self.name}-r{self.rank}", daemon=True
+            target=self._progress_ordered if self._ordered else self._progress,
+            name=f"blsgpu-{self.name}-r{self.rank}", daemon=True
         )
         self._thread.start()
 
@@ -533,7 +557,18 @@ class BoundedLagAllToAll:
         in_sizes = sizes_p[:me] + [0] + sizes_p[me:]
         in_buf = self._msg_in[i]
         in_buf.host(self._msg_in_bytes)
-        if W > 1:
+        if self._ordered:
+            # Stream-ordered (NCCL, local): the progress thread posts every group of the channel,
+            # in one order on every rank; here only the slot's readiness is marked.
+            if self._known and recv_splits is None:  # nothing posted yet: slot k is free
+                raise ValueError(f"channel {self.name!r} was created with known_splits=True: "
+                                 f"every exchange passes recv_splits")
+            if spill and self._slot_written is not None:
+                self._slot_written(k)  # where the caller's stream finished writing the slot
+            if W > 1 and not self._known:
+                it.msg_args = (in_buf.torch(self._msg_in_bytes), self._msg_out_sizes,
+                               out_buf.torch(total), in_sizes)
+        elif W > 1:
             try:
                 it.msg_work = tr.alltoall(MESSAGE, k, in_buf.torch(self._msg_in_bytes),
                                           self._msg_out_sizes,
@@ -603,6 +638,62 @@ class BoundedLagAllToAll:
                 return
             if self._claim(it):
                 self._process(it)
+
+    def _progress_ordered(self) -> None:
+        """The progress thread of a stream-ordered transport: the only thread that posts.
+
+        Iterations arrive in order (exchange() queues each one at once); for each, its MESSAGE
+        alltoall is posted, then its headers read and its DATA alltoall posted (if any), before the
+        next iteration's MESSAGE: the same sequence of groups on every rank.
+        """
+        while True:
+            it = self._queue.get()
+            if it is None:
+                return
+            if not self._claim(it):
+                continue
+            if self._known:
+                self._process_known(it)
+            else:
+                self._post_messages(it)
+                self._process(it)
+
+    def _process_known(self, it: _Iteration) -> None:
+        """A header-less iteration (known_splits): its data group, sized by the splits, at once."""
+        it.prev = None  # this thread alone processes, in order
+        if self._broken is not None:
+            it.error = self._broken
+        else:
+            try:
+                with span("receive", self.name, it.k):
+                    rows, rb, c = it.recv_splits, it.row_bytes, self._counters
+                    total = sum(rows)
+                    out = self.transport.empty((total * rb,), torch.uint8)
+                    c.gate(it.k, self.bound)  # device gate (release of k-B-1) before the data
+                    # Every rank posts the data group of every iteration (empty where it moves
+                    # nothing): without headers nobody knows whether another rank has data.
+                    it.data_work = self._post_data(it, out, [r * rb for r in rows])
+                    it.result = (out.view(it.slot.dtype).view((total, *it.slot.shape[1:])), rows)
+                    self._bytes_received += (total - rows[self.rank]) * rb
+                    c.learn_all(it.k, [c.released] * self.world_size)  # no news from peers
+            except BaseException as e:  # handed to the waiting caller
+                it.error = e
+                if not isinstance(e, ValueError):
+                    self._broken = e
+        with self._claim_lock:
+            it.finished = True
+            event = it.event
+        if event is not None:
+            event.set()
+
+    def _post_messages(self, it: _Iteration) -> None:
+        args, it.msg_args = it.msg_args, None
+        if args is None or self._broken is not None:
+            return
+        try:
+            it.msg_work = self.transport.alltoall(MESSAGE, it.k, *args)
+        except Exception as e:  # _process hands the channel's error to the waiting caller
+            self._fail(it.k, "posting", e)
 
     def _claim(self, it: _Iteration) -> bool:
         with self._claim_lock:

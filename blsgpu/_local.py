@@ -12,10 +12,13 @@ transport over a fabric shared by the W ranks, so tests and benchmarks drive the
   wait for both sides), and the lag counters are the device counters, so stream gates and releases
   run exactly as they do with NCCL. ``gpu_sleep`` injects delays on the GPU.
 
-Iteration k between ranks s -> d: the header travels at once (headers are tiny host tensors); data
-waits for flush(DATA, k), where s publishes its send buffers (with, on a GPU, an event after its gate)
-and d, having published its own, takes each peer's and copies it into its receive buffer. A send is
-delivered once the receiver copied it (on a GPU: once the receiver's copy event completed).
+Iteration k between ranks s -> d: the header travels as soon as s's progress thread posts it
+(headers are tiny host tensors); data waits for flush(DATA, k), where s publishes its send buffers
+(with, on a GPU, an event after its gate) and d, having published its own, takes each peer's and
+copies it into its receive buffer. A send is delivered once the receiver copied it (on a GPU: once
+the receiver's copy event completed). As with NCCL, the stream-ordered modes (a GPU, or
+emulate_streams) have the engine's progress thread post every message of a channel, in one order on
+every rank, and the gate is an event after the consumer's release (blsgpu/_device_counters.py).
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ class LocalTransport(PointToPoint):
         self._slot_ready: dict[int, Any] = {}  # k -> event on the caller's stream after the slot
         self._last_order: tuple[int, Any] | None = None  # (stream, event): holds the event
         self._timeout_s = 300.0
+        self._agreements = 0
 
     def make_counters(self, world_size: int, rank: int, timeout_s: float) -> HostCounters:
         self._timeout_s = timeout_s
@@ -183,6 +187,18 @@ class LocalTransport(PointToPoint):
 
         ops = dc.HostOps() if self.stream is None else None
         return dc.DeviceCounters(world_size, rank, self.device, self.stream, timeout_s, ops=ops)
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the ranks (collective, at channel creation)."""
+        n = self._agreements
+        self._agreements += 1
+        ch, me = self.channel_id, self.rank
+        for p in range(self.world_size):
+            if p != me:
+                self.fabric.put((ch, "agree", n, me, p), int(value))
+        got = [self.fabric.take((ch, "agree", n, p, me), p, self._timeout_s)
+               for p in range(self.world_size) if p != me]
+        return min([int(value), *got])
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.stream is None:

@@ -1,40 +1,50 @@
 """The GPU transport: NCCL point-to-point through CuPy, on comm streams that the channel owns.
 
-A channel holds two NCCL communicators, each with its own stream: one for headers and one for data.
-Headers of later iterations (posted by exchange() on the caller's thread) thus never queue behind the
-data of earlier ones (launched by the progress thread once it has read their headers). Each
-communicator is driven by one thread only, in iteration order on every rank, which is what NCCL needs
-to match the groups of a pair. Per iteration k:
+A channel holds two NCCL communicators, each with its own stream: one for headers and one for data,
+so that the headers of iteration k+1 can travel while the data of k is still gated or moving. One
+thread issues to both, the engine's progress thread, in one order on every rank: the header group of
+k, then (once its headers were read) the data group of k, then the header group of k+1 (NCCL asks
+for one global order of operations across communicators; `issued` keeps the latest ones). Per
+iteration k:
 
-  flush(HEADER, k)  caller's thread: one group of every header send and receive on the header stream,
-                    staged through pinned memory; an event marks where the caller's stream finished
-                    writing the send slot.
-  flush(DATA, k)    progress thread: the data stream waits for that event and for the device gate
-                    that the engine enqueued there (released >= k-B), then runs one group of every
-                    data send and receive of k, then records the iteration's event.
-  order(work)       the caller's current stream waits on that event, and record_stream keeps the
-                    caching allocator from handing out a buffer that NCCL still reads or writes;
+  flush(HEADER, k)  one group of every header send and receive on the header stream, staged through
+                    pinned memory; the progress thread waits for it on the host (with a timeout).
+  flush(DATA, k)    the data stream waits for the event where the caller's stream finished the send
+                    slot and for the device gate that the engine enqueued there (an event after the
+                    consumer's release of k-B-1), then runs one group of every data send and receive.
+  order(work)       the caller's current stream waits on the group's event, and record_stream keeps
+                    the caching allocator from handing out a buffer that NCCL still reads or writes;
                     wait(work) blocks the host instead (headers, close(), blocking waits).
 
+A watchdog thread bounds every device wait by the channel's timeout: a group that its stream has
+reached (an event recorded just before it completed) but that has not completed within the timeout
+fails the channel. Every rank whose group fails says so in the group's store and waits a short grace
+for the others; the peers that never say so are named (PeerError, as on CPU), and the communicators
+are aborted, which ends the kernels that wait for the dead peer. Host waits time out the same way.
+Aborting is safe from any thread: NCCL calls are made under one lock, and abort takes it (or, if a
+thread is stuck inside NCCL for longer than a grace, aborts anyway: that is what ncclCommAbort is for).
+
 A rank also messages itself through NCCL (loopback), so one GPU runs the whole path at W=1.
-A host wait that times out aborts both communicators, which unblocks the streams and makes every later
-call raise. CuPy (and so libnccl) loads only when a channel with transport "nccl" is built; its libnccl
-is then compared with the one torch uses (check_libnccl).
+CuPy (and so libnccl) loads only when a channel with transport "nccl" is built; its libnccl is then
+compared with the one torch uses (check_libnccl).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from blsgpu._transport import HEADER, PointToPoint, _next_channel_id, group_store
+from blsgpu._transport import HEADER, PeerFailure, PointToPoint, _next_channel_id, group_store
 
 INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
 
@@ -286,7 +296,21 @@ class TorchCuda:
     def counters(self, world_size: int, rank: int, stream: Any, timeout_s: float) -> Any:
         from blsgpu._device_counters import DeviceCounters  # noqa: PLC0415
 
-        return DeviceCounters(world_size, rank, self.device, stream, timeout_s)
+        return DeviceCounters(world_size, rank, self.device, stream, timeout_s, events=self)
+
+
+_WATCH_TICK_S = 0.1  # how often the watchdog looks (at most; a tenth of the timeout if shorter)
+_ABORT_GRACE_S = 5.0  # how long abort waits for a thread inside an NCCL call before aborting anyway
+
+
+class _Watched:
+    """A group the watchdog follows: `start` completes when the stream reached it, `end` when it
+    completed; `since` is when the watchdog first saw `start` done."""
+
+    __slots__ = ("start", "end", "comm", "k", "since")
+
+    def __init__(self, start: Any, end: Any, comm: str, k: int):
+        self.start, self.end, self.comm, self.k, self.since = start, end, comm, k, None
 
 
 class NcclTransport(PointToPoint):
@@ -295,7 +319,7 @@ class NcclTransport(PointToPoint):
     name = "nccl"
     loopback = True
     stream_ordered = True
-    caller_may_receive = False  # receives stay on the progress thread
+    caller_may_receive = False  # the progress thread alone issues and receives
 
     def __init__(self, group: Any = None, device: torch.device | str | None = None):
         nccl = _import_nccl()  # first: without CuPy the error names the extra to install
@@ -318,18 +342,21 @@ class NcclTransport(PointToPoint):
         prefix = f"blsgpu/nccl/{channel_id}"
         comms = [_make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
                  for what in ("header", "data")]
-        self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms)
+        self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms,
+                    store=dist.PrefixStore(f"{prefix}/", store))
 
     @classmethod
     def from_parts(cls, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
-                   header_comm: Any, data_comm: Any) -> NcclTransport:
-        """A transport over given communicators and CUDA adapter (tests drive it with fakes)."""
+                   header_comm: Any, data_comm: Any, store: Any = None) -> NcclTransport:
+        """A transport over given communicators and CUDA adapter (tests drive it with fakes).
+        `store` (the channel's keys in a store the ranks share) carries agreements and names the
+        silent peers of a failure; None: no agreement (agree_min gives 0), failures unnamed."""
         self = cls.__new__(cls)
-        self._setup(nccl, cuda, rank, world_size, channel_id, header_comm, data_comm)
+        self._setup(nccl, cuda, rank, world_size, channel_id, header_comm, data_comm, store)
         return self
 
     def _setup(self, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
-               header_comm: Any, data_comm: Any) -> None:
+               header_comm: Any, data_comm: Any, store: Any = None) -> None:
         self._nccl = nccl
         self._cuda = cuda
         self.device = cuda.device
@@ -342,6 +369,20 @@ class NcclTransport(PointToPoint):
         self._last_order: tuple[int, Any] | None = None  # (stream, event): holds the event
         self._error: BaseException | None = None
         self._closed = False
+        self._store = store
+        self._agreements = 0
+        self._timeout_s = 300.0
+        self._counters: Any = None
+        # Every NCCL call is made under this lock; abort() takes it too (see _abort).
+        self._lock = threading.RLock()
+        self._aborted = False
+        self._fail_lock = threading.Lock()
+        # (communicator, kind, k) of the latest groups, in issue order ("connect" at creation).
+        self.issued: collections.deque = collections.deque(maxlen=256)
+        self._watched: collections.deque[_Watched] = collections.deque()
+        self._watch_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # -- what the engine calls ---------------------------------------------------------------
 
@@ -349,15 +390,16 @@ class NcclTransport(PointToPoint):
         """Connect every pair now: one group of 1-byte messages per communicator, waited on.
 
         NCCL connects lazily inside a pair's first group. Done here, the host waits for it with a
-        timeout (a peer that never comes is an error at channel creation, not a hang later), and
-        the two communicators do not first connect at once from two threads while the other's
-        kernels already run.
+        timeout (a peer that never comes is an error at channel creation, not a hang later). Then
+        the watchdog starts.
         """
+        self._timeout_s = timeout_s
         cuda, w = self._cuda, self.world_size
-        for comm, stream in ((self.header_comm, self.header_stream),
-                             (self.data_comm, self.data_stream)):
+        for comm, stream, what in ((self.header_comm, self.header_stream, "header"),
+                                   (self.data_comm, self.data_stream, "data")):
             with cuda.use(stream):
                 out, into = cuda.empty((w,), torch.uint8), cuda.empty((w,), torch.uint8)
+            self.issued.append((what, "connect", -1))
             self._group(comm, stream, [(p, out[p : p + 1]) for p in range(w)],
                         [(p, into[p : p + 1]) for p in range(w)])
             if not cuda.host_wait(cuda.record(stream), timeout_s):
@@ -367,9 +409,33 @@ class NcclTransport(PointToPoint):
                 )
                 self._abort(err)
                 raise err
+        self._watchdog = threading.Thread(target=self._watch_loop, daemon=True,
+                                          name=f"blsgpu-nccl{self.channel_id}-watchdog-r{self.rank}")
+        self._watchdog.start()
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the ranks (collective, at channel creation), through the
+        store; 0 where there is none."""
+        if self.world_size == 1:
+            return value
+        if self._store is None:
+            return 0
+        n = self._agreements
+        self._agreements += 1
+        keys = [f"agree/{n}/{p}" for p in range(self.world_size)]
+        self._store.set(keys[self.rank], str(int(value)))
+        try:
+            self._store.wait(keys, timedelta(seconds=self._timeout_s))
+        except Exception as e:
+            missing = [p for p, key in enumerate(keys) if not self._store.check([key])]
+            raise PeerFailure(f"rank(s) {missing} did not agree on the channel's options within "
+                              f"{self._timeout_s:.1f} s", missing[0] if missing else None) from e
+        return min(int(self._store.get(key)) for key in keys)
 
     def make_counters(self, world_size: int, rank: int, timeout_s: float) -> Any:
-        return self._cuda.counters(world_size, rank, self.data_stream, timeout_s)
+        self._timeout_s = timeout_s
+        self._counters = self._cuda.counters(world_size, rank, self.data_stream, timeout_s)
+        return self._counters
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         with self._cuda.use(self.data_stream):  # NCCL writes it on this stream: allocate here
@@ -398,12 +464,15 @@ class NcclTransport(PointToPoint):
     def flush(self, kind: int, k: int) -> None:
         self._check()
         works = self._pending.pop((kind, k), [])
+        # Logged even when this rank has nothing to send or receive: the engine's decision, the
+        # same on every rank (the order the tests compare across ranks).
+        self.issued.append(("header" if kind == HEADER else "data", kind, k))
         if kind == HEADER:
-            self._launch_headers(works)
+            self._launch_headers(k, works)
         else:
             self._launch_data(k, works)
 
-    def _launch_headers(self, works: list[_Work]) -> None:
+    def _launch_headers(self, k: int, works: list[_Work]) -> None:
         if not works:
             return
         cuda, stream = self._cuda, self.header_stream
@@ -429,10 +498,12 @@ class NcclTransport(PointToPoint):
             o += n
         if out_bytes:
             cuda.copy_async(dev_out, host_out, stream)
+        start = cuda.record(stream)
         self._group(self.header_comm, stream, plan_s, plan_r)
         if in_bytes:
             cuda.copy_async(host_in, dev_in, stream)
         ev = cuda.record(stream)
+        self._watch(start, ev, "header", k)
         for w in works:
             w.event, w.keep = ev, (dev_out, dev_in, host_out)
 
@@ -443,41 +514,53 @@ class NcclTransport(PointToPoint):
             cuda.wait_event(stream, ready)
         sends = [(w.peer, w.buf) for w in works if w.send]
         recvs = [(w.peer, w.buf) for w in works if not w.send]
+        start = cuda.record(stream) if works else None  # reached once the gate and slot passed
         if works:
             self._group(self.data_comm, stream, sends, recvs)
         for _, buf in sends:
             cuda.record_stream(buf, stream)  # the caller's slot is read on this stream
         ev = cuda.record(stream)
+        if start is not None:
+            self._watch(start, ev, "data", k)
         for w in works:
             w.event = ev
 
     def _group(self, comm: Any, stream: Any, sends: list, recvs: list) -> None:
         nccl, s = self._nccl, self._cuda.handle(stream)
-        nccl.groupStart()
-        try:
-            for peer, buf in sends:
-                comm.send(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
-            for peer, buf in recvs:
-                comm.recv(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
-        finally:
-            nccl.groupEnd()
+        with self._lock:  # abort() waits for a call in progress to return
+            self._check()
+            nccl.groupStart()
+            try:
+                for peer, buf in sends:
+                    comm.send(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
+                for peer, buf in recvs:
+                    comm.recv(buf.data_ptr(), _nbytes(buf), nccl.NCCL_UINT8, peer, s)
+            finally:
+                nccl.groupEnd()
 
     def wait(self, work: _Work, timeout_s: float) -> None:
         self._check()
         if work.event is None:
             raise RuntimeError(f"iteration {work.k}: an NCCL message was waited before flush()")
-        if not self._cuda.host_wait(work.event, timeout_s):
-            what = "header" if work.kind == HEADER else "data"
-            err = TimeoutError(
-                f"timed out after {timeout_s:.1f} s: the NCCL {what} group of iteration {work.k} "
-                f"did not complete (a peer is silent or dead; the communicators were aborted)"
-            )
-            self._abort(err)
-            raise err
+        if not self._host_wait(work.event, timeout_s):
+            raise self._timed_out("header" if work.kind == HEADER else "data", work.k, timeout_s)
+        self._check()  # aborted meanwhile: what arrived is not to be trusted
         if work.staged is not None:
             work.buf.reshape(-1).view(torch.uint8).copy_(work.staged)
             work.staged = None
         work.keep = None
+
+    def _host_wait(self, event: Any, timeout_s: float) -> bool:
+        """host_wait in slices, raising the channel's error as soon as there is one (the watchdog
+        or another thread failed the channel)."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while True:
+            left = deadline - time.monotonic()
+            if self._cuda.host_wait(event, min(max(left, 0.0), 0.05)):
+                return True
+            self._check()
+            if left <= 0:
+                return False
 
     def order(self, work: _Work, timeout_s: float) -> None:
         if work.kind == HEADER:
@@ -496,32 +579,141 @@ class NcclTransport(PointToPoint):
             self._last_order = (cuda.handle(stream), work.event)
         if not work.send:
             cuda.record_stream(work.buf, stream)  # the caller reads it there
+        self._check()  # failed meanwhile (the watchdog): say so now rather than at the next call
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
+    # -- the watchdog and failures -------------------------------------------------------------
+
+    def _watch(self, start: Any, end: Any, comm: str, k: int) -> None:
+        with self._watch_lock:
+            self._watched.append(_Watched(start, end, comm, k))
+
+    def _watch_loop(self) -> None:
+        tick = min(_WATCH_TICK_S, max(self._timeout_s / 10, 0.005))
+        while not self._stop.wait(tick):
+            if self._error is not None:
+                return
+            self.watch_once()
+
+    def watch_once(self) -> None:
+        """One look at every group in flight: fail the channel if one that its stream reached has
+        not completed within the timeout (a group still behind its gate or an earlier group is not
+        late: the consumer or an earlier group is, and that one is watched)."""
+        with self._watch_lock:
+            watched = list(self._watched)
+        now = time.monotonic()
+        late = None
+        finished = 0
+        for w in watched:
+            if w.end.query():
+                finished += 1
+                w.since = -1.0
+                continue
+            if w.since is None:
+                if w.start.query():
+                    w.since = now
+            elif now - w.since > self._timeout_s and late is None:
+                late = w
+        if finished:
+            with self._watch_lock:
+                self._watched = collections.deque(w for w in self._watched if w.since != -1.0)
+        if late is not None and self._error is None:
+            try:
+                self._timed_out(late.comm, late.k, self._timeout_s)
+            except Exception:
+                pass  # the channel's error is set: the engine raises it at its next call
+
+    def _timed_out(self, what: str, k: int, timeout_s: float) -> PeerFailure:
+        """The channel's failure for a group of iteration k that did not complete in time: the
+        silent peers named through the store, the communicators aborted."""
+        with self._fail_lock:
+            if self._error is not None:
+                return self._error  # type: ignore[return-value]
+            grace = min(3.0, max(0.5, 0.25 * self._timeout_s))
+            silent, sure = self._blame_store(k, grace)
+            peer = silent[0] if sure and silent else None
+            counts = ""
+            if self._counters is not None and hasattr(self._counters, "device_counts"):
+                counts = f"; device counts {self._counters.device_counts()}"
+            who = (f"rank(s) {silent} did not report it" if sure and silent
+                   else "the failing peer could not be told apart")
+            err = PeerFailure(
+                f"timed out after {timeout_s:.1f} s: the NCCL {what} group of iteration {k} did "
+                f"not complete ({who}; a peer is silent or dead; the communicators were aborted; "
+                f"last groups issued {list(self.issued)[-4:]}{counts})", peer)
+            self._abort(err)
+            return err
+
+    def _blame_store(self, k: int, grace_s: float) -> tuple[list[int], bool]:
+        """The peers that did not report a failure of this channel within `grace_s` (as the gloo
+        transport does): (silent peers, True), or (every peer, False) without an answering store."""
+        peers = [p for p in range(self.world_size) if p != self.rank]
+        if self._store is None or not peers:
+            return peers, False
+        try:
+            self._store.set(f"failed/{self.rank}", str(k))
+            deadline = time.monotonic() + grace_s
+            missing = peers
+            while missing:
+                missing = [p for p in missing if not self._store.check([f"failed/{p}"])]
+                if not missing or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            return missing, True
+        except Exception:
+            return peers, False
+
+    def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
+        peer = getattr(exc, "peer", None)
+        if peer is not None:
+            return [peer], True
+        return self._blame_store(k, grace_s)
+
     def abort(self) -> None:
         self._abort(RuntimeError("the channel was abandoned (aborted)"))
 
     def _abort(self, err: BaseException) -> None:
+        """Fail the channel and abort both communicators, from any thread.
+
+        The error is set first, so that every wait and every later call raises it. The NCCL calls
+        of the issuing thread are made under self._lock: abort waits (up to a grace) for one in
+        progress to return, so it never frees a communicator under a running call; a call stuck
+        in NCCL past the grace is what ncclCommAbort exists to end, and it goes ahead.
+        """
         if self._error is None:
             self._error = err
-        for comm in (self.header_comm, self.data_comm):
-            try:
-                comm.abort()
-            except Exception:
-                pass
+        self._stop.set()
+        got = self._lock.acquire(timeout=_ABORT_GRACE_S)
+        try:
+            if self._aborted:
+                return
+            self._aborted = True
+            for comm in (self.header_comm, self.data_comm):
+                try:
+                    comm.abort()
+                except Exception:
+                    pass
+        finally:
+            if got:
+                self._lock.release()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        dog = self._watchdog
+        if dog is not None and dog is not threading.current_thread():
+            dog.join(timeout=1.0)
         if self._error is not None:
             return  # aborted already
         for stream in (self.header_stream, self.data_stream):
             if not self._cuda.host_wait(self._cuda.record(stream), 30.0):
                 self._abort(TimeoutError("NCCL streams still busy at close"))
                 return
-        for comm in (self.header_comm, self.data_comm):
-            comm.destroy()
+        with self._lock:
+            for comm in (self.header_comm, self.data_comm):
+                comm.destroy()

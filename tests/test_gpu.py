@@ -279,6 +279,8 @@ def test_gpu_sleep_lasts_what_it_is_asked_whatever_the_clock():
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefer", ["mem_ops", "kernel"])
 def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
+    """The gate is an event recorded after the consumer's release: the comm stream does not pass
+    it while the consumer stream is still busy before that release."""
     from blsgpu._device_counters import DeviceCounters, stream_ops  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
@@ -290,28 +292,29 @@ def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
         raise
     comm, consumer = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
     c = DeviceCounters(1, 0, dev, comm, timeout_s=10.0, ops=ops)
-    c.gate(3, 2)  # posting iteration 3 at B=2 needs released >= 1
+    with torch.cuda.stream(consumer):
+        gpu_sleep(0.3)  # the consumer is still busy with iteration 0 ...
+        c.release(0)  # ... and releases it after that
+    c.gate(2, 1)  # posting iteration 2 at B=1 needs release 0
     marker = torch.cuda.Event()
     marker.record(comm)
-    time.sleep(0.2)
-    assert not marker.query(), "the comm stream ran past the gate before any release"
-    assert c.device_counts()["posted"] == 0  # the posted write queues behind the gate
-    with torch.cuda.stream(consumer):
-        gpu_sleep(0.05)
-        c.release(0)
+    time.sleep(0.1)
+    assert not marker.query(), "the comm stream ran past the gate before the release"
     marker.synchronize()
-    assert c.device_counts() == {"posted": 4, "arrived": 0, "released": 1, "wait_timed_out": False}
+    assert c.device_counts() == {"posted": 3, "arrived": 0, "released": 1, "wait_timed_out": False}
+    assert c.gated_on == 0
 
 
 @pytest.mark.gpu
 def test_spin_kernel_wait_times_out_and_says_so():
+    """The spin kernel (diagnostics only now) gives up after its timeout and flags it."""
     from blsgpu import BLSError  # noqa: PLC0415
-    from blsgpu._device_counters import DeviceCounters, stream_ops  # noqa: PLC0415
+    from blsgpu._device_counters import _RELEASED, _STATUS, DeviceCounters, stream_ops  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     comm = torch.cuda.Stream(dev)
     c = DeviceCounters(1, 0, dev, comm, timeout_s=0.2, ops=stream_ops(dev, "kernel"))
-    c.gate(5, 0)  # nobody ever releases
+    c.ops.wait_geq(comm, c._ptr(_RELEASED), 5, c.timeout_ns, c._ptr(_STATUS))  # nobody releases
     comm.synchronize()
     assert c.device_counts()["wait_timed_out"]
     with pytest.raises(BLSError, match="timed out"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -195,30 +196,57 @@ def test_nvtx_ranges_when_present_and_noop_when_absent_or_off():
 # device counters over host-emulated stream operations
 
 
-def test_device_counters_gate_waits_for_the_release_and_times_out():
-    c = DeviceCounters(2, 0, torch.device("cpu"), None, timeout_s=5.0, ops=HostOps())
-    c.gate(0, 2)  # k - B <= 0: nothing to wait for
-    c.gate(2, 2)
-    assert c.device_counts()["posted"] == 3
-    released_at = []
+class _LogEvents:
+    """CUDA events as the gate uses them, logged: record(stream) and wait_event(stream, ev)."""
 
-    def consumer():
-        time.sleep(0.3)
-        released_at.append(time.monotonic())
-        c.release(0)  # released = 1
+    def __init__(self):
+        self.recorded, self.waits, self.n = [], [], 0
 
-    threading.Thread(target=consumer).start()
+    @staticmethod
+    def current_stream():
+        return "consumer"
+
+    def record(self, stream):
+        self.n += 1
+        self.recorded.append((stream, self.n))
+        return self.n
+
+    def wait_event(self, stream, ev):
+        self.waits.append((stream, ev))
+
+
+def test_device_gate_is_an_event_after_the_release_of_k_minus_b_minus_1():
+    ev = _LogEvents()
+    c = DeviceCounters(2, 0, torch.device("cpu"), "comm", timeout_s=5.0, ops=HostOps(), events=ev)
+    c.gate(0, 2)
+    c.gate(2, 2)  # k - B - 1 < 0: nothing to wait for
+    assert ev.waits == [] and c.device_counts()["posted"] == 3
+    c.release(0)
+    c.release(1)
+    assert ev.recorded == [("consumer", 1), ("consumer", 2)]  # on the consumer's stream
+    c.gate(3, 2)  # iteration 3 at B=2: the comm stream waits for the release of 0
+    c.gate(4, 2)
+    assert ev.waits == [("comm", 1), ("comm", 2)] and c.gated_on == 1
+    c.release(2)
+    c.release(3)
+    c.gate(6, 2)  # 5 moved no data (no gate): the event of release 2 is dropped, 3 waited on
+    assert ev.waits[-1] == ("comm", 4) and c.release_events == {}
+    assert c.device_counts() == {"posted": 7, "arrived": 0, "released": 4, "wait_timed_out": False}
+    with pytest.raises(blsgpu.BLSError, match="release 4 recorded no event"):
+        c.gate(7, 2)  # the engine never gates before the release: a bug, said loudly
+    host = DeviceCounters(2, 0, torch.device("cpu"), None, timeout_s=5.0, ops=HostOps())
+    host.gate(5, 0)  # CPU emulation: host order is the gate (no events, no wait)
+    assert host.device_counts()["posted"] == 6
+    assert host.extra_stats()["device"]["stream_ops"] == "host_emulation"
+
+
+def test_host_ops_wait_still_times_out_and_flags_it():
+    """The memory-op waits stay as diagnostics (perf/gpu_check.sh); their emulation times out."""
+    ops = HostOps()
+    cells = torch.zeros(2, dtype=torch.int64)
     t0 = time.monotonic()
-    c.gate(3, 2)  # posting iteration 3 at B=2 needs released >= 1
-    assert time.monotonic() >= released_at[0] and time.monotonic() - t0 > 0.25
-    c.arrive(3)
-    assert c.device_counts() == {"posted": 4, "arrived": 4, "released": 1, "wait_timed_out": False}
-    assert c.extra_stats()["device"]["stream_ops"] == "host_emulation"
-    quick = DeviceCounters(2, 0, torch.device("cpu"), None, timeout_s=0.05, ops=HostOps())
-    quick.gate(5, 0)  # released never reaches 5: the wait gives up and flags it
-    assert quick.device_counts()["wait_timed_out"]
-    with pytest.raises(blsgpu.BLSError, match="timed out"):
-        quick.gate(6, 0)
+    ops.wait_geq(None, cells.data_ptr(), 1, int(0.05e9), cells.data_ptr() + 8)
+    assert time.monotonic() - t0 >= 0.04 and int(cells[1]) == 1
 
 
 class _TimedEvent:
@@ -327,16 +355,19 @@ class _Op:
 
 
 class FakeStream:
-    """Runs its ops in order, each once the ones before it are done (driven by queries)."""
+    """Runs its ops in order, each once the ones before it are done (driven by queries).
+    `history` labels every op pushed, in order (what the tests read the stream's schedule from)."""
 
     def __init__(self, host: bool = False):
         self.q: deque = deque()
         self.lock = threading.RLock()
         self.host = host
+        self.history: list = []
 
-    def push(self, op: _Op) -> None:
+    def push(self, op: _Op, label=None) -> None:
         with self.lock:
             self.q.append(op)
+            self.history.append(label)
         self.progress()
 
     def progress(self) -> None:
@@ -351,13 +382,15 @@ class FakeStream:
 
 
 class FakeEvent:
+    ids = itertools.count()
+
     def __init__(self, stream: FakeStream):
-        self.stream, self.reached = stream, False
+        self.stream, self.reached, self.id = stream, False, next(FakeEvent.ids)
 
         def mark():
             self.reached = True
 
-        stream.push(_Op(start=mark))
+        stream.push(_Op(start=mark), ("record", self.id))
 
     def query(self) -> bool:
         self.stream.progress()
@@ -399,11 +432,11 @@ class FakeCuda:
         if stream.host:  # the host is the caller's stream: it waits right here
             assert self.host_wait(event, 30.0), "fake host stream waited 30 s"
         else:
-            stream.push(_Op(done=event.query))
+            stream.push(_Op(done=event.query), ("wait", event.id))
 
     @staticmethod
     def copy_async(dst, src, stream):
-        stream.push(_Op(start=lambda: dst.copy_(src)))
+        stream.push(_Op(start=lambda: dst.copy_(src)), ("copy",))
 
     def record_stream(self, t, stream):
         self.recorded.append((t.data_ptr(), stream))
@@ -426,9 +459,11 @@ class FakeCuda:
         self.device_memory.append(t)
         return t
 
-    @staticmethod
-    def counters(world_size, rank, stream, timeout_s):
-        return DeviceCounters(world_size, rank, torch.device("cpu"), stream, timeout_s, HostOps())
+    def counters(self, world_size, rank, stream, timeout_s):
+        # The gate's events are the fake's: release records on the caller's (host) stream, the
+        # data stream waits for them.
+        return DeviceCounters(world_size, rank, torch.device("cpu"), stream, timeout_s, HostOps(),
+                              events=self)
 
 
 class FakeNccl:
@@ -443,6 +478,8 @@ class FakeNccl:
         self.sends: dict = defaultdict(deque)
         self.recvs: dict = defaultdict(deque)
         self.groups: dict = defaultdict(int)  # (comm name, rank) -> groups launched
+        self.threads: dict = defaultdict(list)  # rank -> (thread name, comm name) per group
+        self.ops: dict = defaultdict(list)  # (comm name, rank) -> its groups' ops (for abort)
 
     def groupStart(self):  # noqa: N802 (CuPy's names)
         self.tls.calls = []
@@ -454,8 +491,12 @@ class FakeNccl:
         streams = {id(c[5]) for c in calls}
         assert len(streams) == 1, "one stream per group here"
         comm, stream = calls[0][0], calls[0][5]
+        if comm.aborted:
+            raise RuntimeError("NCCL: a group on an aborted communicator")
         self.groups[(comm.name, comm.rank)] += 1
+        self.threads[comm.rank].append((threading.current_thread().name, comm.name))
         op = _Op()
+        self.ops[(comm.name, comm.rank)].append(op)
         op.pending = sum(1 for c in calls if not c[1])
 
         def start():
@@ -465,8 +506,8 @@ class FakeNccl:
                 else:
                     self._recv((c.name, peer, c.rank), ptr, n, op)
 
-        op._start, op._done = start, lambda: op.pending == 0
-        stream.push(op)
+        op._start, op._done = start, lambda: op.pending <= 0
+        stream.push(op, ("group", comm.name))
 
     def _send(self, key, data):
         with self.lock:
@@ -493,6 +534,7 @@ class FakeComm:
     def __init__(self, nccl: FakeNccl, name: str, rank: int, cuda: FakeCuda):
         self.nccl, self.name, self.rank, self.cuda = nccl, name, rank, cuda
         self.aborted = self.destroyed = False
+        self.drop = False  # a rank whose sends never leave (silent on this communicator)
 
     def _check(self, ptr, n, dtype):
         assert dtype == FakeNccl.NCCL_UINT8 and self.nccl.tls.calls is not None, "outside a group"
@@ -501,14 +543,18 @@ class FakeComm:
 
     def send(self, ptr, n, dtype, peer, stream):
         self._check(ptr, n, dtype)
-        self.nccl.tls.calls.append((self, True, ptr, n, peer, stream))
+        if not self.drop or peer == self.rank:
+            self.nccl.tls.calls.append((self, True, ptr, n, peer, stream))
 
     def recv(self, ptr, n, dtype, peer, stream):
         self._check(ptr, n, dtype)
         self.nccl.tls.calls.append((self, False, ptr, n, peer, stream))
 
     def abort(self):
+        # Like ncclCommAbort: the kernels of this communicator end, whatever they waited for.
         self.aborted = True
+        for op in self.nccl.ops[(self.name, self.rank)]:
+            op.pending = 0
 
     def destroy(self):
         self.destroyed = True
@@ -520,6 +566,7 @@ def fake_nccl(monkeypatch):
     nccl = FakeNccl()
     built: dict = defaultdict(list)
     counters: dict = defaultdict(int)
+    store = torch.distributed.HashStore()  # the group's store, shared by the ranks
 
     def make(kind, group, device, timeout_s):
         g = current_group()
@@ -531,7 +578,8 @@ def fake_nccl(monkeypatch):
         cuda = FakeCuda()
         t = _nccl.NcclTransport.from_parts(
             nccl, cuda, rank, w, ch,
-            FakeComm(nccl, f"{ch}/header", rank, cuda), FakeComm(nccl, f"{ch}/data", rank, cuda))
+            FakeComm(nccl, f"{ch}/header", rank, cuda), FakeComm(nccl, f"{ch}/data", rank, cuda),
+            store=torch.distributed.PrefixStore(f"ch{ch}/", store))
         built[rank].append(t)
         return t
 
@@ -601,8 +649,8 @@ def _nccl_silent_body(rank, w):
     try:
         a2a.exchange(torch.ones(w), [1] * w).wait()
     except PeerError as e:
-        return (e.iteration, time.monotonic() - t0, str(e), a2a.transport.data_comm.aborted,
-                a2a.transport.header_comm.aborted)
+        return (e.peer, e.iteration, time.monotonic() - t0, str(e),
+                a2a.transport.data_comm.aborted, a2a.transport.header_comm.aborted)
     return "no error"
 
 
@@ -610,8 +658,9 @@ def test_nccl_transport_aborts_and_raises_on_a_silent_peer(fake_nccl):
     results = run_local(3, _nccl_silent_body, timeout_s=30)
     assert results[2] == "slept"
     for r in (0, 1):
-        iteration, elapsed, msg, data_aborted, header_aborted = results[r]
-        assert iteration == 0 and 0.8 < elapsed < 2.4
+        peer, iteration, elapsed, msg, data_aborted, header_aborted = results[r]
+        # Named through the store: the ranks that saw the failure said so, rank 2 did not.
+        assert (peer, iteration) == (2, 0) and 0.8 < elapsed < 2.4 + 0.5
         assert "timed out" in msg and "nccl-quiet" in msg
         assert data_aborted and header_aborted
 
@@ -637,3 +686,302 @@ def test_nccl_channel_creation_times_out_when_a_rank_never_connects(fake_nccl):
         assert "could not connect all 3 ranks within 1.0 s" in msg and 0.8 < elapsed < 2.5
         t = built[r][0]
         assert t.header_comm.aborted and t.data_comm.aborted
+
+
+# ------------------------------------------------------------------------------------------------
+# one issuing thread, one global order; the device gate; the watchdog; abort across threads
+
+
+def _order_body(rank, w, bound, iters, seed):
+    rng = np.random.default_rng([seed, rank])
+    with BoundedLagAllToAll(bound=bound, timeout=30, transport="nccl", name="order") as a2a:
+        pending = []
+        for k in range(iters):
+            g = np.random.default_rng([seed, k])
+            m = g.integers(0, 4, size=(w, w)) * (g.random((w, w)) > 0.3)
+            if k % 4 == 3:
+                m[:] = 0  # no rank has data: no data group anywhere
+            else:
+                m[0, 1] = max(m[0, 1], 1)  # some rank has: a data group everywhere
+            send = torch.ones(int(m[rank].sum()), 2)
+            pending.append(a2a.exchange(send, m[rank].tolist()))
+            time.sleep(float(rng.exponential(0.002)))  # each rank at its own pace
+            if len(pending) > bound:
+                pending.pop(0).wait()
+        for h in pending:
+            h.wait()
+        return list(a2a.transport.issued)
+
+
+@pytest.mark.parametrize("w,bound", [(3, 0), (3, 2), (4, 4)])
+def test_every_rank_issues_its_groups_in_one_global_order_from_one_thread(fake_nccl, w, bound):
+    nccl, built = fake_nccl
+    iters = 24
+    orders = run_local(w, _order_body, bound, iters, 17, timeout_s=60)
+    # (communicator, kind, k) of every group the engine decided, in issue order: identical on
+    # every rank, header of k before data of k before header of k+1.
+    for rank in range(1, w):
+        assert orders[rank] == orders[0], f"rank {rank} issued in another order"
+    want = [("header", "connect", -1), ("data", "connect", -1)]
+    for k in range(iters):
+        want.append(("header", 0, k))
+        if k % 4 != 3:
+            want.append(("data", 1, k))
+    assert orders[0] == want
+    for rank in range(w):
+        threads = nccl.threads[rank]
+        # After connecting (the creating thread, once per communicator), every NCCL group of the
+        # channel came from its progress thread alone.
+        assert {t for t, _ in threads[2:]} == {f"blsgpu-order-r{rank}"}, set(threads[2:])
+
+
+def _gate_body(rank, w, bound, iters):
+    released = {}
+    with BoundedLagAllToAll(bound=bound, timeout=30, transport="nccl") as a2a:
+        pending = []
+        for k in range(iters):
+            pending.append((k, a2a.exchange(torch.full((2 * w, 3), float(k)), [2] * w)))
+            if len(pending) > bound:
+                k0, h = pending.pop(0)
+                h.wait()
+                # The event release(k0) recorded on the caller's stream (a gate takes it later).
+                released[k0] = a2a._counters.release_events[k0].id
+        for _, h in pending:
+            h.wait()
+        t = a2a.transport
+        return released, list(t.data_stream.history), a2a._counters.gated_on
+
+
+@pytest.mark.parametrize("bound", [0, 1, 3])
+def test_data_of_k_waits_on_device_for_the_event_of_release_k_minus_b_minus_1(fake_nccl, bound):
+    w, iters = 2, 12
+    for released, history, gated_on in run_local(w, _gate_body, bound, iters, timeout_s=60):
+        # Cut the data stream's schedule at its groups: the first connects, then one per k.
+        segments, cur = [], []
+        for label in history:
+            if label and label[0] == "group":
+                segments.append(cur)
+                cur = []
+            else:
+                cur.append(label)
+        assert len(segments) == 1 + iters
+        for k in range(iters):
+            waits = [lab[1] for lab in segments[1 + k] if lab[0] == "wait"]
+            j = k - bound - 1
+            if j >= 0:
+                # The gate: a CUDA-visible wait for the consumer's release of k-B-1 ...
+                assert released[j] in waits, (k, waits)
+            # ... and nothing else but the wait for the caller's slot.
+            assert len(waits) == (2 if j >= 0 else 1), (k, waits)
+        assert gated_on == iters - bound - 2
+
+
+def _dead_data_body(rank, w):
+    a2a = BoundedLagAllToAll(bound=1, timeout=1.0, transport="nccl", name="dead-data")
+    if rank == 2:
+        a2a.transport.data_comm.drop = True  # its headers go; its data never does
+        a2a.exchange(torch.ones(w, 4), [1] * w)
+        time.sleep(4.0)  # then it hangs (a stopped process: it reports nothing)
+        return "hung"
+    t0 = time.monotonic()
+    try:
+        pending = []
+        for _ in range(10):
+            pending.append(a2a.exchange(torch.ones(w, 4), [1] * w))
+            if len(pending) > 1:
+                pending.pop(0).wait()
+        for h in pending:
+            h.wait(blocking=True)
+    except PeerError as e:
+        return (e.peer, e.iteration, e.channel, time.monotonic() - t0,
+                a2a.transport.data_comm.aborted)
+    finally:
+        a2a._shutdown(abandon=True)
+    return "no error"
+
+
+def test_watchdog_names_a_peer_whose_data_never_comes(fake_nccl):
+    results = run_local(3, _dead_data_body, timeout_s=60, return_exceptions=True)
+    for r in (0, 1):
+        assert isinstance(results[r], tuple), results[r]
+        peer, iteration, channel, elapsed, aborted = results[r]
+        # The data group of iteration 0 never completes: the watchdog sees it past the timeout,
+        # the store names rank 2 (0 and 1 reported the failure), the communicators are aborted.
+        assert (peer, channel) == (2, "dead-data") and 0 <= iteration < 10
+        assert aborted and 0.9 < elapsed < 6.0
+
+
+class _StuckComm(FakeComm):
+    """A communicator whose send blocks inside the call until `go` is set."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.go, self.inside = threading.Event(), threading.Event()
+        self.log: list[str] = []
+
+    def send(self, ptr, n, dtype, peer, stream):
+        self.inside.set()
+        self.log.append("send enters")
+        self.go.wait(10)
+        self.log.append("send returns")
+        super().send(ptr, n, dtype, peer, stream)
+
+    def abort(self):
+        self.log.append("abort")
+        super().abort()
+
+
+def _transport_pair(store, stuck=True):
+    nccl, cuda = FakeNccl(), FakeCuda()
+    comm = (_StuckComm if stuck else FakeComm)(nccl, "0/data", 0, cuda)
+    t = _nccl.NcclTransport.from_parts(nccl, cuda, 0, 2, 0, FakeComm(nccl, "0/header", 0, cuda),
+                                       comm, store=store)
+    t.make_counters(2, 0, 1.0)
+    return t, cuda, comm
+
+
+def test_abort_from_another_thread_waits_for_a_call_inside_nccl_then_fails_every_wait():
+    store = torch.distributed.HashStore()
+    t, cuda, comm = _transport_pair(store)
+    buf = cuda.empty((8,), torch.uint8)
+    recv_work = t.irecv(cuda.empty((8,), torch.uint8), 1, 1, 0)
+    t.isend(buf, 1, 1, 0)
+    issuer = threading.Thread(target=t.flush, args=(1, 0))  # the progress thread, in NCCL
+    issuer.start()
+    assert comm.inside.wait(5)
+    aborter = threading.Thread(target=t.abort)
+    aborter.start()
+    time.sleep(0.3)
+    assert aborter.is_alive() and comm.log == ["send enters"]  # abort waits for the call
+    comm.go.set()
+    issuer.join(5)
+    aborter.join(5)
+    assert comm.log == ["send enters", "send returns", "abort"]
+    assert t.header_comm.aborted and comm.aborted
+    # Every later call and wait raises the abort, at once.
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="abandoned"):
+        t.wait(recv_work, 10.0)
+    with pytest.raises(RuntimeError, match="abandoned"):
+        t.isend(buf, 1, 1, 1)
+    assert time.monotonic() - t0 < 0.5
+
+
+def _quietly(fn, *args):
+    with contextlib.suppress(RuntimeError):  # a call aborted under it fails, as NCCL's does
+        fn(*args)
+
+
+def test_abort_ends_a_host_wait_in_another_thread_and_goes_ahead_past_a_stuck_call(monkeypatch):
+    monkeypatch.setattr(_nccl, "_ABORT_GRACE_S", 0.3)
+    t, cuda, comm = _transport_pair(torch.distributed.HashStore())
+    # A header group that never completes (the peer is silent), waited on the host by one thread.
+    t.irecv(torch.empty(16, dtype=torch.uint8), 1, 0, 0)
+    t.flush(0, 0)
+    work = t._watched[0]
+    assert work.comm == "header"
+    waited = []
+
+    def waiter():
+        t0 = time.monotonic()
+        try:
+            t.wait(_nccl._Work(0, 0, 1, torch.empty(16, dtype=torch.uint8), False,
+                               event=work.end), 30.0)
+        except RuntimeError as e:
+            waited.append((time.monotonic() - t0, str(e)))
+
+    w = threading.Thread(target=waiter)
+    w.start()
+    # Another thread stuck inside NCCL, forever as far as abort can tell.
+    t.isend(cuda.empty((8,), torch.uint8), 1, 1, 0)
+    stuck = threading.Thread(target=_quietly, args=(t.flush, 1, 0), daemon=True)
+    stuck.start()
+    assert comm.inside.wait(5)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    t.abort()
+    assert 0.25 < time.monotonic() - t0 < 2.0 and comm.log == ["send enters", "abort"]
+    w.join(5)
+    assert waited and waited[0][0] < 1.5 and "abandoned" in waited[0][1]
+    comm.go.set()
+    stuck.join(5)
+
+
+def test_watchdog_fails_a_reached_group_past_the_timeout_and_not_one_behind_its_gate():
+    t, cuda, _ = _transport_pair(None, stuck=False)
+    t._timeout_s = 1.0
+    gate_open = threading.Event()
+    # The data stream is held by a gate (the consumer has not released yet), then a group that
+    # never completes. Behind the gate, the group is not late however long it waits.
+    t.data_stream.push(_Op(done=gate_open.is_set), ("wait", "gate"))
+    t.irecv(cuda.empty((8,), torch.uint8), 1, 1, 0)
+    t.flush(1, 0)
+    for _ in range(3):
+        time.sleep(0.5)
+        t.watch_once()
+    assert t._error is None  # 1.5 s > the timeout, all of it behind the gate
+    gate_open.set()
+    t.watch_once()  # the stream reached the group now: its clock starts
+    time.sleep(0.3)
+    t.watch_once()
+    assert t._error is None
+    time.sleep(1.0)
+    t.watch_once()
+    assert isinstance(t._error, blsgpu._transport.PeerFailure)
+    msg = str(t._error)
+    assert "data group of iteration 0" in msg and "could not be told apart" in msg
+    assert t._error.peer is None and t.data_comm.aborted
+
+
+def _known_body(rank, w, bound, iters, ask):
+    bad = []
+    with BoundedLagAllToAll(bound=bound, timeout=30, transport="nccl", name="known",
+                            known_splits=ask[rank]) as a2a:
+        pending = []
+        for k in range(iters):
+            g = np.random.default_rng([7, k])
+            m = g.integers(0, 4, size=(w, w)) * (g.random((w, w)) > 0.3)
+            send = torch.arange(int(m[rank].sum()) * 2, dtype=torch.int64).view(-1, 2) + 100 * rank
+            pending.append((k, m, a2a.exchange(send, m[rank].tolist(), m[:, rank].tolist())))
+            if len(pending) > bound:
+                k0, m0, h = pending.pop(0)
+                recv, splits = h.wait()
+                want = torch.cat([
+                    (torch.arange(int(m0[s].sum()) * 2, dtype=torch.int64).view(-1, 2) + 100 * s)
+                    [int(m0[s, :rank].sum()): int(m0[s, : rank + 1].sum())] for s in range(w)])
+                if splits != m0[:, rank].tolist() or not torch.equal(recv, want):
+                    bad.append(k0)
+        for _, _, h in pending:
+            h.wait()
+        refused = None
+        if a2a._known:
+            try:
+                a2a.exchange(torch.ones(w), [1] * w)  # no recv_splits on a known-splits channel
+            except ValueError as e:
+                refused = str(e)
+        return bad, list(a2a.transport.issued), a2a._known, refused, a2a.stats()
+
+
+@pytest.mark.parametrize("bound", [0, 2])
+def test_known_splits_channel_sends_no_header_on_the_gpu_path(fake_nccl, bound):
+    nccl, built = fake_nccl
+    w, iters = 3, 20
+    results = run_local(w, _known_body, bound, iters, [True] * w, timeout_s=60)
+    for rank, (bad, issued, known, refused, stats) in enumerate(results):
+        assert bad == [] and known
+        assert "known_splits=True" in refused
+        # One group per iteration, the data's, on every rank alike; no header group at all.
+        assert issued == results[0][1]
+        assert issued[2:] == [("data", 1, k) for k in range(iters)]
+        assert nccl.groups[("0/header", rank)] == 1  # connecting
+        assert 0 <= stats["max_lag"] <= bound + 1
+
+
+def test_known_splits_needs_every_rank_else_headers_travel(fake_nccl):
+    nccl, built = fake_nccl
+    w, iters = 3, 6
+    results = run_local(w, _known_body, 1, iters, [True, False, True], timeout_s=60)
+    for rank, (bad, issued, known, refused, _) in enumerate(results):
+        assert bad == [] and not known and refused is None
+        assert ("header", 0, iters - 1) in issued
+        assert nccl.groups[("0/header", rank)] == iters + 1

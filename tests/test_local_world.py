@@ -65,6 +65,41 @@ def test_bounded_and_b_plus_one_ahead(bound, mode):
         assert results[r][1]["waiting_for_data_s"] > 0.2
 
 
+def _known_exact_body(rank, w, bound, iters, seed):
+    width = 4
+    bad = []
+    with BoundedLagAllToAll(bound=bound, timeout=30, known_splits=True) as a2a:
+        pending = []
+        for k in range(iters):
+            g = torch.Generator().manual_seed(seed * 1000 + k)
+            m = torch.randint(0, 4, (w, w), generator=g)
+            n = int(m[rank].sum())
+            send = torch.arange(n * width, dtype=torch.float64).view(n, width) + 1e4 * rank + k
+            pending.append((k, m, a2a.exchange(send, m[rank].tolist(), m[:, rank].tolist())))
+            if len(pending) > bound:
+                k0, m0, h = pending.pop(0)
+                recv, splits = h.wait()
+                want = torch.cat([(torch.arange(int(m0[s].sum()) * width, dtype=torch.float64)
+                                   .view(-1, width) + 1e4 * s + k0)
+                                  [int(m0[s, :rank].sum()): int(m0[s, : rank + 1].sum())]
+                                  for s in range(w)])
+                if splits != m0[:, rank].tolist() or not torch.equal(recv, want):
+                    bad.append(k0)
+            time.sleep(0.0005 * ((rank + k) % 3))
+        for _, _, h in pending:
+            h.wait()
+        return bad, a2a._known, a2a.stats()
+
+
+@pytest.mark.parametrize("mode,known", [("streams", True), ("host", False)])
+def test_known_splits_exact_headerless_only_on_the_stream_ordered_path(mode, known):
+    iters = 40
+    for bad, headerless, stats in run_local(3, _known_exact_body, 2, iters, 3, timeout_s=60,
+                                            **MODES[mode]):
+        assert bad == [] and headerless == known
+        assert stats["posted"] == stats["released"] == iters
+
+
 def _outstanding_body(rank, w, bound):
     with BoundedLagAllToAll(bound=bound, timeout=10) as a2a:
         handles = [a2a.exchange(torch.ones(w), [1] * w) for _ in range(bound + 1)]
