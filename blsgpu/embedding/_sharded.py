@@ -186,7 +186,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         # Channels are collective: the same ones, in the same order, on every rank.
         kw = dict(group=group, bound=bound, device=self._device, timeout=timeout)
         self._ch_ids = BoundedLagAllToAll(name="ebc_ids", **kw)
-        self._ch_out = BoundedLagAllToAll(name="ebc_pooled", **kw)
+        # The pooled rows' receive splits always follow from the batch (every exchange passes
+        # them), so on the GPU path no header needs to travel before them.
+        self._ch_out = BoundedLagAllToAll(name="ebc_pooled", known_splits=True, **kw)
         transport = self._ch_ids.transport.name
         if self._device.type == "cuda" and transport != "nccl":
             warnings.warn(
