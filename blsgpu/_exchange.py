@@ -653,38 +653,23 @@ class BoundedLagAllToAll:
             if not self._claim(it):
                 continue
             if self._known:
-                self._process_known(it)
+                self._process(it, self._receive_known)
             else:
                 self._post_messages(it)
                 self._process(it)
 
-    def _process_known(self, it: _Iteration) -> None:
+    def _receive_known(self, it: _Iteration) -> None:
         """A header-less iteration (known_splits): its data group, sized by the splits, at once."""
-        it.prev = None  # this thread alone processes, in order
-        if self._broken is not None:
-            it.error = self._broken
-        else:
-            try:
-                with span("receive", self.name, it.k):
-                    rows, rb, c = it.recv_splits, it.row_bytes, self._counters
-                    total = sum(rows)
-                    out = self.transport.empty((total * rb,), torch.uint8)
-                    c.gate(it.k, self.bound)  # device gate (release of k-B-1) before the data
-                    # Every rank posts the data group of every iteration (empty where it moves
-                    # nothing): without headers nobody knows whether another rank has data.
-                    it.data_work = self._post_data(it, out, [r * rb for r in rows])
-                    it.result = (out.view(it.slot.dtype).view((total, *it.slot.shape[1:])), rows)
-                    self._bytes_received += (total - rows[self.rank]) * rb
-                    c.learn_all(it.k, [c.released] * self.world_size)  # no news from peers
-            except BaseException as e:  # handed to the waiting caller
-                it.error = e
-                if not isinstance(e, ValueError):
-                    self._broken = e
-        with self._claim_lock:
-            it.finished = True
-            event = it.event
-        if event is not None:
-            event.set()
+        rows, rb, c = it.recv_splits, it.row_bytes, self._counters
+        total = sum(rows)
+        out = self.transport.empty((total * rb,), torch.uint8)
+        c.gate(it.k, self.bound)  # device gate (release of k-B-1) before the data
+        # Every rank posts the data group of every iteration (empty where it moves nothing):
+        # without headers nobody knows whether another rank has data.
+        it.data_work = self._post_data(it, out, [r * rb for r in rows])
+        it.result = (out.view(it.slot.dtype).view((total, *it.slot.shape[1:])), rows)
+        self._bytes_received += (total - rows[self.rank]) * rb
+        c.learn_all(it.k, [c.released] * self.world_size)  # no news from peers
 
     def _post_messages(self, it: _Iteration) -> None:
         args, it.msg_args = it.msg_args, None
@@ -711,8 +696,9 @@ class BoundedLagAllToAll:
         work = it.data_work
         return work is None or self.transport.stream_ordered or work.is_completed()
 
-    def _process(self, it: _Iteration) -> None:
-        """Read the headers of iteration k; gather its inline payloads or post its data.
+    def _process(self, it: _Iteration, step: Any = None) -> None:
+        """Decide iteration k: by default read its headers, then gather its inline payloads or
+        post its data (`step` replaces that). The outcome, or the error, waits for the caller.
 
         Strictly in iteration order (data alltoalls must be posted in one order on every rank):
         a thread that takes k while another still processes k-1 waits for it first.
@@ -725,14 +711,7 @@ class BoundedLagAllToAll:
         else:
             try:
                 with span("receive", self.name, it.k):
-                    self._await_messages(it)
-                    if (threading.current_thread() is self._thread and self._gather_late
-                            and not it.spill and not self._received(it.k)[1][:, _H_SPILL].any()):
-                        # No data alltoall in k: nothing peers wait for. Reading the headers and
-                        # gathering the payloads is left to the caller's wait(), with no hand-off.
-                        it.gather_late = True
-                    else:
-                        self._receive(it)
+                    (step or self._decide)(it)
             except BaseException as e:  # handed to the waiting caller
                 it.error = e
                 if not isinstance(e, ValueError):
@@ -742,6 +721,16 @@ class BoundedLagAllToAll:
             event = it.event
         if event is not None:
             event.set()
+
+    def _decide(self, it: _Iteration) -> None:
+        self._await_messages(it)
+        if (threading.current_thread() is self._thread and self._gather_late
+                and not it.spill and not self._received(it.k)[1][:, _H_SPILL].any()):
+            # No data alltoall in k: nothing peers wait for. Reading the headers and gathering the
+            # payloads is left to the caller's wait(), with no hand-off.
+            it.gather_late = True
+        else:
+            self._receive(it)
 
     def _await(self, it: _Iteration, timeout_s: float | None) -> bool:
         """Block until another thread processed `it` (False: not within timeout_s)."""

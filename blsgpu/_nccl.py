@@ -44,7 +44,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blsgpu._transport import HEADER, PeerFailure, PointToPoint, _next_channel_id, group_store
+from blsgpu._transport import (
+    HEADER,
+    PeerFailure,
+    PointToPoint,
+    _next_channel_id,
+    blame_through_store,
+    group_store,
+)
 
 INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
 
@@ -648,23 +655,9 @@ class NcclTransport(PointToPoint):
             return err
 
     def _blame_store(self, k: int, grace_s: float) -> tuple[list[int], bool]:
-        """The peers that did not report a failure of this channel within `grace_s` (as the gloo
-        transport does): (silent peers, True), or (every peer, False) without an answering store."""
-        peers = [p for p in range(self.world_size) if p != self.rank]
-        if self._store is None or not peers:
-            return peers, False
-        try:
-            self._store.set(f"failed/{self.rank}", str(k))
-            deadline = time.monotonic() + grace_s
-            missing = peers
-            while missing:
-                missing = [p for p in missing if not self._store.check([f"failed/{p}"])]
-                if not missing or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)
-            return missing, True
-        except Exception:
-            return peers, False
+        """The peers that did not report a failure of this channel within `grace_s`, as the gloo
+        transport finds them."""
+        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s)
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         peer = getattr(exc, "peer", None)

@@ -109,6 +109,32 @@ def gloo_backend_of(group: Any):
     return backend
 
 
+def blame_through_store(store: Any, rank: int, world_size: int, k: int,
+                        grace_s: float) -> tuple[list[int], bool]:
+    """The peers that did not report a failure of a channel within `grace_s`.
+
+    A collective's error does not say which rank let it down. Every rank whose exchange fails says
+    so under the channel's key in the group's store, then waits for the others to say so too: a
+    rank that died, stopped, or left the channel does not. Returns (silent peers, True), or (every
+    peer, False) when there is no store or it did not answer.
+    """
+    peers = [p for p in range(world_size) if p != rank]
+    if store is None or not peers:
+        return peers, False
+    try:
+        store.set(f"failed/{rank}", str(k))
+        deadline = time.monotonic() + grace_s
+        missing = peers
+        while missing:
+            missing = [p for p in missing if not store.check([f"failed/{p}"])]
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return missing, True
+    except Exception:
+        return peers, False
+
+
 class _Done:
     """A work that completed when it was posted (a world of one rank)."""
 
@@ -196,26 +222,7 @@ class GlooTransport:
     order_all = wait_all  # host order is all there is on CPU
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
-        """The peers that did not report a failure of this channel within `grace_s`.
-
-        A collective's error does not say which rank let it down. Every rank whose exchange fails
-        says so under the channel's key in the group's store, then waits for the others to say so
-        too: a rank that died, stopped, or left the channel does not. Returns (silent peers, True),
-        or (every peer, False) when the store itself did not answer.
-        """
-        peers = [p for p in range(self.world_size) if p != self.rank]
-        try:
-            self._store.set(f"failed/{self.rank}", str(k))
-            deadline = time.monotonic() + grace_s
-            missing = peers
-            while missing:
-                missing = [p for p in missing if not self._store.check([f"failed/{p}"])]
-                if not missing or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)
-            return missing, True
-        except Exception:
-            return peers, False
+        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s)
 
     def close(self) -> None:
         self._groups = []  # every work completed: the groups go quietly
