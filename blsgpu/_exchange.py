@@ -360,6 +360,10 @@ class BoundedLagAllToAll:
         # Host transports gather inline payloads on the caller's thread (what the progress thread
         # must do early is only to post data alltoalls, which peers wait for).
         self._gather_late = not tr.stream_ordered
+        # Until some rank needed a data alltoall, iterations wait for the caller: their messages
+        # complete in the transport's own threads, and a progress thread would only look at them.
+        # From the first one on (or when this rank spills), iterations go to it when posted.
+        self._spilled = False
         # Stream-ordered transports (NCCL, local): one thread, the progress thread, posts every
         # alltoall of the channel (MESSAGE of k, then DATA of k, then MESSAGE of k+1, ...), so every
         # rank issues to its communicators in one global order and no caller thread ever waits on
@@ -579,7 +583,7 @@ class BoundedLagAllToAll:
         self._records[k] = it
         self._next_k = k + 1
         self._counters.post(k)
-        if self._eager:
+        if self._eager and (spill or self._spilled or not self._gather_late):
             it.queued = True
             self._queue.put(it)
         return ExchangeHandle(self, it)
@@ -769,6 +773,8 @@ class BoundedLagAllToAll:
         self._counters.learn_all(k, released[:me] + [self._counters.released] + released[me:])
         rows = rows_p[:me] + [it.send_splits[me]] + rows_p[me:]
         spill = it.spill or any(spills)
+        if spill:
+            self._spilled = True
         expect.insert(me, -1)
         problems = self._check_headers(it, hdr, off, rows, expect)
         if problems:

@@ -9,9 +9,9 @@ header checks, the gather of inline payloads (or the data alltoall), releases an
 Times are CPU time of the thread that spends them (time.thread_time), so other load on the host
 does not inflate them. Reported per iteration, medians over --repeats runs of --iters iterations:
   exchange_us  time inside exchange()
-  process_us   time processing iterations (headers, gather or data post): at B=0 the caller does
-               it inside wait(), at B>0 the progress thread (timed there)
-  wait_us      time inside wait() minus the processing it did itself
+  process_us   time deciding iterations (headers, data post, gather), on whichever thread did it
+               (the caller inside wait(), or the progress thread)
+  wait_us      time inside wait() minus the deciding it did itself (a late gather stays in it)
   total_us     exchange + process + wait: the host time one iteration costs, whichever thread
   transport_us the fake transport's own copies (left out of exchange_us and total_us)
 Payloads: --rows rows of --dim float32 per peer; "inline" rides behind the headers in the message
@@ -105,22 +105,27 @@ class _Timed:
 
     def __init__(self):
         self.s = 0.0
+        self.on_caller = 0.0  # the part spent inside the caller's wait()
         self.lock = threading.Lock()
         self.real = _exchange.BoundedLagAllToAll._process
+        self.caller = threading.current_thread()
 
-    def __call__(self, chan, it):
+    def __call__(self, chan, it, *args):
         t0 = _clock()
         try:
-            return self.real(chan, it)
+            return self.real(chan, it, *args)
         finally:
+            dt = _clock() - t0
             with self.lock:
-                self.s += _clock() - t0
+                self.s += dt
+                if threading.current_thread() is self.caller:
+                    self.on_caller += dt
 
 
 def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool,
              inline_bytes: int | None = None) -> dict:
     timed = _Timed()
-    _exchange.BoundedLagAllToAll._process = lambda chan, it: timed(chan, it)
+    _exchange.BoundedLagAllToAll._process = lambda chan, it, *a: timed(chan, it, *a)
     try:
         mirror = MirrorTransport(world_size)
         a2a = blsgpu.BoundedLagAllToAll(bound=bound, transport=mirror, timeout=60,
@@ -144,8 +149,7 @@ def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known
     finally:
         _exchange.BoundedLagAllToAll._process = timed.real
     process = timed.s
-    if bound == 0:
-        t_wait -= process  # the caller processed every iteration inside wait()
+    t_wait -= timed.on_caller  # what the caller processed itself, inside wait()
     t_ex -= mirror.spent  # the fake transport's copies are not the engine's cost
     return {"exchange_us": t_ex / iters * 1e6, "wait_us": t_wait / iters * 1e6,
             "process_us": process / iters * 1e6,
