@@ -57,12 +57,13 @@ class HostCounters:
     def learn_all(self, k: int, released: list[int]) -> None:
         """Every peer's header for iteration k arrived; `released[p]` is what peer p reported.
 
-        Iterations are processed in order, so k+1 is every peer's new posted count, and what a
-        peer reports never decreases.
+        Headers may be read out of order (a caller's late gather of k after the progress thread
+        read k+1), so both only ever grow.
         """
         with self.lock:
-            self._peer_posted_min = k + 1
-            self.peer_released = released
+            if k + 1 > self._peer_posted_min:
+                self._peer_posted_min = k + 1
+            self.peer_released = list(map(max, self.peer_released, released))
 
     @property
     def peer_posted(self) -> list[int]:

@@ -36,6 +36,33 @@ def _exact_body(rank, w, bound, iters, seed):
     return bad, stats
 
 
+def _exact_data_path_body(rank, w, bound, iters, seed, inline_bytes):
+    width = 64
+    reference = []
+    for k in range(iters):
+        send, send_splits, recv_splits = send_of(seed, k, rank, w, width)
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(out, send, recv_splits, send_splits)
+        reference.append(out)
+    with BoundedLagAllToAll(bound=bound, timeout=60, inline_bytes=inline_bytes) as a2a:
+        bad = drive(a2a, rank, w, iters, seed, width, reference.__getitem__, mean_delay_s=0.001)
+        return bad, a2a.stats()
+
+
+@pytest.mark.parametrize("inline_bytes", [0, 64])
+@pytest.mark.parametrize("bound", [0, 2])
+def test_exact_through_the_data_alltoall(bound, inline_bytes):
+    # 0: every payload takes the data alltoall; 64: some iterations inline everything, others
+    # need the data alltoall because one rank's payload does not fit (all ranks must agree).
+    iters = 120
+    results = run_world(3, _exact_data_path_body, bound, iters, 91 + bound, inline_bytes,
+                        timeout_s=240)
+    for rank, (bad, stats) in enumerate(results):
+        assert bad == [], f"rank {rank}: iterations differ from all_to_all_single: {bad[:10]}"
+        assert stats["posted"] == stats["released"] == iters
+        assert 0 <= stats["max_lag"] <= bound + 1
+
+
 @pytest.mark.parametrize("w", [2, 3, 4])
 @pytest.mark.parametrize("bound", [0, 1, 4])
 def test_exact_against_synchronous_reference(w, bound):
@@ -253,8 +280,9 @@ def test_bad_local_arguments_raise_before_sending():
             BoundedLagAllToAll(timeout=timeout)
 
 
-def _peer_mismatch_body(rank, w, case):
-    a2a = BoundedLagAllToAll(bound=1, timeout=20)
+def _peer_mismatch_body(rank, w, case, inline_bytes=None):
+    # inline_bytes=0: every payload takes the data alltoall (mismatched bytes drained into scratch)
+    a2a = BoundedLagAllToAll(bound=1, timeout=20, inline_bytes=inline_bytes)
     send = torch.ones(w, 4)
     recv_splits = None
     if case == "dtype" and rank == 1:
@@ -277,10 +305,11 @@ def _peer_mismatch_body(rank, w, case):
     return outcome, recv[:, 0].tolist()
 
 
+@pytest.mark.parametrize("inline_bytes", [None, 0])
 @pytest.mark.parametrize("case", ["dtype", "trailing", "recv_splits"])
-def test_mismatch_only_peers_can_see_raises_on_both_sides(case):
+def test_mismatch_only_peers_can_see_raises_on_both_sides(case, inline_bytes):
     w = 3
-    results = run_world(w, _peer_mismatch_body, case, timeout_s=60)
+    results = run_world(w, _peer_mismatch_body, case, inline_bytes, timeout_s=60)
     outcomes = [r[0] for r in results]
     for r in range(w):
         assert results[r][1] == [0.0, 1.0, 2.0]  # the process survived and stays in step
