@@ -65,12 +65,6 @@ class HostCounters:
                 self._peer_posted_min = k + 1
             self.peer_released = list(map(max, self.peer_released, released))
 
-    @property
-    def peer_posted(self) -> list[int]:
-        """Per peer: headers received (= iterations that peer has posted, as far as we know)."""
-        n = self._peer_posted_min
-        return [self.posted if p not in self.peers else n for p in range(len(self.peer_released))]
-
     def lag(self) -> int:
         """Iterations this rank has posted that the slowest peer has not (as its headers told).
 
@@ -81,6 +75,11 @@ class HostCounters:
         if not self.peers:
             return 0
         return self.posted - self._peer_posted_min
+
+    def min_peer_posted(self) -> int:
+        if not self.peers:
+            return self.posted
+        return self._peer_posted_min
 
     def min_peer_released(self) -> int:
         if not self.peers:

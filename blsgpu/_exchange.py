@@ -439,7 +439,7 @@ class BoundedLagAllToAll:
                 "released": c.released,
                 "lag": c.lag(),
                 "max_lag": c.max_lag,
-                "peer_posted_min": min((c.peer_posted[p] for p in c.peers), default=c.posted),
+                "peer_posted_min": c.min_peer_posted(),
                 "peer_released_min": c.min_peer_released(),
                 "blocked_on_bound_s": self._blocked_on_bound_s,
                 "waiting_for_data_s": self._waiting_for_data_s,
@@ -496,6 +496,9 @@ class BoundedLagAllToAll:
                     f"recv_splits[{me}]={recv_splits[me]} but this rank sends "
                     f"send_splits[{me}]={send_splits[me]} rows to itself"
                 )
+        elif self._known:
+            raise ValueError(f"channel {self.name!r} was created with known_splits=True: "
+                             f"every exchange passes recv_splits")
         tr = self.transport
         if send.is_cuda and tr.device.type != "cuda" and not self._warned_staging:
             self._warned_staging = True
@@ -520,15 +523,17 @@ class BoundedLagAllToAll:
         rows_p = send_splits[:me] + send_splits[me + 1 :]
         nbs_p = [s * row_bytes for s in rows_p]
         cap = self._inline
-        spill = (max(nbs_p) > cap) if cap and nbs_p else (not cap and any(send_splits)
-                                                           and row_bytes > 0)
+        if cap:
+            spill = bool(nbs_p) and max(nbs_p) > cap
+        else:  # every payload, this rank's own rows too, travels in the data alltoall
+            spill = row_bytes > 0 and any(send_splits)
         it.spill = spill
         H, i = _HEADER_BYTES, k % (self.bound + 1)
         sizes_p = [H] * (W - 1) if spill else [H + nb for nb in nbs_p]
         total = sum(sizes_p)
         out_buf = self._msg_out[i]
         msg = out_buf.host(total)
-        uniform = spill or nbs_p.count(nbs_p[0]) == W - 1 if nbs_p else True
+        uniform = spill or not nbs_p or nbs_p.count(nbs_p[0]) == W - 1
         if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
             step = sizes_p[0] if sizes_p else H
             table = msg[:total].reshape(W - 1, step)
@@ -564,9 +569,6 @@ class BoundedLagAllToAll:
         if self._ordered:
             # Stream-ordered (NCCL, local): the progress thread posts every group of the channel,
             # in one order on every rank; here only the slot's readiness is marked.
-            if self._known and recv_splits is None:  # nothing posted yet: slot k is free
-                raise ValueError(f"channel {self.name!r} was created with known_splits=True: "
-                                 f"every exchange passes recv_splits")
             if spill and self._slot_written is not None:
                 self._slot_written(k)  # where the caller's stream finished writing the slot
             if W > 1 and not self._known:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from blsgpu._device_counters import TorchEvents
 from blsgpu._transport import (
     HEADER,
     PeerFailure,
@@ -244,22 +245,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class TorchCuda:
-    """Every CUDA call the transport makes, through torch: the GPU-specific part, kept this thin.
+class TorchCuda(TorchEvents):
+    """Every CUDA call the transport makes, through torch: the GPU-specific part, kept this thin
+    (events, the current stream and the device come from the counters' TorchEvents).
 
     A CPU test substitutes a fake with the same methods to drive the transport's logic.
     """
-
-    def __init__(self, device: torch.device):
-        self.device = device
 
     def new_stream(self) -> Any:
         from blsgpu._device_counters import own_stream  # noqa: PLC0415
 
         return own_stream(self.device)
-
-    def current_stream(self) -> Any:
-        return torch.cuda.current_stream(self.device)
 
     def use(self, stream: Any) -> Any:
         return torch.cuda.stream(stream)
@@ -267,16 +263,6 @@ class TorchCuda:
     @staticmethod
     def handle(stream: Any) -> int:
         return stream.cuda_stream
-
-    @staticmethod
-    def record(stream: Any) -> Any:
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
-    @staticmethod
-    def wait_event(stream: Any, event: Any) -> None:
-        stream.wait_event(event)
 
     @staticmethod
     def copy_async(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
