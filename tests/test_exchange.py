@@ -20,7 +20,7 @@ from blsgpu._exchange import BoundError
 from blsgpu._world import RankError
 
 
-def _exact_body(rank, w, bound, iters, seed):
+def _exact_body(rank, w, bound, iters, seed, inline_bytes=None):
     width = 64
     # 1. The synchronous reference: gloo's all_to_all_single, iteration by iteration.
     reference = []
@@ -30,23 +30,10 @@ def _exact_body(rank, w, bound, iters, seed):
         dist.all_to_all_single(out, send, recv_splits, send_splits)
         reference.append(out)
     # 2. The BLS channel under seeded per-rank delays, against it.
-    with BoundedLagAllToAll(bound=bound, timeout=60) as a2a:
+    with BoundedLagAllToAll(bound=bound, timeout=60, inline_bytes=inline_bytes) as a2a:
         bad = drive(a2a, rank, w, iters, seed, width, reference.__getitem__, mean_delay_s=0.001)
         stats = a2a.stats()
     return bad, stats
-
-
-def _exact_data_path_body(rank, w, bound, iters, seed, inline_bytes):
-    width = 64
-    reference = []
-    for k in range(iters):
-        send, send_splits, recv_splits = send_of(seed, k, rank, w, width)
-        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
-        dist.all_to_all_single(out, send, recv_splits, send_splits)
-        reference.append(out)
-    with BoundedLagAllToAll(bound=bound, timeout=60, inline_bytes=inline_bytes) as a2a:
-        bad = drive(a2a, rank, w, iters, seed, width, reference.__getitem__, mean_delay_s=0.001)
-        return bad, a2a.stats()
 
 
 @pytest.mark.parametrize("inline_bytes", [0, 64])
@@ -55,8 +42,7 @@ def test_exact_through_the_data_alltoall(bound, inline_bytes):
     # 0: every payload takes the data alltoall; 64: some iterations inline everything, others
     # need the data alltoall because one rank's payload does not fit (all ranks must agree).
     iters = 120
-    results = run_world(3, _exact_data_path_body, bound, iters, 91 + bound, inline_bytes,
-                        timeout_s=240)
+    results = run_world(3, _exact_body, bound, iters, 91 + bound, inline_bytes, timeout_s=240)
     for rank, (bad, stats) in enumerate(results):
         assert bad == [], f"rank {rank}: iterations differ from all_to_all_single: {bad[:10]}"
         assert stats["posted"] == stats["released"] == iters
