@@ -337,6 +337,7 @@ class NcclTransport(PointToPoint):
                  for what in ("header", "data")]
         self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms,
                     store=dist.PrefixStore(f"{prefix}/", store))
+        self._shared = store  # failures reported group-wide (see blame_through_store)
 
     @classmethod
     def from_parts(cls, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
@@ -363,6 +364,7 @@ class NcclTransport(PointToPoint):
         self._error: BaseException | None = None
         self._closed = False
         self._store = store
+        self._shared: Any = None
         self._agreements = 0
         self._timeout_s = 300.0
         self._counters: Any = None
@@ -643,7 +645,8 @@ class NcclTransport(PointToPoint):
     def _blame_store(self, k: int, grace_s: float) -> tuple[list[int], bool]:
         """The peers that did not report a failure of this channel within `grace_s`, as the gloo
         transport finds them."""
-        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s)
+        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
+                                   self._shared, self._timeout_s + grace_s)
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         peer = getattr(exc, "peer", None)

@@ -109,24 +109,40 @@ def gloo_backend_of(group: Any):
     return backend
 
 
-def blame_through_store(store: Any, rank: int, world_size: int, k: int,
-                        grace_s: float) -> tuple[list[int], bool]:
-    """The peers that did not report a failure of a channel within `grace_s`.
+def blame_through_store(store: Any, rank: int, world_size: int, k: int, grace_s: float,
+                        shared: Any = None, window_s: float = 0.0) -> tuple[list[int], bool]:
+    """The peers that did not report a failure within `grace_s`.
 
     A collective's error does not say which rank let it down. Every rank whose exchange fails says
     so under the channel's key in the group's store, then waits for the others to say so too: a
-    rank that died, stopped, or left the channel does not. Returns (silent peers, True), or (every
-    peer, False) when there is no store or it did not answer.
+    rank that died, stopped, or left the channel does not. A live rank may be blocked on another
+    channel of the same group, behind the same dead peer (it waits for data that this rank will
+    only send once this channel moves), and reports its failure there. So each report is also
+    written to `shared` (the group's own store) with its wall-clock time, and a report there
+    within `window_s` of this one counts as well; an older one belongs to an earlier failure.
+    Returns (silent peers, True), or (every peer, False) when there is no store or it did not
+    answer.
     """
     peers = [p for p in range(world_size) if p != rank]
     if store is None or not peers:
         return peers, False
     try:
+        now = time.time()
         store.set(f"failed/{rank}", str(k))
+        if shared is not None:
+            shared.set(f"blsgpu/failed/{rank}", f"{now:.3f}")
+
+        def reported(p: int) -> bool:
+            if store.check([f"failed/{p}"]):
+                return True
+            key = f"blsgpu/failed/{p}"
+            return (shared is not None and shared.check([key])
+                    and abs(float(shared.get(key)) - now) <= window_s)
+
         deadline = time.monotonic() + grace_s
         missing = peers
         while missing:
-            missing = [p for p in missing if not store.check([f"failed/{p}"])]
+            missing = [p for p in missing if not reported(p)]
             if not missing or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
@@ -162,7 +178,9 @@ class GlooTransport:
         self.world_size = base.size()
         self.channel_id = _next_channel_id(group)
         self._base = base
-        self._store = dist.PrefixStore(f"blsgpu/ch{self.channel_id}", group_store(group))
+        self._shared = group_store(group)
+        self._timeout_s = timeout_s
+        self._store = dist.PrefixStore(f"blsgpu/ch{self.channel_id}", self._shared)
         self._groups: list[Any] = []
         if self.world_size > 1:
             self._await_peers(timeout_s)
@@ -222,7 +240,8 @@ class GlooTransport:
     order_all = wait_all  # host order is all there is on CPU
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
-        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s)
+        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
+                                   self._shared, self._timeout_s + grace_s)
 
     def close(self) -> None:
         self._groups = []  # every work completed: the groups go quietly

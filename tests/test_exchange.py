@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import blsgpu
 from blsgpu import BoundedLagAllToAll, PeerError, run_world
 from blsgpu._exchange import BoundError
+from blsgpu._transport import blame_through_store
 from blsgpu._world import RankError
 
 
@@ -212,6 +213,42 @@ def test_silent_peer_times_out_naming_it():
         assert (kind, peer, iteration) == ("raised", 0, 0)
         assert 1.5 < elapsed < 4.0
         assert "timed out" in msg and "quiet" in msg
+
+
+def _chained_silent_body(rank, w):
+    # Rank 2 is silent. Rank 1 waits on channel "a" for it; rank 0 waits on channel "b" for rank 1,
+    # which only posts there once "a" moved. Each survivor sees two peers missing from its own
+    # channel, and only the other survivor's report on the other channel tells them apart.
+    a = BoundedLagAllToAll(bound=0, timeout=2.0, name="a")
+    b = BoundedLagAllToAll(bound=0, timeout=2.0, name="b")
+    if rank == 2:
+        time.sleep(6)
+        return "slept"
+    try:
+        ha = a.exchange(torch.ones(w), [1] * w)
+        if rank == 1:
+            ha.wait()
+        b.exchange(torch.ones(w), [1] * w).wait()
+    except PeerError as e:
+        return (e.channel, e.peer, str(e))
+    return "no error"
+
+
+def test_a_silent_peer_is_named_by_ranks_blocked_on_different_channels():
+    results = run_world(3, _chained_silent_body, timeout_s=60)
+    assert results[2] == "slept"
+    assert results[0][:2] == ("b", 2), results[0]
+    assert results[1][:2] == ("a", 2), results[1]
+
+
+def test_only_recent_group_wide_reports_count():
+    store = dist.HashStore()
+    a, b = dist.PrefixStore("a", store), dist.PrefixStore("b", store)
+    # rank 1 reported a failure on channel "b" just now; rank 2 long ago (an earlier failure)
+    blame_through_store(b, 1, 3, 0, 0.1, store, 5.0)
+    store.set("blsgpu/failed/2", f"{time.time() - 60:.3f}")
+    assert blame_through_store(a, 0, 3, 0, 0.1, store, 5.0) == ([2], True)
+    assert blame_through_store(a, 0, 3, 0, 0.1) == ([1, 2], True)  # the channel alone
 
 
 def _bad_local_args_body(rank, w):
