@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import importlib
 
-from blsgpu import _backend  # noqa: F401  (registers the "bls" torch.distributed backend)
-from blsgpu._errors import BLSError, PeerError
-from blsgpu._exchange import BoundedLagAllToAll, ExchangeHandle
-from blsgpu._world import run_world
+from blsgpu import backend as _backend  # noqa: F401  (registers the "bls" torch.distributed backend)
+from blsgpu.errors import BLSError, PeerError
+from blsgpu.exchange.channel import BoundedLagAllToAll, ExchangeHandle
+from blsgpu.world import run_world
 
 __version__ = "0.1.0"
 
 # name -> module that defines it; loaded lazily (PEP 562).
 _LAZY = {
-    "pooled_lookup": "blsgpu._lookup",
-    "QuantizedTable": "blsgpu._lookup",
+    "pooled_lookup": "blsgpu.lookup.pooled",
+    "QuantizedTable": "blsgpu.lookup.pooled",
     "KeyedJaggedTensor": "blsgpu.embedding",
     "KeyedTensor": "blsgpu.embedding",
     "EmbeddingBagConfig": "blsgpu.embedding",

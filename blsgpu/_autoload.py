@@ -14,7 +14,7 @@ DEVICES = ["cpu", "cuda"]
 
 
 def _create(store, rank: int, world_size: int, timeout):
-    from blsgpu._backend import BLSProcessGroup  # noqa: PLC0415 (imported when first used)
+    from blsgpu.backend import BLSProcessGroup  # noqa: PLC0415 (imported when first used)
 
     return BLSProcessGroup(store, rank, world_size, timeout)
 

@@ -21,9 +21,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from blsgpu._env import MAX_TIMEOUT_S
-from blsgpu.delays import ACCEPTED as DELAY_FORMS
-from blsgpu.delays import DelayModel
-from blsgpu.dlrm.runner import BenchConfig
+from blsgpu.bench.delays import ACCEPTED as DELAY_FORMS
+from blsgpu.bench.delays import DelayModel
+from blsgpu.bench.runner import BenchConfig
 
 # Defaults of `blsgpu bench` with no arguments (BenchConfig's): small tables and MLPs, so that on a
 # 2-core machine the injected delays dominate an iteration, and the whole sweep takes < 3 min.
@@ -196,7 +196,7 @@ def _arch(what: str):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    from blsgpu._exchange import MAX_BOUND  # noqa: PLC0415
+    from blsgpu.exchange.channel import MAX_BOUND  # noqa: PLC0415
 
     d = DEFAULTS
     g = p.add_argument_group("world")
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sim_flags(p: argparse.ArgumentParser) -> None:
-    from blsgpu._exchange import MAX_BOUND  # noqa: PLC0415
+    from blsgpu.exchange.channel import MAX_BOUND  # noqa: PLC0415
 
     s = SIM_DEFAULTS
     p.add_argument("--from-json", metavar="PATH",
@@ -517,7 +517,7 @@ class _RankBar:
 
 
 def _cmd_run(args, parser) -> int:
-    from blsgpu.dlrm import runner  # noqa: PLC0415
+    from blsgpu.bench import analysis, runner  # noqa: PLC0415
 
     env = _torchrun_env()
     if args.device == "cuda" and env is None:
@@ -556,7 +556,7 @@ def _cmd_run(args, parser) -> int:
                                 args.timeout_s)
         if results is None:
             return 0
-    doc = runner.analyse(cfg, results, flags=_flags(args))
+    doc = analysis.analyse(cfg, results, flags=_flags(args))
     doc["wall_s"] = time.perf_counter() - t0
     print(format_table(doc))
     if args.json:
@@ -589,8 +589,8 @@ def _run_torchrun(cfg, rank: int, world: int, local: int, total: int, labels, sh
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from blsgpu import _world  # noqa: PLC0415
-    from blsgpu.dlrm import runner  # noqa: PLC0415
+    from blsgpu import world as _world  # noqa: PLC0415
+    from blsgpu.bench import runner  # noqa: PLC0415
 
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
@@ -739,7 +739,7 @@ def plot(doc: dict, path: str) -> None:
 
 
 def _cmd_simulate(args, parser) -> int:
-    from blsgpu import sim  # noqa: PLC0415
+    from blsgpu.bench import sim  # noqa: PLC0415
 
     s = SIM_DEFAULTS
     record = None

@@ -5,7 +5,7 @@ table-wise (table t on rank t % W, the same placement for every provider), N sam
 batch, one feature per table, bag sizes uniform in [0, 2L], ids uniform. Every provider runs the same
 batches (built before timing, seeded per rank and batch) and, per batch, the same consumer: touch the
 pooled [N, T*D] output (a float64 sum, kept as a checksum), then sleep the rank's injected delay for
-that batch from a seeded schedule (blsgpu.delays, [W, iters], the same for every provider). The sleep
+that batch from a seeded schedule (blsgpu.bench.delays, [W, iters], the same for every provider). The sleep
 stands for the dense part of the model and its jitter.
 
 Providers:
@@ -61,7 +61,7 @@ import torch.distributed as dist
 
 import blsgpu
 from blsgpu import _provenance
-from blsgpu.delays import DelayModel
+from blsgpu.bench.delays import DelayModel
 
 NAME = "bench_ebc"
 TARGET_FORWARD = 1.0  # blsgpu-forward / torchrec-dmp throughput, no delays
@@ -557,7 +557,7 @@ def _parse_args(argv):
                     help="rounds; each runs every provider under every delay model")
     ap.add_argument("--bound", type=int, default=4, help="B of the blsgpu pipeline")
     ap.add_argument("--delays", default="none,exp:10",
-                    help="comma-separated blsgpu.delays specs; 'none' is always run")
+                    help="comma-separated blsgpu.bench.delays specs; 'none' is always run")
     ap.add_argument("--providers", default=",".join(ALL_PROVIDERS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

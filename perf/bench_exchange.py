@@ -3,7 +3,7 @@
 Every configuration runs the same per-iteration work on every rank: exchange iteration k (random
 splits around --rows rows of --dim float32 per peer), then consume it: touch the received rows, run
 an optional fixed compute (--compute-ms) and sleep the rank's delay for k from a seeded schedule
-(blsgpu.delays), the same schedule for sync and BLS.
+(blsgpu.bench.delays), the same schedule for sync and BLS.
 
 - sync: blocking ``dist.all_to_all_single`` into a fresh receive buffer. With --splits exchanged
   (default) the counts travel first in their own all_to_all_single, as a real alltoallv whose
@@ -14,7 +14,7 @@ an optional fixed compute (--compute-ms) and sleep the rank's delay for k from a
 Time of a configuration: max over ranks of the timed loop (after a warm-up and a barrier); medians
 over --repeats. Masking (docs/design.md) = (T_sync - T_bls) / (T_sync - T_ideal), T_ideal = T_none + max
 over ranks of that rank's injected delays summed, T_none = the sync run without delays. Each ratio is
-taken within one repeat, then the median over repeats is reported. blsgpu.sim predicts every figure
+taken within one repeat, then the median over repeats is reported. blsgpu.bench.sim predicts every figure
 from the same schedule and the measured T_none, with the exchange modelled either as latency ("lat")
 or as each rank's busy time ("cpu"); the two bracket a small host. Every BLS run is also checked
 against the sync run of the same delay model: per-iteration checksums of what each rank received.
@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 
 import blsgpu
-from blsgpu import _provenance, sim
-from blsgpu.delays import DelayModel
+from blsgpu import _provenance
+from blsgpu.bench import sim
+from blsgpu.bench.delays import DelayModel
 
 NAME = "bench_exchange"
 DEFAULT_DELAYS = "none,exp:10,straggler:1:10,rotate:10"
@@ -310,7 +311,7 @@ def _print_table(rows: list[dict]) -> None:
               f"{m(r.get('waiting_for_data_s'), '7.3f'):>7} {r['oversleep_s']:6.3f} "
               f"{'yes' if r['exact'] else 'NO'}")
     print("speedup = T_sync/T of the same delay model; masking per docs/design.md (n/a: nothing to hide);"
-          " sim lat/cpu: blsgpu.sim with the exchange as latency / as busy time; lag: max_lag; "
+          " sim lat/cpu: blsgpu.bench.sim with the exchange as latency / as busy time; lag: max_lag; "
           "bound_s, wait_s: blocked on the bound / waiting for data (max over ranks); ovsl_s: "
           "oversleep of the injected sleeps (max over ranks)")
 
@@ -346,7 +347,7 @@ def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"W={cfg['world_size']} gloo ranks, {cfg['iters']} iterations, "
                  f"~{cfg['rows']}x{cfg['dim']} fp32 rows per peer, splits {cfg['splits']}, "
-                 f"median of {cfg['repeats']} (dashed: blsgpu.sim, exchange as busy time)", fontsize=9)
+                 f"median of {cfg['repeats']} (dashed: blsgpu.bench.sim, exchange as busy time)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -360,7 +361,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bounds", default="0,1,2,4,8", help="comma-separated B values")
     ap.add_argument("--delays", default=DEFAULT_DELAYS,
-                    help="comma-separated blsgpu.delays specs; 'none' is always run (T_none)")
+                    help="comma-separated blsgpu.bench.delays specs; 'none' is always run (T_none)")
     ap.add_argument("--rows", type=int, default=256, help="mean rows per peer per iteration")
     ap.add_argument("--dim", type=int, default=64, help="float32 columns per row")
     ap.add_argument("--splits", choices=("exchanged", "known"), default="exchanged",

@@ -6,8 +6,8 @@ Part "w1" (one process, world size 1, 1 MiB per peer by default): torch.distribu
 an optional fixed GPU compute of --compute-us). Reports iterations/s, algbw (bytes each rank sends
 per iteration / time per iteration) and the BLS/NCCL throughput ratio. Target: >= 0.95 at B=4.
 
-Part "local" (blsgpu._local.run_local, W ranks as W stream sets on one GPU): every rank's consumer
-sleeps on its own stream for its delay of iteration k (seeded blsgpu.delays schedule, a spin kernel:
+Part "local" (blsgpu.transport.local.run_local, W ranks as W stream sets on one GPU): every rank's consumer
+sleeps on its own stream for its delay of iteration k (seeded blsgpu.bench.delays schedule, a spin kernel:
 the host never waits), B in --bounds. B=0 is lock-step, so it is the synchronous reference: T_none =
 B=0 without delays, T_sync = B=0 with them, T_ideal = T_none + max over ranks of that rank's delays
 summed, masking = (T_sync - T_bls) / (T_sync - T_ideal) (docs/design.md). Target: masking >= 0.9 at B=8.
@@ -37,8 +37,8 @@ import torch
 
 import blsgpu
 from blsgpu import _provenance
-from blsgpu._local import gpu_sleep, run_local
-from blsgpu.delays import DelayModel
+from blsgpu.bench.delays import DelayModel
+from blsgpu.transport.local import gpu_sleep, run_local
 
 NAME = "bench_gpu_exchange"
 TARGET_RATIO = 0.95  # BLS B=4 / NCCL alltoall throughput, no delays
@@ -57,7 +57,8 @@ def _machine(gpu: bool) -> dict:
         try:
             import cupy  # noqa: PLC0415
 
-            from blsgpu import _device_counters, _nccl  # noqa: PLC0415
+            from blsgpu.counters import device as _device_counters  # noqa: PLC0415
+            from blsgpu.transport import nccl as _nccl
 
             info["cupy"] = cupy.__version__
             info["nccl_cupy"] = _nccl.nccl_version_str(_nccl._import_nccl().get_version())
@@ -340,7 +341,7 @@ def _parse_args(argv):
     ap.add_argument("--w1-bounds", default="4")
     ap.add_argument("--world-size", type=int, default=4, help="local part")
     ap.add_argument("--bounds", default="0,1,2,4,8", help="local part")
-    ap.add_argument("--delays", default="exp:5", help="local part: blsgpu.delays specs (GPU sleeps)")
+    ap.add_argument("--delays", default="exp:5", help="local part: blsgpu.bench.delays specs (GPU sleeps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

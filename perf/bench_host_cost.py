@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 import blsgpu
-from blsgpu import _exchange, _provenance
-from blsgpu._counters import HostCounters
-from blsgpu._transport import _Done
+from blsgpu import _provenance
+from blsgpu.counters.host import HostCounters
+from blsgpu.exchange import channel as _exchange
+from blsgpu.transport.base import _Done
 
 NAME = "bench_host_cost"
 GOALS_US = {8: 60.0, 64: 250.0}  # total per iteration

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from blsgpu import _provenance
-from blsgpu._lookup import QuantizedTable, pooled_lookup
+from blsgpu.lookup.pooled import QuantizedTable, pooled_lookup
 
 NAME = "bench_lookup"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}

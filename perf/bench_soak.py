@@ -5,7 +5,7 @@ k-B) for --iterations iterations. Splits are random in every iteration (seeded: 
 same [W, W] matrix for iteration k, so a receiver knows what it must get without being told), and
 every row carries its own address (iteration, source, destination, row, column), so each received
 row is checked exactly. After consuming iteration k a rank sleeps its seeded delay for k
-(blsgpu.delays, default rare spikes).
+(blsgpu.bench.delays, default rare spikes).
 
 Every --window iterations each rank records its resident memory (RSS), its threads (the OS count:
 the channels' and gloo's threads too), its open descriptors, and the wall time of the window, with
@@ -29,7 +29,7 @@ import numpy as np
 
 import blsgpu
 from blsgpu import _provenance
-from blsgpu.delays import DelayModel
+from blsgpu.bench.delays import DelayModel
 
 NAME = "bench_soak"
 RSS_SLACK_BYTES = 16 << 20
@@ -242,7 +242,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bound", type=int, default=4)
     ap.add_argument("--max-rows", type=int, default=32, help="rows per peer: uniform in [0, this]")
     ap.add_argument("--dim", type=int, default=8, help="int64 columns per row")
-    ap.add_argument("--delay", default="spikes:0.002:5", help="a blsgpu.delays spec")
+    ap.add_argument("--delay", default="spikes:0.002:5", help="a blsgpu.bench.delays spec")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--channel-timeout-s", type=float, default=300.0)
     ap.add_argument("--timeout-s", type=float, default=6 * 3600.0, help="the whole soak")

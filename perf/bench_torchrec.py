@@ -12,7 +12,7 @@ T tables of --rows rows and dim D, table-wise (table t on rank t % W, the same p
 seeded weights for every provider), one feature per table, N samples per rank per batch, bag sizes
 uniform in [0, 2L], ids uniform (the workload of perf/bench_ebc.py). Per batch every provider runs the
 same consumer: a float64 sum of the pooled [N, T*D] output (kept as a checksum), then the rank's
-injected delay for that batch from a seeded schedule (blsgpu.delays, [W, iters], the same for every
+injected delay for that batch from a seeded schedule (blsgpu.bench.delays, [W, iters], the same for every
 provider). The sleep stands for the dense part of the model and its jitter.
 
 Providers:
@@ -23,7 +23,7 @@ Providers:
 - blsgpu-pipeline: blsgpu.ShardedEmbeddingBagCollection.pipeline(batches), bound --bound, on the
   "bls" world (its own channels; up to B+1 batches in flight).
 
-Delays (--delays, blsgpu.delays specs; "none" always runs): "straggler:last:MS" is the last rank
+Delays (--delays, blsgpu.bench.delays specs; "none" always runs): "straggler:last:MS" is the last rank
 slow by MS in every batch (one slow rank), "exp:MS" i.i.d. exponential per rank and batch.
 
 Figures (as in perf/bench_ebc.py):
@@ -64,7 +64,7 @@ import torch.distributed as dist
 
 import blsgpu
 from blsgpu import _provenance
-from blsgpu.delays import DelayModel
+from blsgpu.bench.delays import DelayModel
 
 NAME = "bench_torchrec"
 REF = "gloo-forward"
@@ -517,7 +517,7 @@ def _parse_args(argv):
     ap.add_argument(
         "--delays",
         default="none,straggler:last:10,exp:10",
-        help="comma-separated blsgpu.delays specs, straggler:last:MS for the last rank; 'none' always runs",
+        help="comma-separated delay specs, straggler:last:MS for the last rank; 'none' always runs",
     )
     ap.add_argument("--providers", default=",".join(ALL_PROVIDERS))
     ap.add_argument("--seed", type=int, default=0)

@@ -192,7 +192,7 @@ log "GPU visible to torch: $HAVE_GPU"
 # ------------------------------------------------------------------------------------- versions
 stage versions 60 0 "$PY" - <<'EOF'
 import importlib.util, json, subprocess, sys
-from blsgpu import _nccl
+from blsgpu.transport import nccl as _nccl
 info = {"python": sys.version.split()[0]}
 try:
     info["nvidia_smi"] = subprocess.run(
@@ -228,7 +228,7 @@ EOF
 stage memops 60 1 "$PY" - <<'EOF'
 import json, os, time
 import torch
-from blsgpu import _device_counters as dc
+from blsgpu.counters import device as dc
 torch.cuda.init()
 dev = torch.device("cuda", 0)
 out = {"CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset (8)")}
@@ -278,7 +278,7 @@ EOF
 stage nccl_raw 60 1 "$PY" - <<'EOF'
 import json, time
 import torch
-from blsgpu import _nccl
+from blsgpu.transport import nccl as _nccl
 nccl = _nccl._import_nccl()
 torch.cuda.set_device(0)
 comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)

@@ -99,7 +99,7 @@ def test_plain_import_torch_registers_bls_without_optional_packages():
     assert "error" not in got, got["error"]
     assert "blsgpu._autoload" in got["loaded_by_torch"]
     assert got["optional_loaded"] == []  # light: no GPU stack, no TorchRec, no plotting
-    assert got["backend"] == "bls" and got["group"] == "blsgpu._backend.BLSProcessGroup"
+    assert got["backend"] == "bls" and got["group"] == "blsgpu.backend.BLSProcessGroup"
     assert got["recv"] == [0.0, 1.0, 2.0, 3.0] and got["posted"] == 1
 
 

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from blsgpu.delays import DelayModel, sleep_schedule
+from blsgpu.bench.delays import DelayModel, sleep_schedule
 
 
 @pytest.mark.parametrize(

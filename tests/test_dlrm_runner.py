@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import blsgpu
-from blsgpu import sim
-from blsgpu.dlrm import BenchConfig, analyse, run_rank
-from blsgpu.dlrm.runner import reference_predictions
+from blsgpu.bench import sim
+from blsgpu.bench.analysis import analyse
+from blsgpu.bench.runner import BenchConfig, run_rank
+from blsgpu.dlrm import reference_predictions
 
 # Small: T=3 tables of different sizes on W=3 ranks (a rank owns one table each), seeded random
 # delays large enough that a fast rank really runs ahead of a slow one.
@@ -116,7 +117,7 @@ def _count_collectives(rank, world_size, cfgs):
     """Runs each config with every torch.distributed collective counted."""
     import torch.distributed as dist
 
-    from blsgpu.dlrm import runner
+    from blsgpu.bench import runner
 
     counts = []
     names = ["barrier", "all_reduce", "all_gather", "all_gather_object", "all_to_all_single",

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 import blsgpu
 from blsgpu import BoundedLagAllToAll, PeerError, run_world
-from blsgpu._exchange import BoundError
-from blsgpu._transport import blame_through_store
-from blsgpu._world import RankError
+from blsgpu.exchange.channel import BoundError
+from blsgpu.transport.base import blame_through_store
+from blsgpu.world import RankError
 
 
 def _exact_body(rank, w, bound, iters, seed, inline_bytes=None):
@@ -471,7 +471,7 @@ def test_channel_on_a_subgroup_and_a_rank_outside_it():
 
 
 def _backend_devices_body(rank, w):
-    from blsgpu._backend import _device_of  # noqa: PLC0415
+    from blsgpu.backend import _device_of  # noqa: PLC0415
 
     pg = dist.distributed_c10d._get_default_group()
     errors = {}

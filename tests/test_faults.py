@@ -40,7 +40,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 def _install_fault(action: str, where: str, out_dir: Path) -> None:
-    from blsgpu.dlrm import data, runner  # noqa: PLC0415
+    from blsgpu.bench import runner
+    from blsgpu.dlrm import data  # noqa: PLC0415
 
     sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
     state = {"barrier": None}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from blsgpu import BoundedLagAllToAll, run_world
-from blsgpu._local import gpu_sleep, run_local
+from blsgpu.transport.local import gpu_sleep, run_local
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 
@@ -89,7 +89,7 @@ def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
 def _nccl_w1_body(rank, w, bound, iters):
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    from blsgpu import _nccl  # noqa: PLC0415
+    from blsgpu.transport import nccl as _nccl  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -244,7 +244,7 @@ def test_gloo_channel_with_cuda_tensors_is_exact_and_says_it_stages():
 
 @pytest.mark.gpu
 def test_comm_streams_are_their_own():
-    from blsgpu._device_counters import own_stream  # noqa: PLC0415
+    from blsgpu.counters.device import own_stream  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     pooled = {torch.cuda.Stream(dev).cuda_stream for _ in range(64)}  # torch's whole pool
@@ -281,7 +281,7 @@ def test_gpu_sleep_lasts_what_it_is_asked_whatever_the_clock():
 def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
     """The gate is an event recorded after the consumer's release: the comm stream does not pass
     it while the consumer stream is still busy before that release."""
-    from blsgpu._device_counters import DeviceCounters, stream_ops  # noqa: PLC0415
+    from blsgpu.counters.device import DeviceCounters, stream_ops  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     try:
@@ -309,7 +309,7 @@ def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
 def test_spin_kernel_wait_times_out_and_says_so():
     """The spin kernel (diagnostics only now) gives up after its timeout and flags it."""
     from blsgpu import BLSError  # noqa: PLC0415
-    from blsgpu._device_counters import _RELEASED, _STATUS, DeviceCounters, stream_ops  # noqa: PLC0415
+    from blsgpu.counters.device import _RELEASED, _STATUS, DeviceCounters, stream_ops  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     comm = torch.cuda.Stream(dev)

@@ -28,9 +28,11 @@ import pytest
 import torch
 
 import blsgpu
-from blsgpu import BoundedLagAllToAll, PeerError, _exchange, _nccl, run_world
-from blsgpu._device_counters import DeviceCounters, HostOps
-from blsgpu._local import current_group, run_local
+from blsgpu import BoundedLagAllToAll, PeerError, run_world
+from blsgpu.counters.device import DeviceCounters, HostOps
+from blsgpu.exchange import channel as _exchange
+from blsgpu.transport import nccl as _nccl
+from blsgpu.transport.local import current_group, run_local
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 
@@ -50,13 +52,13 @@ def test_import_and_cpu_exchanges_load_no_gpu_stack():
     code = """
 import json, sys, torch
 import blsgpu
-from blsgpu._local import run_local
+from blsgpu.transport.local import run_local
 def body(rank, w):
     with blsgpu.BoundedLagAllToAll(bound=1) as a2a:
         return a2a.exchange(torch.ones(w), [1] * w).wait()[0].tolist()
 assert run_local(2, body) == [[1.0, 1.0]] * 2
 heavy = sorted({m.split('.')[0] for m in sys.modules} & {'cupy', 'cupy_backends', 'cuda', 'triton', 'nvtx'})
-gpu = sorted(m for m in sys.modules if m in ('blsgpu._nccl', 'blsgpu._device_counters'))
+gpu = sorted(m for m in sys.modules if m in ('blsgpu.transport.nccl', 'blsgpu.counters.device'))
 maps = [l for l in open('/proc/self/maps') if 'libnccl' in l]
 print(json.dumps([heavy, gpu, len(maps)]))
 """
@@ -261,7 +263,7 @@ class _TimedEvent:
 
 
 def test_host_wait_returns_soon_after_the_event_and_does_not_spin():
-    from blsgpu._device_counters import host_wait  # noqa: PLC0415
+    from blsgpu.counters.device import host_wait  # noqa: PLC0415
 
     quick = _TimedEvent(20e-6)
     t0 = time.monotonic()
@@ -274,7 +276,7 @@ def test_host_wait_returns_soon_after_the_event_and_does_not_spin():
 
 
 def test_counter_blocks_are_distinct_zeroed_and_never_reused():
-    from blsgpu._device_counters import _SLAB_BLOCKS, _counter_block  # noqa: PLC0415
+    from blsgpu.counters.device import _SLAB_BLOCKS, _counter_block  # noqa: PLC0415
 
     blocks = [_counter_block(pinned=False) for _ in range(_SLAB_BLOCKS + 10)]  # spans two slabs
     addrs = {b.data_ptr() for b in blocks}
@@ -320,7 +322,7 @@ class _FakeDriver:
 def test_stream_mem_ops_leave_the_threads_current_context_alone():
     from types import SimpleNamespace  # noqa: PLC0415
 
-    from blsgpu._device_counters import MemOps  # noqa: PLC0415
+    from blsgpu.counters.device import MemOps  # noqa: PLC0415
 
     stream = SimpleNamespace(cuda_stream=1234)
     other = _FakeDriver(current=3)  # another device's context is current in this thread
@@ -927,7 +929,7 @@ def test_watchdog_fails_a_reached_group_past_the_timeout_and_not_one_behind_its_
     assert t._error is None
     time.sleep(1.0)
     t.watch_once()
-    assert isinstance(t._error, blsgpu._transport.PeerFailure)
+    assert isinstance(t._error, blsgpu.transport.base.PeerFailure)
     msg = str(t._error)
     assert "data group of iteration 0" in msg and "could not be told apart" in msg
     assert t._error.peer is None and t.data_comm.aborted

@@ -1,4 +1,4 @@
-"""The in-process multi-rank mode (blsgpu._local) on CPU: W ranks as threads, the same engine.
+"""The in-process multi-rank mode (blsgpu.transport.local) on CPU: W ranks as threads, the same engine.
 
 What the GPU runs as W stream sets on one device runs here as W threads with host copies; with
 emulate_streams the engine takes its stream-ordered path (hand-over through order(), device counters
@@ -14,9 +14,9 @@ import torch
 from _contract import assert_bounded, bounded_body, drive, reference
 
 from blsgpu import BoundedLagAllToAll, PeerError
-from blsgpu._exchange import BoundError
-from blsgpu._local import current_group, run_local
-from blsgpu._world import RankError
+from blsgpu.exchange.channel import BoundError
+from blsgpu.transport.local import current_group, run_local
+from blsgpu.world import RankError
 
 MODES = {  # name -> run_local options
     "host": {},
@@ -172,7 +172,7 @@ def _group_body(rank, w):
 def test_explicit_group_and_no_group_outside_a_local_world():
     assert current_group() is None
     assert run_local(2, _group_body) == [(0, 2, [0.0, 1.0]), (1, 2, [0.0, 1.0])]
-    with pytest.raises(ValueError, match="needs a group of blsgpu._local.run_local"):
+    with pytest.raises(ValueError, match="needs a group of blsgpu.transport.local.run_local"):
         BoundedLagAllToAll(transport="local")
     with pytest.raises(ValueError, match="emulate_streams is for CPU"):
         run_local(2, _group_body, device="cuda", emulate_streams=True)

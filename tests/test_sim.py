@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from blsgpu.delays import DelayModel
-from blsgpu.sim import (
+from blsgpu.bench.delays import DelayModel
+from blsgpu.bench.sim import (
     comm_cost,
     fit_comm_s,
     ideal_time,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import blsgpu
-from blsgpu import PeerError, _world
-from blsgpu._world import RankError, run_world
+from blsgpu import PeerError
+from blsgpu import world as _world
+from blsgpu.world import RankError, run_world
 
 
 def _raises_while_peer_exchanges(rank, w):
@@ -102,7 +103,7 @@ def test_a_dead_rank_is_named_first_and_the_survivors_verdicts_follow():
 
 
 def _late_between_runs(rank, w, cfg):
-    from blsgpu.dlrm import runner  # noqa: PLC0415
+    from blsgpu.bench import runner  # noqa: PLC0415
 
     original = runner._barrier
 
@@ -121,7 +122,7 @@ def _late_between_runs(rank, w, cfg):
 
 
 def test_the_dlrm_runner_names_a_rank_silent_between_runs():
-    from blsgpu.dlrm import BenchConfig  # noqa: PLC0415
+    from blsgpu.bench.runner import BenchConfig  # noqa: PLC0415
 
     cfg = BenchConfig(
         world_size=2,

@@ -1,22 +1,20 @@
-"""DLRM inference: synthetic Criteo-like data, the model, and its pipelined runner (re-exports only)."""
+"""DLRM inference: synthetic Criteo-like data, the model and its sharded form (re-exports only)."""
 
 from blsgpu.dlrm.data import Batch, SyntheticCriteo, ZipfSampler
 from blsgpu.dlrm.model import MLP, DLRMArch, DLRMDense, interact_dot, interaction_width, parse_arch
-from blsgpu.dlrm.runner import DLRM, BenchConfig, analyse, make_tables, run_rank
+from blsgpu.dlrm.sharded import DLRM, make_tables, reference_predictions
 
 __all__ = [
     "DLRM",
     "MLP",
     "Batch",
-    "BenchConfig",
     "DLRMArch",
     "DLRMDense",
     "SyntheticCriteo",
     "ZipfSampler",
-    "analyse",
     "interact_dot",
     "interaction_width",
     "make_tables",
     "parse_arch",
-    "run_rank",
+    "reference_predictions",
 ]

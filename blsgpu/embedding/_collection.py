@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from blsgpu._lookup import pooled_lookup
 from blsgpu.embedding._config import as_configs, embedding_names
 from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
+from blsgpu.lookup.pooled import pooled_lookup
 
 
 def init_weight(config, index: int, seed: int | None, dtype: torch.dtype,

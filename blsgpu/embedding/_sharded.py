@@ -30,13 +30,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from blsgpu._exchange import BoundedLagAllToAll
-from blsgpu._lookup import QuantizedTable, pooled_lookup
 from blsgpu._trace import span
 from blsgpu.embedding._collection import check_features, init_weight, offsets_of
 from blsgpu.embedding._config import as_configs
 from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
 from blsgpu.embedding._plan import make_plan
+from blsgpu.exchange.channel import BoundedLagAllToAll
+from blsgpu.lookup.pooled import QuantizedTable, pooled_lookup
 
 _COMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blsgpu._device_counters import TorchEvents
-from blsgpu._transport import (
+from blsgpu.counters.device import TorchEvents
+from blsgpu.transport.base import (
     HEADER,
     PeerFailure,
     PointToPoint,
@@ -253,7 +253,7 @@ class TorchCuda(TorchEvents):
     """
 
     def new_stream(self) -> Any:
-        from blsgpu._device_counters import own_stream  # noqa: PLC0415
+        from blsgpu.counters.device import own_stream  # noqa: PLC0415
 
         return own_stream(self.device)
 
@@ -275,7 +275,7 @@ class TorchCuda(TorchEvents):
 
     @staticmethod
     def host_wait(event: Any, timeout_s: float) -> bool:
-        from blsgpu._device_counters import host_wait  # noqa: PLC0415
+        from blsgpu.counters.device import host_wait  # noqa: PLC0415
 
         return host_wait(event, timeout_s)
 
@@ -287,7 +287,7 @@ class TorchCuda(TorchEvents):
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def counters(self, world_size: int, rank: int, stream: Any, timeout_s: float) -> Any:
-        from blsgpu._device_counters import DeviceCounters  # noqa: PLC0415
+        from blsgpu.counters.device import DeviceCounters  # noqa: PLC0415
 
         return DeviceCounters(world_size, rank, self.device, stream, timeout_s, events=self)
 

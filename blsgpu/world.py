@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from blsgpu._errors import PeerError
+from blsgpu.errors import PeerError
 
 
 class RankError(RuntimeError):

@@ -18,7 +18,7 @@ Iteration k between ranks s -> d: the header travels as soon as s's progress thr
 copies it into its receive buffer. A send is delivered once the receiver copied it (on a GPU: once
 the receiver's copy event completed). As with NCCL, the stream-ordered modes (a GPU, or
 emulate_streams) have the engine's progress thread post every message of a channel, in one order on
-every rank, and the gate is an event after the consumer's release (blsgpu/_device_counters.py).
+every rank, and the gate is an event after the consumer's release (blsgpu/counters/device.py).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from blsgpu._counters import HostCounters
-from blsgpu._transport import DATA, HEADER, PointToPoint
-from blsgpu._world import RankError
+from blsgpu.counters.host import HostCounters
+from blsgpu.transport.base import DATA, HEADER, PointToPoint
+from blsgpu.world import RankError
 
 
 class LinkError(RuntimeError):
@@ -183,7 +183,7 @@ class LocalTransport(PointToPoint):
         self._timeout_s = timeout_s
         if not self.stream_ordered:
             return HostCounters(world_size, rank)
-        from blsgpu import _device_counters as dc  # noqa: PLC0415 (GPU, or its CPU emulation)
+        from blsgpu.counters import device as dc  # noqa: PLC0415 (GPU, or its CPU emulation)
 
         ops = dc.HostOps() if self.stream is None else None
         return dc.DeviceCounters(world_size, rank, self.device, self.stream, timeout_s, ops=ops)
@@ -285,7 +285,7 @@ class LocalTransport(PointToPoint):
             return
         event = self._data_event(work, timeout_s)
         if event is not None:
-            from blsgpu._device_counters import host_wait  # noqa: PLC0415 (GPU only)
+            from blsgpu.counters.device import host_wait  # noqa: PLC0415 (GPU only)
 
             if not host_wait(event, timeout_s):
                 raise LinkError(f"timed out after {timeout_s:.1f} s on the copy of iteration "
@@ -321,7 +321,7 @@ class LocalTransport(PointToPoint):
 
 
 def _own_stream(device: torch.device) -> Any:
-    from blsgpu._device_counters import own_stream  # noqa: PLC0415 (GPU only)
+    from blsgpu.counters.device import own_stream  # noqa: PLC0415 (GPU only)
 
     return own_stream(device)
 
@@ -348,7 +348,7 @@ _sleepers: dict[int, Any] = {}
 
 def _sleep_ops(index: int) -> Any:
     if index not in _sleepers:
-        from blsgpu import _device_counters as dc  # noqa: PLC0415 (GPU only)
+        from blsgpu.counters import device as dc  # noqa: PLC0415 (GPU only)
 
         try:
             _sleepers[index] = dc.stream_ops(torch.device("cuda", index), "kernel")

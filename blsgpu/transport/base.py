@@ -19,8 +19,8 @@ connect(s) and slot_written(k), close() and abort().
 
 The CPU transport runs each kind as one torch.distributed alltoall on a gloo group of its own, so
 a channel's traffic never shares a connection (or a failure) with the user's group or another
-channel. Transports that only have point-to-point messages (NCCL through CuPy, blsgpu/_nccl.py, and
-the in-process one, blsgpu/_local.py) get the alltoall from PointToPoint below.
+channel. Transports that only have point-to-point messages (NCCL through CuPy, blsgpu/transport/nccl.py, and
+the in-process one, blsgpu/transport/local.py) get the alltoall from PointToPoint below.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blsgpu._counters import HostCounters
+from blsgpu.counters.host import HostCounters
 
 # What the engine exchanges. The point-to-point transports keep their own tag spaces per kind.
 MESSAGE = HEADER = 0

@@ -100,7 +100,7 @@ class BLSProcessGroup(dist.ProcessGroup):
         key = str(device)
         ch = self._channels.get(key)
         if ch is None:
-            from blsgpu._exchange import BoundedLagAllToAll  # noqa: PLC0415 (import cycle)
+            from blsgpu.exchange.channel import BoundedLagAllToAll  # noqa: PLC0415 (import cycle)
 
             if device.type == "cpu":
                 kind, where = "gloo", None

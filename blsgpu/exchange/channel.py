@@ -40,10 +40,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from blsgpu import _env, _local
-from blsgpu._errors import BLSError, PeerError
+from blsgpu import _env
 from blsgpu._trace import span
-from blsgpu._transport import DATA, MESSAGE, GlooTransport, PeerFailure
+from blsgpu.errors import BLSError, PeerError
+from blsgpu.transport import local as _local
+from blsgpu.transport.base import DATA, MESSAGE, GlooTransport, PeerFailure
 
 MAX_BOUND = 4096
 _MAX_TRAILING_DIMS = 6
@@ -257,7 +258,7 @@ class BoundedLagAllToAll:
             every rank of the group creates its channels in the same order.
         bound: B, how many iterations this rank may run ahead of its slowest peer.
         device: where received tensors are returned (default: the device of each send tensor).
-        transport: "gloo" (CPU), "nccl" (GPU, CuPy), "local" (the ranks of blsgpu._local.run_local)
+        transport: "gloo" (CPU), "nccl" (GPU, CuPy), "local" (the ranks of blsgpu.transport.local.run_local)
             or "auto": local inside run_local, else nccl for a CUDA device when the GPU path is
             available, else gloo. A transport object is used as it is (benchmarks, tests).
         timeout: how long a wait may last before a silent peer is declared failed.
@@ -1024,7 +1025,7 @@ def _row_bytes_of(row: np.ndarray) -> int:
 
 def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_s: float):
     if not isinstance(kind, str) and hasattr(kind, "alltoall"):
-        return kind  # a transport object (blsgpu/_transport.py lists what it offers)
+        return kind  # a transport object (blsgpu/transport/base.py lists what it offers)
     if kind not in ("auto", "gloo", "nccl", "local"):
         raise ValueError(f"transport must be 'auto', 'gloo', 'nccl' or 'local', got {kind!r}")
     if group is dist.GroupMember.NON_GROUP_MEMBER:
@@ -1035,7 +1036,7 @@ def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_
     local = _local.resolve_group(group)
     if kind == "local" or (kind == "auto" and local is not None):
         if local is None:
-            raise ValueError("transport 'local' needs a group of blsgpu._local.run_local")
+            raise ValueError("transport 'local' needs a group of blsgpu.transport.local.run_local")
         return _local.LocalTransport(local)
     if isinstance(group, _local.LocalGroup):
         raise ValueError(f"transport {kind!r} cannot run over an in-process group; use 'local'")
@@ -1043,7 +1044,7 @@ def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_
         kind == "auto" and device is not None and device.type == "cuda" and _gpu_path_available()
     )
     if want_nccl:
-        from blsgpu import _nccl  # noqa: PLC0415 (CuPy and NCCL load only on the GPU path)
+        from blsgpu.transport import nccl as _nccl  # noqa: PLC0415 (CuPy and NCCL load only on the GPU path)
 
         return _nccl.NcclTransport(group, device)
     return GlooTransport(group, timeout_s)
@@ -1052,6 +1053,6 @@ def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_
 def _gpu_path_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    from blsgpu import _nccl  # noqa: PLC0415
+    from blsgpu.transport import nccl as _nccl  # noqa: PLC0415
 
     return _nccl.available()

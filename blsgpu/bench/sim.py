@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blsgpu.delays import DelayModel
+from blsgpu.bench.delays import DelayModel
 
 __all__ = [
     "DEFAULT_COMM_S",

@@ -1,8 +1,5 @@
-"""DLRM inference over a process group: the sharded model and the pipelined runner behind `blsgpu`.
-
-The model (``DLRM``): bottom MLP, a table-wise ShardedEmbeddingBagCollection, dot interaction, top
-MLP; every weight is a function of the seed alone, so every bound (and the unsharded reference)
-computes the same model.
+"""The pipelined runner behind `blsgpu run` and `blsgpu bench`: the sharded DLRM (blsgpu.dlrm) timed
+over a process group, synchronously and at each bound.
 
 The runner (``run_rank``, one call per rank) times, in one world and in this order:
 
@@ -25,7 +22,7 @@ local stream synchronize so that host times cover the device work (no peer is in
 
 Recorded per rank and iteration: the step time (between consecutive predictions), the busy time
 (the step minus the time the rank was blocked in the exchanges, from the channels' counters: its
-compute plus its delay, what blsgpu.sim takes as work) and the batch latency (batch generated ->
+compute plus its delay, what blsgpu.bench.sim takes as work) and the batch latency (batch generated ->
 prediction). With ``trace_dir`` one torch.profiler trace per rank covers every run (each inside a
 ``blsgpu.run[<label>:<repeat>]`` range, with the engine's post/receive/wait/release ranges and the
 runner's ``blsgpu.delay``); profiling slows the runs, so traced timings are not benchmark numbers.
@@ -33,118 +30,23 @@ runner's ``blsgpu.delay``); profiling slows the runs, so traced timings are not 
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import math
 import os
-import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from blsgpu import _provenance, _world, sim
+from blsgpu import world as _world
 from blsgpu._trace import span
-from blsgpu.delays import DelayModel, sleep_schedule
-from blsgpu.dlrm.data import Batch, SyntheticCriteo
-from blsgpu.dlrm.model import DLRMArch, DLRMDense
+from blsgpu.bench.delays import DelayModel, sleep_schedule
+from blsgpu.dlrm.data import SyntheticCriteo
+from blsgpu.dlrm.model import DLRMArch
+from blsgpu.dlrm.sharded import DLRM
 
-__all__ = ["DLRM", "BenchConfig", "analyse", "make_tables", "run_rank"]
-
-
-def make_tables(arch: DLRMArch, pooling: str = "sum") -> list:
-    """The T embedding tables of an arch: table ``t{i}`` of D columns looks up feature ``cat_{i}``."""
-    from blsgpu.embedding import EmbeddingBagConfig  # noqa: PLC0415 (the embedding layer loads lazily)
-
-    D = arch.sparse_feature_size
-    return [
-        EmbeddingBagConfig(f"t{i}", n, D, [f"cat_{i}"], pooling)
-        for i, n in enumerate(arch.embedding_sizes)
-    ]
-
-
-def _kjt(batch: Batch, device: torch.device):
-    from blsgpu.embedding import KeyedJaggedTensor  # noqa: PLC0415
-
-    if device.type == "cpu":
-        return KeyedJaggedTensor(list(batch.keys), batch.values, batch.weights, lengths=batch.lengths)
-    # Pinned and still on the host: the sharded collection checks it there and copies it to the
-    # GPU without blocking.
-    def pin(t):
-        return None if t is None else t.pin_memory()
-
-    return KeyedJaggedTensor(list(batch.keys), pin(batch.values), pin(batch.weights),
-                             lengths=pin(batch.lengths))
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from blsgpu.embedding._jagged import to_device  # noqa: PLC0415 (the embedding layer loads lazily)
-
-    return to_device(t, device)
-
-
-class DLRM(nn.Module):
-    """DLRM inference sharded over a process group: (batch of N samples) -> click probabilities [N].
-
-    Args:
-        arch: sizes (``DLRMArch.parse`` of the reference's flags).
-        bound: B of both exchanges of the sharded embeddings.
-        seed: the dense weights and every table are functions of it alone, whatever the bound,
-            the world size and the plan.
-        group, device, plan: as ShardedEmbeddingBagCollection's. Construction is collective.
-    """
-
-    def __init__(self, arch: DLRMArch, bound: int = 4, seed: int = 0, group=None, device=None,
-                 plan="table_wise", timeout=None):
-        super().__init__()
-        from blsgpu.embedding import ShardedEmbeddingBagCollection  # noqa: PLC0415
-
-        self.arch = arch
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dense = DLRMDense(arch, seed).to(self.device).requires_grad_(False)
-        self.ebc = ShardedEmbeddingBagCollection(
-            make_tables(arch), plan, group, bound, self.device, seed=seed, timeout=timeout
-        )
-
-    @torch.no_grad()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Blocking: both exchanges of this batch complete before it returns (lock step)."""
-        pooled = self.ebc(_kjt(batch, self.device)).values()
-        return self.dense(_to(batch.dense, self.device), pooled)
-
-    def pipeline(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """Yields (batch, predictions) in order, with up to B+1 batches in flight per exchange."""
-        pending: collections.deque[Batch] = collections.deque()
-
-        def kjts():
-            for b in batches:
-                pending.append(b)
-                yield _kjt(b, self.device)
-
-        for kt in self.ebc.pipeline(kjts()):
-            b = pending.popleft()
-            with torch.no_grad():
-                yield b, self.dense(_to(b.dense, self.device), kt.values())
-
-    def stats(self) -> dict[str, dict]:
-        return self.ebc.stats()
-
-    def close(self) -> None:
-        self.ebc.close()
-
-
-def reference_predictions(arch: DLRMArch, seed: int, batches: Iterable[Batch]) -> torch.Tensor:
-    """Predictions [K, N] of the unsharded model (EmbeddingBagCollection + DLRMDense), on one rank."""
-    from blsgpu.embedding import EmbeddingBagCollection  # noqa: PLC0415
-
-    ebc = EmbeddingBagCollection(make_tables(arch), seed=seed)
-    dense = DLRMDense(arch, seed).requires_grad_(False)
-    with torch.no_grad():
-        return torch.stack([dense(b.dense, ebc(_kjt(b, torch.device("cpu"))).values())
-                            for b in batches])
+__all__ = ["BenchConfig", "Progress", "run_rank"]
 
 
 # ------------------------------------------------------------------------------------ the runner
@@ -415,154 +317,3 @@ def _run_all(me: _Rank, cfg: BenchConfig, rank: int, world_size: int):
             run_index += 1
         repeats.append(runs)
     return repeats, schedule, base_ms
-
-
-# ------------------------------------------------------------------------------------ analysis
-
-
-def _pct(xs: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else math.nan
-
-
-def _median(xs: Iterable[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return statistics.median(xs) if xs else math.nan
-
-
-def _none_if_nan(x: float | None):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
-
-
-def machine(device: str = "cpu") -> dict:
-    return _provenance.machine(
-        device=device, backend="gloo" if device == "cpu" else "cpu:gloo,cuda:nccl"
-    )
-
-
-commit = _provenance.commit
-
-
-def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) -> dict:
-    """The JSON document of a bench from every rank's run_rank result (schema: perf/README.md).
-
-    Throughput = K / T with T the slowest rank's timed loop; ratios are taken within a repeat,
-    then the median over repeats. Two simulations of each run, with the exchange time fitted to
-    T_none (blsgpu.sim.fit_comm_s):
-
-    - ``simulated_*`` replays the run's own per-rank, per-iteration busy times through the
-      schedule of its mode (sync, or BLS at its bound): does the schedule explain the time?
-    - ``predicted_*`` forecasts it from the delay schedule plus the busy times of the run
-      without delays, as ``blsgpu simulate`` projects to other W.
-
-    Args:
-        flags: the command line's flags, recorded in ``config`` beside the resolved values.
-    """
-    W, K, N = cfg.world_size, cfg.iterations, cfg.batch
-    labels = cfg.labels()
-    R = cfg.repeats
-    schedule = np.asarray(results[0]["schedule"], dtype=np.float64)
-    ideal_extra = float(schedule.sum(axis=1).max())
-    # Delay a synchronous run pays beyond the slowest rank's own, the most BLS can hide. None
-    # (none, straggler, skew): masking is undefined, whatever noise T_sync - T_ideal shows.
-    hideable = float(schedule.max(axis=0).sum()) - ideal_extra > 1e-9
-    none_label = labels[0]  # "none", or "sync" when there are no delays
-
-    def T(rep: int, label: str) -> float:
-        return max(r["repeats"][rep][label]["loop_s"] for r in results)
-
-    def busy(rep: int, label: str) -> np.ndarray:
-        return np.array([r["repeats"][rep][label]["busy_s"] for r in results])
-
-    def schedule_time(work: np.ndarray, label: str, comm_s: float) -> float:
-        if label in ("none", "sync"):
-            return sim.simulate_sync(work, comm_s).total_s
-        return sim.simulate_bls(work, int(label[3:]), comm_s).total_s
-
-    per: dict[str, dict[str, list]] = {lb: collections.defaultdict(list) for lb in labels}
-    t_none_l, t_ideal_l, comm_l, base_l = [], [], [], []
-    for rep in range(R):
-        t_none = T(rep, none_label)
-        t_sync = T(rep, "sync")
-        t_ideal = t_none + ideal_extra
-        # The no-delay run's busy time is the base work (its schedule row is zeros if "sync").
-        base = np.clip(busy(rep, none_label) - (schedule if none_label == "sync" else 0.0),
-                       0.0, None)
-        comm_s = sim.fit_comm_s(t_none, base)
-        pred_work = base + schedule
-        pred_sync = sim.simulate_sync(pred_work, comm_s).total_s
-        t_none_l.append(t_none)
-        t_ideal_l.append(t_ideal)
-        comm_l.append(comm_s)
-        base_l.append(float(base.mean()))
-        for label in labels:
-            t = T(rep, label)
-            d = per[label]
-            d["time_s"].append(t)
-            d["speedup"].append(t_sync / t)
-            d["masking"].append(sim.masking(t_sync, t, t_ideal)
-                                if hideable and label != "none" else math.nan)
-            d["exact"].append(all(r["repeats"][rep][label]["exact"] for r in results))
-            d["sim_s"].append(schedule_time(busy(rep, label), label, comm_s))
-            pred = schedule_time(base if label == "none" else pred_work, label, comm_s)
-            d["pred_s"].append(pred)
-            d["pred_masking"].append(sim.masking(pred_sync, pred, t_ideal)
-                                     if hideable and label != "none" else math.nan)
-
-    runs = []
-    none_run = None
-    last = R - 1
-    for label in labels:
-        d = per[label]
-        steps = [x for r in results for x in r["repeats"][last][label]["step_s"]]
-        lat = [x for r in results for x in r["repeats"][last][label]["latency_s"]]
-        t = _median(d["time_s"])
-        t_sim = _median(d["sim_s"])
-        t_pred = _median(d["pred_s"])
-        entry = {
-            "mode": "bls" if label.startswith("bls") else "sync",
-            "bound": int(label[3:]) if label.startswith("bls") else None,
-            "delay": "none" if label == "none" else cfg.delay,
-            "time_s": t,
-            "throughput_it_s": K / t,
-            "samples_per_s": K * N * W / t,
-            "p50_ms": _pct(steps, 50) * 1e3,
-            "p99_ms": _pct(steps, 99) * 1e3,
-            "latency_p50_ms": _pct(lat, 50) * 1e3,
-            "latency_p99_ms": _pct(lat, 99) * 1e3,
-            "masking": _none_if_nan(_median(d["masking"])),
-            "speedup": _median(d["speedup"]),
-            "exact": all(d["exact"]),
-            "simulated_time_s": t_sim,
-            "simulated_throughput_it_s": K / t_sim if t_sim > 0 else math.inf,
-            "sim_error": t / t_sim - 1.0 if t_sim > 0 else math.nan,
-            "predicted_throughput_it_s": K / t_pred if t_pred > 0 else math.inf,
-            "predicted_masking": _none_if_nan(_median(d["pred_masking"])),
-            "max_lag": max(r["repeats"][last][label]["max_lag"] for r in results),
-            "transport": sorted({t for r in results for t in r["repeats"][last][label]["transport"]}),
-            "time_s_repeats": d["time_s"],
-            "digest": [r["repeats"][last][label]["digest"] for r in results],
-            "per_rank_iter_s": [r["repeats"][last][label]["busy_s"] for r in results],
-        }
-        if label == "none":
-            none_run = entry
-        else:
-            runs.append(entry)
-    arch = cfg.arch
-    return {
-        "config": {**(flags or {}), **asdict(cfg),
-                   "arch": {"bottom": arch.bottom, "top": arch.top,
-                            "embedding_sizes": arch.embedding_sizes}},
-        "commit": commit(),
-        "machine": machine(cfg.device),
-        "t_none_s": _median(t_none_l),
-        "t_ideal_s": _median(t_ideal_l),
-        "comm_s": _median(comm_l),
-        "base_ms": _median(base_l) * 1e3,
-        "skew_base_ms": results[0]["base_ms"],
-        "delay_per_rank_s": schedule.sum(axis=1).tolist(),
-        "exact": all(r["exact"] for r in runs) and (none_run is None or none_run["exact"]),
-        # Ranks outnumber cores: measured masking can exceed 1, the simulator's is the one to read.
-        "oversubscribed": cfg.world_size > (machine(cfg.device).get("cores") or 1),
-        "none_run": none_run,
-        "runs": runs,
-    }

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from blsgpu._counters import HostCounters
-from blsgpu._errors import BLSError
+from blsgpu.counters.host import HostCounters
+from blsgpu.errors import BLSError
 
 _POSTED, _ARRIVED, _RELEASED, _STATUS = 0, 1, 2, 3
 _GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int64)(*addr - value) >= 0

@@ -1,7 +1,7 @@
 """Lag counters of one channel: posted / arrived / released iterations.
 
 On CPU they are host integers. The GPU path keeps the same counters in device-visible memory too
-(blsgpu/_device_counters.py over kernels/lag_counters.cuh); the engine only calls the methods below,
+(blsgpu/counters/device.py over kernels/lag_counters.cuh); the engine only calls the methods below,
 so both paths run the same protocol code. Every count is "how many iterations", so it is k+1 once
 iteration k is done.
 
