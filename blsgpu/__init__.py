@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from blsgpu import backend as _backend  # noqa: F401  (registers the "bls" torch.distributed backend)
-from blsgpu.errors import BLSError, PeerError
+from blsgpu.errors import BLSError, BoundError, LinkError, PeerError, PeerFailure, RankError
 from blsgpu.exchange.channel import BoundedLagAllToAll, ExchangeHandle
 from blsgpu.world import run_world
 
@@ -30,9 +30,13 @@ _LAZY = {
 
 __all__ = [
     "BLSError",
+    "BoundError",
     "BoundedLagAllToAll",
     "ExchangeHandle",
+    "LinkError",
     "PeerError",
+    "PeerFailure",
+    "RankError",
     "run_world",
     *_LAZY,
 ]

@@ -21,16 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from blsgpu.errors import PeerError
-
-
-class RankError(RuntimeError):
-    """A rank of run_world raised or died; `rank` says which, `remote_type` what it raised."""
-
-    def __init__(self, message: str, rank: int, remote_type: str | None = None):
-        super().__init__(message)
-        self.rank = rank
-        self.remote_type = remote_type
+from blsgpu.errors import PeerError, RankError
 
 
 class _PrefixWriter(io.TextIOBase):

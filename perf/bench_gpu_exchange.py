@@ -38,7 +38,8 @@ import torch
 import blsgpu
 from blsgpu import _provenance
 from blsgpu.bench.delays import DelayModel
-from blsgpu.transport.local import gpu_sleep, run_local
+from blsgpu.bench.gpu_sleep import gpu_sleep
+from blsgpu.transport.local import run_local
 
 NAME = "bench_gpu_exchange"
 TARGET_RATIO = 0.95  # BLS B=4 / NCCL alltoall throughput, no delays

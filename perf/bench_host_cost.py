@@ -35,7 +35,7 @@ import blsgpu
 from blsgpu import _provenance
 from blsgpu.counters.host import HostCounters
 from blsgpu.exchange import channel as _exchange
-from blsgpu.transport.base import _Done
+from blsgpu.transport.gloo import _Done
 
 NAME = "bench_host_cost"
 GOALS_US = {8: 60.0, 64: 250.0}  # total per iteration

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from blsgpu import BoundedLagAllToAll, run_world
-from blsgpu.transport.local import gpu_sleep, run_local
+from blsgpu.bench.gpu_sleep import gpu_sleep
+from blsgpu.transport.local import run_local
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 

@@ -929,7 +929,7 @@ def test_watchdog_fails_a_reached_group_past_the_timeout_and_not_one_behind_its_
     assert t._error is None
     time.sleep(1.0)
     t.watch_once()
-    assert isinstance(t._error, blsgpu.transport.base.PeerFailure)
+    assert isinstance(t._error, blsgpu.errors.PeerFailure)
     msg = str(t._error)
     assert "data group of iteration 0" in msg and "could not be told apart" in msg
     assert t._error.peer is None and t.data_comm.aborted

@@ -42,9 +42,10 @@ import torch.distributed as dist
 
 from blsgpu import _env
 from blsgpu._trace import span
-from blsgpu.errors import BLSError, PeerError
+from blsgpu.errors import BLSError, BoundError, PeerError, PeerFailure
 from blsgpu.transport import local as _local
-from blsgpu.transport.base import DATA, MESSAGE, GlooTransport, PeerFailure
+from blsgpu.transport.base import DATA, MESSAGE
+from blsgpu.transport.gloo import GlooTransport
 
 MAX_BOUND = 4096
 _MAX_TRAILING_DIMS = 6
@@ -126,10 +127,6 @@ class _Buffer:
             nbytes = math.prod(shape) * dtype.itemsize
             view = self._typed[key] = self.t[:nbytes].view(dtype).view(shape)
         return view
-
-
-class BoundError(BLSError):
-    """More than B+1 exchanges outstanding on a channel: wait() an older one first."""
 
 
 def _as_splits(splits: Any, world_size: int, what: str) -> list[int]:

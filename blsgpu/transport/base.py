@@ -17,10 +17,11 @@ streams: the engine hands it over with order()), `caller_may_receive` (the calle
 process an iteration itself), `inline_ok`, empty(), make_counters(), agree_min(), optional
 connect(s) and slot_written(k), close() and abort().
 
-The CPU transport runs each kind as one torch.distributed alltoall on a gloo group of its own, so
-a channel's traffic never shares a connection (or a failure) with the user's group or another
-channel. Transports that only have point-to-point messages (NCCL through CuPy, blsgpu/transport/nccl.py, and
-the in-process one, blsgpu/transport/local.py) get the alltoall from PointToPoint below.
+The CPU transport (gloo.py) runs each kind as one torch.distributed alltoall on a gloo group of its
+own, so a channel's traffic never shares a connection (or a failure) with the user's group or
+another channel. Transports that only have point-to-point messages (NCCL through CuPy, nccl.py, and
+the in-process one, local.py) get the alltoall from PointToPoint below. This module also holds what
+they share: channel ids per group, the group's store, and naming the peer behind a failure.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from blsgpu.counters.host import HostCounters
+from blsgpu.errors import PeerFailure
 
 # What the engine exchanges. The point-to-point transports keep their own tag spaces per kind.
 MESSAGE = HEADER = 0
@@ -76,37 +76,6 @@ def group_store(pg: Any) -> Any:
     if getter is not None:
         return getter(pg)
     return c10d._world.pg_map[pg][1]
-
-
-def gloo_backend_of(group: Any):
-    """The ProcessGroupGloo that carries CPU traffic for `group` (None: default)."""
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialised: call dist.init_process_group first "
-            "(or use blsgpu.run_world)"
-        )
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    inner = getattr(pg, "gloo", None)  # the "bls" backend's own gloo group
-    if isinstance(inner, dist.ProcessGroupGloo):
-        return inner
-    if isinstance(pg, dist.ProcessGroupGloo):
-        return pg
-    try:
-        backend = pg._get_backend(torch.device("cpu"))
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(
-            f"process group {pg!r} has no CPU backend; the gloo transport needs one "
-            "(init with backend 'gloo', 'bls' or 'cpu:gloo,cuda:nccl')"
-        ) from e
-    if not isinstance(backend, dist.ProcessGroupGloo):
-        inner = getattr(backend, "gloo", None)
-        if isinstance(inner, dist.ProcessGroupGloo):
-            return inner
-        raise ValueError(
-            f"the CPU backend of {pg!r} is {type(backend).__name__}, not gloo; the gloo transport "
-            "needs gloo (init with backend 'gloo', 'bls' or 'cpu:gloo,cuda:nccl')"
-        )
-    return backend
 
 
 def blame_through_store(store: Any, rank: int, world_size: int, k: int, grace_s: float,
@@ -151,111 +120,6 @@ def blame_through_store(store: Any, rank: int, world_size: int, k: int, grace_s:
         return peers, False
 
 
-class _Done:
-    """A work that completed when it was posted (a world of one rank)."""
-
-    @staticmethod
-    def wait(timeout: Any = None) -> bool:
-        return True
-
-    @staticmethod
-    def is_completed() -> bool:
-        return True
-
-
-class GlooTransport:
-    """Each kind of message as one gloo alltoall on a group that only this channel uses."""
-
-    name = "gloo"
-    device = torch.device("cpu")
-    stream_ordered = False
-    inline_ok = True  # gloo accepts a receive region longer than the message that fills it
-    caller_may_receive = True  # gloo calls may come from any thread
-
-    def __init__(self, group: Any, timeout_s: float):
-        base = gloo_backend_of(group)
-        self.rank = base.rank()
-        self.world_size = base.size()
-        self.channel_id = _next_channel_id(group)
-        self._base = base
-        self._shared = group_store(group)
-        self._timeout_s = timeout_s
-        self._store = dist.PrefixStore(f"blsgpu/ch{self.channel_id}", self._shared)
-        self._groups: list[Any] = []
-        if self.world_size > 1:
-            self._await_peers(timeout_s)
-            timeout = timedelta(seconds=timeout_s)
-            # Connecting is collective: every rank of the group builds the same two, in order.
-            self._groups = [
-                dist.ProcessGroupGloo(dist.PrefixStore(kind, self._store), self.rank,
-                                      self.world_size, timeout)
-                for kind in ("message", "data")
-            ]
-
-    def _await_peers(self, timeout_s: float) -> None:
-        """Every rank of the group says it creates this channel: one that does not within the
-        timeout is named (connecting would only say that some key never came)."""
-        self._store.set(f"joined/{self.rank}", "1")
-        keys = [f"joined/{p}" for p in range(self.world_size) if p != self.rank]
-        try:
-            self._store.wait(keys, timedelta(seconds=timeout_s))
-        except Exception as e:
-            missing = [p for p in range(self.world_size)
-                       if p != self.rank and not self._store.check([f"joined/{p}"])]
-            raise PeerFailure(
-                f"rank(s) {missing or '?'} did not create channel {self.channel_id} of the group "
-                f"within {timeout_s:.1f} s (a rank is silent, dead, or creates its channels in "
-                f"another order)", missing[0] if missing else -1) from e
-
-    def agree_min(self, value: int) -> int:
-        """The smallest `value` over the group's ranks (a collective, at channel creation)."""
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
-        self._groups[0].allreduce([t], opts).wait()
-        return int(t.item())
-
-    @staticmethod
-    def make_counters(world_size: int, rank: int, timeout_s: float) -> HostCounters:
-        return HostCounters(world_size, rank)
-
-    @staticmethod
-    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype)
-
-    def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
-                 inp: torch.Tensor, in_sizes: list[int]) -> Any:
-        if not self._groups:  # a world of one: the message to itself is all there is
-            n = in_sizes[0]
-            out[:n].copy_(inp[:n])
-            return _Done
-        return self._groups[kind].alltoall_base(out, inp, out_sizes, in_sizes)
-
-    @staticmethod
-    def wait_all(work: Any, timeout_s: float) -> None:
-        work.wait(timedelta(seconds=max(timeout_s, 0.001)))
-
-    order_all = wait_all  # host order is all there is on CPU
-
-    def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
-        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
-                                   self._shared, self._timeout_s + grace_s)
-
-    def close(self) -> None:
-        self._groups = []  # every work completed: the groups go quietly
-
-    def abort(self) -> None:
-        """Cancel what is still posted (the channel is being abandoned), without waiting."""
-        for g in self._groups:
-            try:
-                g.abort()
-            except Exception:
-                pass
-        self._groups = []  # aborted: dropping them now returns at once
-
-
 # ------------------------------------------------------------------------------------------------
 # alltoall over point-to-point messages
 
@@ -265,14 +129,6 @@ class Batch:
     """The point-to-point works of one alltoall, with the peer of each."""
 
     works: list[tuple[int, Any]] = field(default_factory=list)
-
-
-class PeerFailure(RuntimeError):
-    """A point-to-point work failed; `peer` says with whom."""
-
-    def __init__(self, message: str, peer: int):
-        super().__init__(message)
-        self.peer = peer
 
 
 class PointToPoint:

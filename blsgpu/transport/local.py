@@ -32,16 +32,8 @@ from typing import Any
 import torch
 
 from blsgpu.counters.host import HostCounters
+from blsgpu.errors import LinkError, RankError
 from blsgpu.transport.base import DATA, HEADER, PointToPoint
-from blsgpu.world import RankError
-
-
-class LinkError(RuntimeError):
-    """A message of the local fabric did not come: the peer left or stayed silent. `peer` says who."""
-
-    def __init__(self, message: str, peer: int):
-        super().__init__(message)
-        self.peer = peer
 
 
 class _Fabric:
@@ -324,61 +316,6 @@ def _own_stream(device: torch.device) -> Any:
     from blsgpu.counters.device import own_stream  # noqa: PLC0415 (GPU only)
 
     return own_stream(device)
-
-
-def gpu_sleep(seconds: float, device: torch.device | None = None) -> None:
-    """Keep the current stream busy for `seconds` (a kernel; the host does not wait).
-
-    The sleep kernel of kernels/lag_counters.cu counts wall-clock time (%globaltimer). Without
-    CuPy to compile it, torch.cuda._sleep, which counts SM cycles, converted at a rate measured
-    once with the clocks up (an idle GPU runs its cycles several times slower).
-    """
-    if seconds <= 0:
-        return
-    index = torch.cuda.current_device() if device is None or device.index is None else device.index
-    ops = _sleep_ops(index)
-    if ops is not None:
-        ops.sleep(torch.cuda.current_stream(index), seconds)
-    else:
-        torch.cuda._sleep(max(1, int(seconds * _cycles_per_s(index))))
-
-
-_sleepers: dict[int, Any] = {}
-
-
-def _sleep_ops(index: int) -> Any:
-    if index not in _sleepers:
-        from blsgpu.counters import device as dc  # noqa: PLC0415 (GPU only)
-
-        try:
-            _sleepers[index] = dc.stream_ops(torch.device("cuda", index), "kernel")
-        except Exception:  # no CuPy / NVRTC: the cycle-count sleep
-            _sleepers[index] = None
-    return _sleepers[index]
-
-
-_rates: dict[int, float] = {}
-
-
-def _cycles_per_s(index: int) -> float:
-    rate = _rates.get(index)
-    if rate is None:
-        # torch.cuda._sleep counts clock cycles; time a few on a side stream to convert, after
-        # a long one that brings the clocks up.
-        stream = torch.cuda.Stream(index)
-        rates = []
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(200_000_000)
-            for cycles in (2_000_000, 2_000_000, 2_000_000):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                torch.cuda._sleep(cycles)
-                end.record()
-                end.synchronize()
-                rates.append(cycles / (start.elapsed_time(end) / 1e3))
-        rate = sorted(rates)[1]
-        _rates[index] = rate
-    return rate
 
 
 def run_local(
