@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 
-from blsgpu import backend as _backend  # noqa: F401  (registers the "bls" torch.distributed backend)
+from blsgpu import _autoload
 from blsgpu.errors import BLSError, BoundError, LinkError, PeerError, PeerFailure, RankError
 from blsgpu.exchange.channel import BoundedLagAllToAll, ExchangeHandle
 from blsgpu.world import run_world
 
 __version__ = "0.1.0"
+
+# `import blsgpu` registers "bls" too (where torch's autoload is off): the same registration.
+_autoload.register()
 
 # name -> module that defines it; loaded lazily (PEP 562).
 _LAZY = {

@@ -9,8 +9,7 @@ created. Nothing here may fail: an exception would make ``import torch`` fail.
 
 from __future__ import annotations
 
-BACKEND_NAME = "bls"
-DEVICES = ["cpu", "cuda"]
+from blsgpu._env import BACKEND_DEVICES, BACKEND_NAME
 
 
 def _create(store, rank: int, world_size: int, timeout):
@@ -26,7 +25,7 @@ def register() -> None:
 
         if not dist.is_available() or BACKEND_NAME.upper() in dist.Backend._plugins:
             return
-        dist.Backend.register_backend(BACKEND_NAME, _create, devices=DEVICES)
+        dist.Backend.register_backend(BACKEND_NAME, _create, devices=BACKEND_DEVICES)
     except Exception as e:  # never break `import torch`; say why "bls" will be unknown
         import warnings  # noqa: PLC0415
 

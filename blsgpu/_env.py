@@ -1,4 +1,4 @@
-"""Every BLSGPU_* environment variable, read in this one module.
+"""Every BLSGPU_* environment variable, read in this one module, and the names blsgpu registers.
 
 Arguments come first; these only reach what an argument cannot (e.g. a backend built by
 torch.distributed, or a test harness).
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+
+BACKEND_NAME = "bls"  # the torch.distributed backend: dist.init_process_group("bls")
+BACKEND_DEVICES = ["cpu", "cuda"]
 
 
 def _float(name: str, default: float) -> float:

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from blsgpu import _autoload, _env
-
-BACKEND_NAME = _autoload.BACKEND_NAME
+from blsgpu import _env
+from blsgpu._env import BACKEND_NAME
+from blsgpu.exchange.channel import BoundedLagAllToAll
 
 
 class _BLSWork(dist.Work):
@@ -100,8 +100,6 @@ class BLSProcessGroup(dist.ProcessGroup):
         key = str(device)
         ch = self._channels.get(key)
         if ch is None:
-            from blsgpu.exchange.channel import BoundedLagAllToAll  # noqa: PLC0415 (import cycle)
-
             if device.type == "cpu":
                 kind, where = "gloo", None
             elif device.type == "cuda":
@@ -234,7 +232,3 @@ def _device_of(tensors: Any) -> torch.device:
         if isinstance(t, (list, tuple)):
             stack = list(t) + stack
     return torch.device("cpu")
-
-
-# `import blsgpu` registers "bls" too (where torch's autoload is off): the same registration.
-_autoload.register()
