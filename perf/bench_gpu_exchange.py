@@ -59,10 +59,10 @@ def _machine(gpu: bool) -> dict:
             import cupy  # noqa: PLC0415
 
             from blsgpu.counters import device as _device_counters  # noqa: PLC0415
-            from blsgpu.transport import nccl as _nccl
+            from blsgpu.transport import nccl_lib as _nccl
 
             info["cupy"] = cupy.__version__
-            info["nccl_cupy"] = _nccl.nccl_version_str(_nccl._import_nccl().get_version())
+            info["nccl_cupy"] = _nccl.nccl_version_str(_nccl.import_nccl().get_version())
             info["libnccl_check"] = _nccl.check_libnccl() or "one libnccl"
             dev = torch.device("cuda", 0)
             info["stream_ops"] = _device_counters.stream_ops(dev).name

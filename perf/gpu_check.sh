@@ -192,7 +192,7 @@ log "GPU visible to torch: $HAVE_GPU"
 # ------------------------------------------------------------------------------------- versions
 stage versions 60 0 "$PY" - <<'EOF'
 import importlib.util, json, subprocess, sys
-from blsgpu.transport import nccl as _nccl
+from blsgpu.transport import nccl_lib as _nccl
 info = {"python": sys.version.split()[0]}
 try:
     info["nvidia_smi"] = subprocess.run(
@@ -206,7 +206,7 @@ if torch.cuda.is_available():
     torch.cuda.init()
     info["device"] = torch.cuda.get_device_name(0)
     info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-info["nccl_torch"] = _nccl.nccl_version_str(_nccl._torch_nccl_version())
+info["nccl_torch"] = _nccl.nccl_version_str(_nccl.torch_nccl_version())
 for mod in ("cupy", "cuda.bindings", "triton", "nvtx", "pytest_timeout"):
     try:
         info[mod] = importlib.util.find_spec(mod) is not None
@@ -215,7 +215,7 @@ for mod in ("cupy", "cuda.bindings", "triton", "nvtx", "pytest_timeout"):
 info["libnccl_before_cupy"] = _nccl.loaded_libnccl()
 try:
     info["libnccl_check"] = _nccl.check_libnccl() or "one libnccl"
-    info["nccl_cupy"] = _nccl.nccl_version_str(_nccl._import_nccl().get_version())
+    info["nccl_cupy"] = _nccl.nccl_version_str(_nccl.import_nccl().get_version())
     import cupy
     info["cupy"] = cupy.__version__
 except Exception as e:
@@ -278,8 +278,8 @@ EOF
 stage nccl_raw 60 1 "$PY" - <<'EOF'
 import json, time
 import torch
-from blsgpu.transport import nccl as _nccl
-nccl = _nccl._import_nccl()
+from blsgpu.transport import nccl_lib as _nccl
+nccl = _nccl.import_nccl()
 torch.cuda.set_device(0)
 comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
 s = torch.cuda.Stream()

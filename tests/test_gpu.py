@@ -90,7 +90,7 @@ def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
 def _nccl_w1_body(rank, w, bound, iters):
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    from blsgpu.transport import nccl as _nccl  # noqa: PLC0415
+    from blsgpu.transport import nccl_lib as _nccl  # noqa: PLC0415
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

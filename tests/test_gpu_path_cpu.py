@@ -32,6 +32,7 @@ from blsgpu import BoundedLagAllToAll, PeerError, run_world
 from blsgpu.counters.device import DeviceCounters, HostOps
 from blsgpu.exchange import channel as _exchange
 from blsgpu.transport import nccl as _nccl
+from blsgpu.transport import nccl_lib
 from blsgpu.transport.local import current_group, run_local
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -104,14 +105,14 @@ def test_nccl_without_cupy_names_the_extra():
 def test_libnccl_mismatch_names_both_libraries():
     torch_lib = "/env/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2"
     cupy_lib = "/opt/cupy/lib/libnccl.so.2.27.3"
-    assert _nccl.libnccl_mismatch([torch_lib], [torch_lib], (2, 21, 5), 22105) is None
-    assert _nccl.libnccl_mismatch([], [], None, 22703) is None  # nothing to compare
-    msg = _nccl.libnccl_mismatch([torch_lib], [torch_lib, cupy_lib], (2, 21, 5), 22703)
+    assert nccl_lib.libnccl_mismatch([torch_lib], [torch_lib], (2, 21, 5), 22105) is None
+    assert nccl_lib.libnccl_mismatch([], [], None, 22703) is None  # nothing to compare
+    msg = nccl_lib.libnccl_mismatch([torch_lib], [torch_lib, cupy_lib], (2, 21, 5), 22703)
     assert f"CuPy loaded {cupy_lib} (NCCL 2.27.3)" in msg
     assert f"torch uses {torch_lib} (NCCL 2.21.5)" in msg
-    msg = _nccl.libnccl_mismatch([], [cupy_lib], (2, 21, 5), 22703)  # NCCL linked into torch
+    msg = nccl_lib.libnccl_mismatch([], [cupy_lib], (2, 21, 5), 22703)  # NCCL linked into torch
     assert "2.21.5" in msg and "linked into torch" in msg and cupy_lib in msg
-    msg = _nccl.libnccl_mismatch([torch_lib, cupy_lib], [torch_lib, cupy_lib], (2, 21, 5), 22703)
+    msg = nccl_lib.libnccl_mismatch([torch_lib, cupy_lib], [torch_lib, cupy_lib], (2, 21, 5), 22703)
     assert torch_lib in msg and cupy_lib in msg and "two libnccl" in msg
 
 
@@ -124,11 +125,11 @@ def test_loaded_libnccl_parses_maps_and_skips_plugins():
         "7f07-7f08 r-xp 00000000 08:01 4 /opt/x/libnccl-net.so",
         "7f09-7f0a rw-p 00000000 00:00 0 ",
     ])
-    assert _nccl.loaded_libnccl(maps) == ["/site/nvidia/nccl/lib/libnccl.so.2",
-                                          "/opt/x/libnccl.so.2.27.3"]
-    assert _nccl.nccl_version_str(22703) == "2.27.3"
-    assert _nccl.nccl_version_str(2708) == "2.7.8"
-    assert _nccl.nccl_version_str((2, 21, 5)) == "2.21.5"
+    assert nccl_lib.loaded_libnccl(maps) == ["/site/nvidia/nccl/lib/libnccl.so.2",
+                                             "/opt/x/libnccl.so.2.27.3"]
+    assert nccl_lib.nccl_version_str(22703) == "2.27.3"
+    assert nccl_lib.nccl_version_str(2708) == "2.7.8"
+    assert nccl_lib.nccl_version_str((2, 21, 5)) == "2.21.5"
 
 
 def test_unique_id_survives_the_store():
@@ -137,10 +138,10 @@ def test_unique_id_survives_the_store():
     raw = bytes(range(128))  # bytes
     store = torch.distributed.HashStore()
     for key, uid in (("t", signed), ("u", unsigned), ("b", raw)):
-        store.set(key, _nccl.uid_to_bytes(uid))
-        assert _nccl.uid_from_bytes(store.get(key)) == uid
+        store.set(key, nccl_lib.uid_to_bytes(uid))
+        assert nccl_lib.uid_from_bytes(store.get(key)) == uid
     with pytest.raises(ValueError, match="unique id"):
-        _nccl.uid_from_bytes(b"x123")
+        nccl_lib.uid_from_bytes(b"x123")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def own_stream(device: torch.device) -> torch.cuda.Stream:
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        import cupy  # noqa: PLC0415 (GPU path only)
+        import cupy  # GPU path only
     except ImportError:
         return torch.cuda.Stream(torch.device("cuda", index), priority=-1)
     with cupy.cuda.Device(index):
@@ -284,8 +284,8 @@ class KernelOps:
     name = "spin_kernel"
 
     def __init__(self, device: torch.device):
-        import cupy  # noqa: PLC0415 (GPU path only)
-        import numpy as np  # noqa: PLC0415
+        import cupy  # GPU path only
+        import numpy as np
 
         self._cupy, self._np = cupy, np
         self.index = device.index if device.index is not None else torch.cuda.current_device()
@@ -354,7 +354,7 @@ class HostOps:
 
 
 def kernels_dir() -> Path:
-    import blsgpu.kernels  # noqa: PLC0415 (folder kernels/, installed as blsgpu.kernels)
+    import blsgpu.kernels  # folder kernels/, installed as blsgpu.kernels
 
     return Path(blsgpu.kernels.__file__).resolve().parent
 
@@ -365,9 +365,9 @@ def kernel_source() -> str:
 
 def _cuda_driver() -> Any:
     try:
-        from cuda.bindings import driver  # noqa: PLC0415 (cuda-bindings >= 12.6)
+        from cuda.bindings import driver  # cuda-bindings >= 12.6
     except ImportError:
-        from cuda import cuda as driver  # noqa: PLC0415 (older cuda-python layout)
+        from cuda import cuda as driver  # older cuda-python layout
     return driver
 
 

@@ -1050,6 +1050,6 @@ def _make_transport(kind: Any, group: Any, device: torch.device | None, timeout_
 def _gpu_path_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    from blsgpu.transport import nccl as _nccl  # noqa: PLC0415
+    from blsgpu.transport import nccl_lib as _nccl  # noqa: PLC0415
 
     return _nccl.available()

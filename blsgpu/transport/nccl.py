@@ -25,208 +25,28 @@ Aborting is safe from any thread: NCCL calls are made under one lock, and abort 
 thread is stuck inside NCCL for longer than a grace, aborts anyway: that is what ncclCommAbort is for).
 
 A rank also messages itself through NCCL (loopback), so one GPU runs the whole path at W=1.
-CuPy (and so libnccl) loads only when a channel with transport "nccl" is built; its libnccl is then
-compared with the one torch uses (check_libnccl).
+Loading CuPy's NCCL and creating the communicators is nccl_lib.py's job; every CUDA call goes
+through TorchCuda, which the CPU tests replace with a fake.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import re
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from blsgpu.counters.device import TorchEvents
-from blsgpu.transport.base import (
-    HEADER,
-    PeerFailure,
-    PointToPoint,
-    _next_channel_id,
-    blame_through_store,
-    group_store,
-)
-
-INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
-
-_nccl_module: Any = None
-_nccl_lock = threading.Lock()
-_nccl_check: str | None = None  # the libnccl mismatch found at first use, if any
-
-
-def _import_nccl() -> Any:
-    """cupy.cuda.nccl, imported once; the first import checks which libnccl CuPy loaded."""
-    global _nccl_module, _nccl_check
-    with _nccl_lock:
-        if _nccl_module is not None:
-            return _nccl_module
-        torch_libs = loaded_libnccl()
-        try:
-            import cupy  # noqa: F401, PLC0415
-            from cupy.cuda import nccl  # noqa: PLC0415
-        except Exception as e:
-            raise ImportError(
-                f"transport 'nccl' needs CuPy with its NCCL bindings, which could not be imported "
-                f"({type(e).__name__}: {e}); install them with: {INSTALL_HINT}"
-            ) from e
-        if not getattr(nccl, "available", True):
-            raise ImportError(f"this CuPy was built without NCCL; install: {INSTALL_HINT}")
-        cupy_version = nccl.get_version()  # loads libnccl if CuPy defers it
-        _nccl_check = libnccl_mismatch(torch_libs, loaded_libnccl(), _torch_nccl_version(),
-                                       cupy_version)
-        if _nccl_check is not None:
-            warnings.warn(_nccl_check, RuntimeWarning, stacklevel=3)
-        _nccl_module = nccl
-        return nccl
-
-
-def available() -> bool:
-    """True when CuPy's NCCL bindings import (only asked where a CUDA device exists)."""
-    try:
-        _import_nccl()
-    except ImportError:
-        return False
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
-# which libnccl: one per process, or say which two
-
-
-# libnccl.so, libnccl.so.2, libnccl.so.2.27.3; not the plugins (libnccl-net.so, libnccl-tuner.so).
-_LIBNCCL = re.compile(r"(?:^|/)libnccl\.so(?:\.[0-9]+)*$")
-
-
-def loaded_libnccl(maps: str | None = None) -> list[str]:
-    """Real paths of the libnccl files mapped into this process (from /proc/self/maps), in order."""
-    if maps is None:
-        try:
-            with open("/proc/self/maps") as f:
-                maps = f.read()
-        except OSError:
-            return []
-    seen: list[str] = []
-    for line in maps.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        path = parts[5].strip()
-        if path.endswith(" (deleted)"):
-            path = path[: -len(" (deleted)")]
-        if _LIBNCCL.search(path):
-            real = os.path.realpath(path) if os.path.exists(path) else path
-            if real not in seen:
-                seen.append(real)
-    return seen
-
-
-def nccl_version_str(version: Any) -> str:
-    """'2.27.3' from NCCL's version code (22703, or 2703 before 2.9) or torch's (2, 27, 3)."""
-    if version is None:
-        return "unknown"
-    if isinstance(version, (tuple, list)):
-        return ".".join(str(int(v)) for v in version)
-    code = int(version)
-    if code >= 10000:
-        return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
-    return f"{code // 1000}.{code % 1000 // 100}.{code % 100}"
-
-
-def libnccl_mismatch(
-    torch_libs: list[str],
-    cupy_libs: list[str],
-    torch_version: Any = None,
-    cupy_version: Any = None,
-) -> str | None:
-    """A message naming both libraries when CuPy and torch use different libnccl builds, else None.
-
-    Args:
-        torch_libs: libnccl files mapped before CuPy's NCCL was imported (what torch loaded).
-        cupy_libs: libnccl files mapped after it was imported (torch's and CuPy's).
-        torch_version, cupy_version: the NCCL versions each reports (code or tuple).
-    """
-    tv, cv = nccl_version_str(torch_version), nccl_version_str(cupy_version)
-    fix = ("One libnccl per process: point CuPy at torch's (e.g. preload it with LD_PRELOAD, or "
-           "install the nvidia-nccl wheel that torch requires) so both use the same build.")
-    if len(torch_libs) > 1:
-        return (f"two libnccl builds are loaded: {torch_libs[0]} and {torch_libs[1]} "
-                f"(torch reports NCCL {tv}, CuPy NCCL {cv}). {fix}")
-    extra = [p for p in cupy_libs if p not in torch_libs]
-    if torch_libs and extra:
-        return (f"CuPy loaded {extra[0]} (NCCL {cv}) but torch uses {torch_libs[0]} (NCCL {tv}): "
-                f"two libnccl builds in one process. {fix}")
-    if "unknown" not in (tv, cv) and tv != cv:
-        mine = cupy_libs[0] if cupy_libs else "a libnccl not found in /proc/self/maps"
-        theirs = torch_libs[0] if torch_libs else "NCCL linked into torch itself"
-        return (f"torch uses NCCL {tv} ({theirs}) but CuPy uses NCCL {cv} ({mine}): two libnccl "
-                f"builds in one process. {fix}")
-    return None
-
-
-def check_libnccl() -> str | None:
-    """The libnccl mismatch found when CuPy's NCCL was first imported (None: one libnccl)."""
-    _import_nccl()
-    return _nccl_check
-
-
-def _torch_nccl_version() -> Any:
-    try:
-        return torch.cuda.nccl.version()
-    except Exception:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------
-# unique id through the group's store
-
-
-def uid_to_bytes(uid: Any) -> bytes:
-    """Serialize CuPy's unique id for a store, exactly as the other ranks must pass it back.
-
-    CuPy gives bytes, or a tuple of C chars: signed (-128..127) on x86-64, unsigned (0..255)
-    where char is unsigned (aarch64); NcclCommunicator wants the same convention back.
-    """
-    if isinstance(uid, (bytes, bytearray)):
-        return b"b" + bytes(uid)
-    values = [int(x) for x in uid]
-    if any(not -128 <= v <= 255 for v in values):
-        raise ValueError("an NCCL unique id holds chars (-128..255)")
-    kind = b"t" if any(v < 0 for v in values) else b"u"
-    return kind + bytes(v & 0xFF for v in values)
-
-
-def uid_from_bytes(raw: bytes) -> Any:
-    kind, body = raw[:1], raw[1:]
-    if kind == b"b":
-        return bytes(body)
-    if kind == b"t":
-        return tuple(b - 256 if b > 127 else b for b in body)
-    if kind == b"u":
-        return tuple(body)
-    raise ValueError(f"not a serialized NCCL unique id (marker {kind!r})")
-
-
-def _make_comm(nccl: Any, store: Any, key: str, rank: int, world_size: int, index: int) -> Any:
-    import cupy  # noqa: PLC0415
-
-    if rank == 0:
-        uid = nccl.get_unique_id()
-        store.set(key, uid_to_bytes(uid))
-    else:
-        uid = uid_from_bytes(store.get(key))
-    with cupy.cuda.Device(index):
-        return nccl.NcclCommunicator(world_size, uid, rank)
-
-
-# ------------------------------------------------------------------------------------------------
-# the transport
+from blsgpu.errors import PeerFailure
+from blsgpu.transport.base import HEADER, PointToPoint, _next_channel_id, blame_through_store, group_store
+from blsgpu.transport.nccl_lib import import_nccl, make_comm
+from blsgpu.transport.sizes import offsets
+from blsgpu.transport.torch_cuda import TorchCuda
 
 
 @dataclass(eq=False)
@@ -243,53 +63,6 @@ class _Work:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class TorchCuda(TorchEvents):
-    """Every CUDA call the transport makes, through torch: the GPU-specific part, kept this thin
-    (events, the current stream and the device come from the counters' TorchEvents).
-
-    A CPU test substitutes a fake with the same methods to drive the transport's logic.
-    """
-
-    def new_stream(self) -> Any:
-        from blsgpu.counters.device import own_stream  # noqa: PLC0415
-
-        return own_stream(self.device)
-
-    def use(self, stream: Any) -> Any:
-        return torch.cuda.stream(stream)
-
-    @staticmethod
-    def handle(stream: Any) -> int:
-        return stream.cuda_stream
-
-    @staticmethod
-    def copy_async(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-
-    @staticmethod
-    def record_stream(t: torch.Tensor, stream: Any) -> None:
-        t.record_stream(stream)
-
-    @staticmethod
-    def host_wait(event: Any, timeout_s: float) -> bool:
-        from blsgpu.counters.device import host_wait  # noqa: PLC0415
-
-        return host_wait(event, timeout_s)
-
-    @staticmethod
-    def pinned(nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=self.device)
-
-    def counters(self, world_size: int, rank: int, stream: Any, timeout_s: float) -> Any:
-        from blsgpu.counters.device import DeviceCounters  # noqa: PLC0415
-
-        return DeviceCounters(world_size, rank, self.device, stream, timeout_s, events=self)
 
 
 _WATCH_TICK_S = 0.1  # how often the watchdog looks (at most; a tenth of the timeout if shorter)
@@ -315,7 +88,7 @@ class NcclTransport(PointToPoint):
     caller_may_receive = False  # the progress thread alone issues and receives
 
     def __init__(self, group: Any = None, device: torch.device | str | None = None):
-        nccl = _import_nccl()  # first: without CuPy the error names the extra to install
+        nccl = import_nccl()  # first: without CuPy the error names the extra to install
         if not torch.cuda.is_available():
             raise RuntimeError("transport 'nccl' needs a CUDA GPU; none is visible")
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -333,7 +106,7 @@ class NcclTransport(PointToPoint):
         channel_id = _next_channel_id(pg)
         store = group_store(group)
         prefix = f"blsgpu/nccl/{channel_id}"
-        comms = [_make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
+        comms = [make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
                  for what in ("header", "data")]
         self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms,
                     store=dist.PrefixStore(f"{prefix}/", store))
@@ -424,7 +197,8 @@ class NcclTransport(PointToPoint):
         except Exception as e:
             missing = [p for p, key in enumerate(keys) if not self._store.check([key])]
             raise PeerFailure(f"rank(s) {missing} did not agree on the channel's options within "
-                              f"{self._timeout_s:.1f} s", missing[0] if missing else None) from e
+                              f"{self._timeout_s:.1f} s", missing[0] if missing else None,
+                              reason=PeerFailure.TIMED_OUT) from e
         return min(int(self._store.get(key)) for key in keys)
 
     def make_counters(self, world_size: int, rank: int, timeout_s: float) -> Any:
@@ -473,24 +247,21 @@ class NcclTransport(PointToPoint):
         cuda, stream = self._cuda, self.header_stream
         sends = [w for w in works if w.send]
         recvs = [w for w in works if not w.send]
-        out_bytes = sum(_nbytes(w.buf) for w in sends)
-        in_bytes = sum(_nbytes(w.buf) for w in recvs)
+        o_out = offsets(_nbytes(w.buf) for w in sends)
+        o_in = offsets(_nbytes(w.buf) for w in recvs)
+        out_bytes, in_bytes = o_out[-1], o_in[-1]
         host_out, host_in = cuda.pinned(out_bytes), cuda.pinned(in_bytes)
         with cuda.use(stream):
             dev_out = cuda.empty((out_bytes,), torch.uint8)
             dev_in = cuda.empty((in_bytes,), torch.uint8)
-        plan_s, plan_r, o = [], [], 0
-        for w in sends:  # headers are host tensors: stage them through pinned memory
-            n = _nbytes(w.buf)
-            host_out[o : o + n].copy_(w.buf.reshape(-1).view(torch.uint8))
-            plan_s.append((w.peer, dev_out[o : o + n]))
-            o += n
-        o = 0
-        for w in recvs:
-            n = _nbytes(w.buf)
-            plan_r.append((w.peer, dev_in[o : o + n]))
-            w.staged = host_in[o : o + n]
-            o += n
+        plan_s, plan_r = [], []
+        # Headers are host tensors: they travel through pinned memory and a device buffer.
+        for w, (a, b) in zip(sends, pairwise(o_out), strict=True):
+            host_out[a:b].copy_(w.buf.reshape(-1).view(torch.uint8))
+            plan_s.append((w.peer, dev_out[a:b]))
+        for w, (a, b) in zip(recvs, pairwise(o_in), strict=True):
+            plan_r.append((w.peer, dev_in[a:b]))
+            w.staged = host_in[a:b]
         if out_bytes:
             cuda.copy_async(dev_out, host_out, stream)
         start = cuda.record(stream)
@@ -638,7 +409,8 @@ class NcclTransport(PointToPoint):
             err = PeerFailure(
                 f"timed out after {timeout_s:.1f} s: the NCCL {what} group of iteration {k} did "
                 f"not complete ({who}; a peer is silent or dead; the communicators were aborted; "
-                f"last groups issued {list(self.issued)[-4:]}{counts})", peer)
+                f"last groups issued {list(self.issued)[-4:]}{counts})", peer,
+                reason=PeerFailure.TIMED_OUT)
             self._abort(err)
             return err
 
