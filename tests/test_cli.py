@@ -13,6 +13,7 @@ import time
 import pytest
 
 from blsgpu import cli
+from blsgpu.bench.memory import RANK_BASE_BYTES, memory_estimate
 
 SMALL = ["--world-size", "2", "--iterations", "6", "--warmup", "1", "--batch", "8", "--tables",
          "2", "--rows", "40", "--arch-sparse-feature-size", "4", "--arch-mlp-top", "8-1",
@@ -214,8 +215,8 @@ def test_output_checks_leave_nothing_behind(tmp_path):
 def test_memory_estimate_of_the_defaults_is_modest():
     parser = cli.build_parser()
     args = parser.parse_args(["bench"])
-    need, parts = cli.memory_estimate(cli._config(args, parser, 4), 4, launcher=True)
-    assert 5 * cli._RANK_BASE_BYTES < need < 5 * cli._RANK_BASE_BYTES + (200 << 20)  # ranks, launcher
+    need, parts = memory_estimate(cli._config(args, parser, 4), 4, launcher=True)
+    assert 5 * RANK_BASE_BYTES < need < 5 * RANK_BASE_BYTES + (200 << 20)  # ranks, launcher
 
 
 def test_under_torchrun_every_rank_refuses_an_empty_output_path(capsys, monkeypatch):

@@ -13,11 +13,21 @@ from dataclasses import asdict
 
 import numpy as np
 
-from blsgpu import _provenance
 from blsgpu.bench import sim
+from blsgpu.bench.record import Provenance, Record, provenance
 from blsgpu.bench.runner import BenchConfig
 
-__all__ = ["analyse", "machine"]
+__all__ = ["analyse"]
+
+# The figures of a run that go into its record, and their units; speedup and masking are its
+# ratios to the synchronous run of the same world.
+_UNITS = {
+    "time_s": "s", "throughput_it_s": "it/s", "samples_per_s": "samples/s", "p50_ms": "ms",
+    "p99_ms": "ms", "latency_p50_ms": "ms", "latency_p99_ms": "ms", "simulated_time_s": "s",
+    "simulated_throughput_it_s": "it/s", "sim_error": "ratio", "predicted_throughput_it_s": "it/s",
+    "max_lag": "iterations",
+}
+_RATIOS = ("speedup", "masking", "predicted_masking")
 
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else math.nan
@@ -32,13 +42,14 @@ def _none_if_nan(x: float | None):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
-def machine(device: str = "cpu") -> dict:
-    return _provenance.machine(
-        device=device, backend="gloo" if device == "cpu" else "cpu:gloo,cuda:nccl"
-    )
-
-
-commit = _provenance.commit
+def _record(cfg: BenchConfig, run: dict, prov: Provenance) -> Record:
+    config = {"world_size": cfg.world_size, "batch": cfg.batch, "iterations": cfg.iterations,
+              "warmup": cfg.warmup, "repeats": cfg.repeats, "device": cfg.device,
+              "seed": cfg.seed, "delay": run["delay"], "bound": run["bound"]}
+    ts = run["time_s_repeats"]
+    return Record.from_row(
+        "blsgpu_bench", run["mode"], config, run, _UNITS, prov, _RATIOS, baseline="sync",
+        quantiles={"time_s": {"min": min(ts), "median": run["time_s"], "max": max(ts)}})
 
 
 def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) -> dict:
@@ -147,12 +158,14 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
         else:
             runs.append(entry)
     arch = cfg.arch
+    prov = provenance(device=cfg.device,
+                      backend="gloo" if cfg.device == "cpu" else "cpu:gloo,cuda:nccl")
     return {
         "config": {**(flags or {}), **asdict(cfg),
                    "arch": {"bottom": arch.bottom, "top": arch.top,
                             "embedding_sizes": arch.embedding_sizes}},
-        "commit": commit(),
-        "machine": machine(cfg.device),
+        "commit": prov.commit,
+        "machine": prov.machine,
         "t_none_s": _median(t_none_l),
         "t_ideal_s": _median(t_ideal_l),
         "comm_s": _median(comm_l),
@@ -161,7 +174,9 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
         "delay_per_rank_s": schedule.sum(axis=1).tolist(),
         "exact": all(r["exact"] for r in runs) and (none_run is None or none_run["exact"]),
         # Ranks outnumber cores: measured masking can exceed 1, the simulator's is the one to read.
-        "oversubscribed": cfg.world_size > (machine(cfg.device).get("cores") or 1),
+        "oversubscribed": cfg.world_size > (prov.machine.get("cores") or 1),
         "none_run": none_run,
         "runs": runs,
+        # The same runs in the record schema every benchmark shares (blsgpu.bench.record).
+        "records": [_record(cfg, r, prov) for r in ([none_run] if none_run else []) + runs],
     }

@@ -31,7 +31,7 @@ _sleepers: dict[int, Any] = {}
 
 def _sleep_ops(index: int) -> Any:
     if index not in _sleepers:
-        from blsgpu.counters import device as dc  # noqa: PLC0415 (GPU only)
+        from blsgpu.counters import device as dc  # GPU only
 
         try:
             _sleepers[index] = dc.stream_ops(torch.device("cuda", index), "kernel")

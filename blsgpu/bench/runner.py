@@ -132,7 +132,7 @@ class Progress:
     """
 
     def __init__(self, world_size: int, ctx=None):
-        import multiprocessing as mp  # noqa: PLC0415
+        import multiprocessing as mp
 
         ctx = ctx or mp.get_context("forkserver")
         self.world_size = world_size
@@ -271,7 +271,7 @@ def run_rank(rank: int, world_size: int, cfg: BenchConfig, progress=None) -> dic
     if cfg.trace_dir:
         # One profiler over every run: starting and stopping it per run while the channels'
         # progress threads record ranges crashed the process (torch 2.13, CPU).
-        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+        from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU]
         if cfg.device == "cuda":
