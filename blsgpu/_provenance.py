@@ -1,8 +1,8 @@
-"""Where a measurement came from: the commit and the machine, in every benchmark's JSON."""
+"""Where a measurement came from: the commit and the machine, in every benchmark's JSON
+(blsgpu.bench.record writes it)."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -49,18 +49,3 @@ def machine(**extra) -> dict:
     out.update(extra)
     return out
 
-
-def write_report(out_dir, name: str, summary: dict, records: list, rows: list, plot=None) -> Path:
-    """Write a benchmark's JSON ({summary, records, rows}) and, if `plot` is given, its PNG.
-
-    plot(path) draws the figure; the JSON goes first so a failed plot never loses the numbers.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps({"summary": summary, "records": records, "rows": rows}, indent=1,
-                               default=str))
-    if plot is not None:
-        plot(out / f"{name}.png")
-    print(f"wrote {path}" + ("" if plot is None else f" and {name}.png"))
-    return path

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 import blsgpu
-from blsgpu import _provenance
 from blsgpu.bench import sim
 from blsgpu.bench.delays import DelayModel
+from blsgpu.bench.record import Record, provenance, write_report
 
 NAME = "bench_exchange"
 DEFAULT_DELAYS = "none,exp:10,straggler:1:10,rotate:10"
@@ -263,30 +263,18 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
     }
 
 
-def _records(cfg: dict, rows: list[dict], machine: dict, commit: str) -> list[dict]:
+def _records(cfg: dict, rows: list[dict], prov) -> list[Record]:
     common = {k: cfg[k] for k in ("world_size", "iters", "warmup", "repeats", "rows", "dim",
                                   "splits", "compute_ms", "seed")}
-    recs = []
-    for r in rows:
-        config = {**common, "delay": r["delay"], "bound": r["bound"]}
-        metrics = [("iters_per_s", "it/s", r["iters_per_s"]), ("time_s", "s", r["time_s"]),
-                   ("speedup", "x", r["speedup"])]
-        if r["provider"] == "bls":
-            metrics.append(("masking", "ratio", r["masking"]))
-        for model in ("lat", "cpu"):
-            metrics += [(f"sim_{model}_time_s", "s", r[f"sim_{model}_time_s"]),
-                        (f"sim_{model}_speedup", "x", r[f"sim_{model}_speedup"])]
-            if r["provider"] == "bls":
-                metrics.append((f"sim_{model}_masking", "ratio", r[f"sim_{model}_masking"]))
-        for metric, unit, value in metrics:
-            rec = {"name": NAME, "provider": r["provider"], "metric": metric, "unit": unit,
-                   "x": r["bound"], "value": None if math.isnan(value) else value,
-                   "config": config, "machine": machine, "commit": commit}
-            if metric == "time_s":
-                rec["quantiles"] = {"min": min(r["time_s_all"]), "median": r["time_s"],
-                                    "max": max(r["time_s_all"])}
-            recs.append(rec)
-    return recs
+    units = {"iters_per_s": "it/s", "time_s": "s", "sim_lat_time_s": "s", "sim_cpu_time_s": "s"}
+    # Masking is null for sync rows (and where the schedule leaves nothing to hide).
+    ratios = ("speedup", "masking", "sim_lat_speedup", "sim_cpu_speedup", "sim_lat_masking",
+              "sim_cpu_masking")
+    return [Record.from_row(
+        NAME, r["provider"], {**common, "delay": r["delay"], "bound": r["bound"]}, r, units, prov,
+        ratios, baseline="sync",
+        quantiles={"time_s": {"min": min(r["time_s_all"]), "median": r["time_s"],
+                              "max": max(r["time_s_all"])}}) for r in rows]
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -317,10 +305,10 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 (plotting is optional)
+    import matplotlib  # plotting is optional
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     bounds = cfg["bounds"]
@@ -437,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                                               "oversubscribed", "exact")},
                      default=str))
 
-    machine, commit = _provenance.machine(backend="gloo"), _provenance.commit()
-    _provenance.write_report(
-        args.out, NAME, {**summary, "config": cfg, "machine": machine, "commit": commit},
-        _records(cfg, rows, machine, commit), rows,
+    prov = provenance(backend="gloo")
+    write_report(
+        args.out, NAME, {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
+        _records(cfg, rows, prov), rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),
     )
     return 0 if summary["exact"] else 1

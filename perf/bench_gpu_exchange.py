@@ -39,6 +39,7 @@ import blsgpu
 from blsgpu import _provenance
 from blsgpu.bench.delays import DelayModel
 from blsgpu.bench.gpu_sleep import gpu_sleep
+from blsgpu.bench.record import Provenance, Record, write_json
 from blsgpu.transport.local import run_local
 
 NAME = "bench_gpu_exchange"
@@ -56,9 +57,9 @@ def _machine(gpu: bool) -> dict:
         except Exception as e:
             info["nccl_torch"] = f"unavailable: {e}"
         try:
-            import cupy  # noqa: PLC0415
+            import cupy
 
-            from blsgpu.counters import device as _device_counters  # noqa: PLC0415
+            from blsgpu.counters import device as _device_counters
             from blsgpu.transport import nccl_lib as _nccl
 
             info["cupy"] = cupy.__version__
@@ -82,7 +83,7 @@ def _sync(gpu: bool) -> None:
 
 
 def _w1(args) -> list[dict]:
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -244,30 +245,26 @@ def _local(args, gpu: bool) -> list[dict]:
 # report
 
 
-def _records(args, rows: list[dict], machine: dict, commit: str) -> list[dict]:
+def _records(args, rows: list[dict], prov) -> list[Record]:
+    """w1 rows: ratio_vs_nccl against torch's NCCL alltoall; local rows: speedup_vs_B0 and masking
+    against the lock-step run (B=0)."""
     common = {"bytes_per_peer": args.bytes_per_peer, "dim": args.dim, "iters": args.iters,
               "warmup": args.warmup, "repeats": args.repeats, "compute_us": args.compute_us,
               "seed": args.seed, "dry_run": args.cpu_dry_run}
+    units = {"time_s": "s", "iters_per_s": "it/s", "algbw_GBps": "GB/s", "max_lag": "iterations"}
     recs = []
     for r in rows:
         if r["part"] == "w1":
             config = {**common, "part": "w1", "world_size": 1}
-            metrics = [("iters_per_s", "it/s", r["iters_per_s"]), ("algbw", "GB/s", r["algbw_GBps"]),
-                       ("ratio_vs_nccl", "x", r["ratio_vs_nccl"])]
-            x = r["provider"]
+            ratios, baseline = ("ratio_vs_nccl",), "nccl_a2a"
         else:
-            config = {**common, "part": "local", "world_size": args.world_size, "delay": r["delay"]}
-            metrics = [("iters_per_s", "it/s", r["iters_per_s"]),
-                       ("speedup_vs_B0", "x", r["speedup_vs_B0"]), ("masking", "ratio", r["masking"])]
-            x = r["bound"]
-        for metric, unit, value in metrics:
-            rec = {"name": NAME, "provider": r["provider"], "metric": metric, "unit": unit, "x": x,
-                   "value": value, "config": config, "machine": machine, "commit": commit}
-            if metric == "iters_per_s":
-                ts = r["times_s"]
-                rec["quantiles"] = {"min": min(ts), "median": r["time_s"], "max": max(ts),
-                                    "unit": "s per run"}
-            recs.append(rec)
+            config = {**common, "part": "local", "world_size": args.world_size,
+                      "delay": r["delay"], "bound": r["bound"]}
+            ratios, baseline = ("speedup_vs_B0", "masking"), "bls B=0"
+        ts = r["times_s"]
+        recs.append(Record.from_row(
+            NAME, r["provider"], config, r, units, prov, ratios, baseline,
+            {"time_s": {"min": min(ts), "median": r["time_s"], "max": max(ts)}}))
     return recs
 
 
@@ -289,10 +286,10 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (ax_w, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     w1 = [r for r in rows if r["part"] == "w1"]
@@ -389,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_cpu_dry_run" if args.cpu_dry_run else "") + (f"_{args.tag}" if args.tag else "")
-    commit = _provenance.commit()
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"records": _records(args, rows, machine, commit), "summary": summary, "rows": rows},
-        indent=1, default=str))
+    prov = Provenance(machine, _provenance.commit())
+    write_json(out / f"{stem}.json", {"benchmark": NAME, "summary": summary,
+                                       "records": _records(args, rows, prov), "rows": rows})
     title = (f"{machine.get('gpu', 'CPU dry run (numbers mean nothing)')}, "
              f"{args.bytes_per_peer >> 10} KiB per peer, {args.iters} iterations, "
              f"median of {args.repeats}")

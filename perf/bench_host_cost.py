@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import blsgpu
-from blsgpu import _provenance
+from blsgpu.bench.record import Record, provenance, write_report
 from blsgpu.counters.host import HostCounters
 from blsgpu.exchange import channel as _exchange
 from blsgpu.transport.gloo import _Done
@@ -55,8 +55,16 @@ class MirrorTransport:
         self.spent = 0.0  # thread time inside alltoall()
 
     @staticmethod
+    def connect(timeout_s: float) -> None:
+        pass
+
+    @staticmethod
     def agree_min(value: int) -> int:
         return value
+
+    @staticmethod
+    def staging(device: torch.device) -> None:
+        return None
 
     @staticmethod
     def make_counters(world_size: int, rank: int, timeout_s: float) -> HostCounters:
@@ -197,21 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"goals_us": GOALS_US, "goals_met_inline": met,
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "config": vars(args) | {"worlds": worlds, "bounds": bounds}}
-    machine, commit = _provenance.machine(), _provenance.commit()
-    records = [{"name": NAME, "provider": "bls", "metric": "host_us_per_iteration", "unit": "us",
-                "x": r["world_size"], "value": r["total_us"], "config": r, "machine": machine,
-                "commit": commit} for r in rows_out]
-    _provenance.write_report(args.out, NAME, {**summary, "machine": machine, "commit": commit},
-                             records, rows_out,
-                             None if args.no_plot else lambda p: _plot(rows_out, p))
+    prov = provenance()
+    config_keys = ("payload", "splits", "world_size", "bound", "rows", "dim")
+    units = {k: "us" for k in ("total_us", "exchange_us", "process_us", "wait_us", "transport_us")}
+    records = [Record.from_row(NAME, "bls", {k: r[k] for k in config_keys}, r, units, prov)
+               for r in rows_out]
+    write_report(args.out, NAME, {**summary, "machine": prov.machine, "commit": prov.commit},
+                 records, rows_out,
+                 None if args.no_plot else lambda p: _plot(rows_out, p))
     return 0
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 (optional dependency)
+    import matplotlib  # optional dependency
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for payload in ("inline", "spill"):

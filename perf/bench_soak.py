@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 import blsgpu
-from blsgpu import _provenance
 from blsgpu.bench.delays import DelayModel
+from blsgpu.bench.record import Record, provenance, write_report
 
 NAME = "bench_soak"
 RSS_SLACK_BYTES = 16 << 20
@@ -44,7 +44,7 @@ def _splits(seed: int, k: int, world_size: int, max_rows: int) -> np.ndarray:
 
 def _rows(k: int, src: int, dst: int, n: int, W: int, cols):
     """The n rows src sends dst in iteration k: each value is its own address."""
-    import torch  # noqa: PLC0415
+    import torch
 
     base = ((k * W + src) * W + dst) << 20
     return base + (torch.arange(n, dtype=torch.int64)[:, None] << 8) + cols
@@ -62,7 +62,7 @@ def _proc_status() -> tuple[int, int, int]:
 
 
 def _rank_main(rank: int, world_size: int, cfg: dict) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     W, B, K = world_size, cfg["bound"], cfg["iterations"]
     seed, max_rows, window = cfg["seed"], cfg["max_rows"], cfg["window"]
@@ -176,35 +176,18 @@ def _analyse(cfg: dict, results: list[dict]) -> dict:
     }
 
 
-def _records(cfg: dict, summary: dict, machine: dict, commit: str) -> list[dict]:
-    config = {
-        k: cfg[k]
-        for k in ("world_size", "bound", "iterations", "warmup", "window", "max_rows", "dim", "delay", "seed")
-    }
+def _records(cfg: dict, summary: dict, prov) -> list[Record]:
+    """One record per rank: its first and last window after warm-up ("_start", "_end")."""
+    config = {k: cfg[k] for k in ("world_size", "bound", "iterations", "warmup", "window",
+                                  "max_rows", "dim", "delay", "seed")}
+    units = {"rss_bytes": "B", "threads": "count", "fds": "count", "ms_per_1000": "ms",
+             "ms_per_1000_without_delays": "ms", "iteration": "iterations"}
     recs = []
     for p in summary["per_rank"]:
-        for point in ("start", "end"):
-            s = p[point]
-            for metric, unit, value in (
-                ("rss", "bytes", s["rss_bytes"]),
-                ("threads", "count", s["threads"]),
-                ("fds", "count", s["fds"]),
-                ("ms_per_1000", "ms", s["ms_per_1000"]),
-                ("ms_per_1000_without_delays", "ms", s["ms_per_1000_without_delays"]),
-            ):
-                recs.append(
-                    {
-                        "name": NAME,
-                        "provider": "bls",
-                        "metric": f"{metric}_{point}",
-                        "unit": unit,
-                        "x": p["rank"],
-                        "value": value,
-                        "config": {**config, "iteration": s["iteration"]},
-                        "machine": machine,
-                        "commit": commit,
-                    }
-                )
+        row = {f"{k}_{point}": p[point][k] for point in ("start", "end") for k in units}
+        recs.append(Record.from_row(
+            NAME, "bls", {**config, "rank": p["rank"]}, row, prov=prov,
+            units={f"{k}_{point}": u for point in ("start", "end") for k, u in units.items()}))
     return recs
 
 
@@ -288,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     summary["loadavg_1m"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     _print(summary)
-    machine, commit = _provenance.machine(backend="gloo"), _provenance.commit()
+    prov = provenance(backend="gloo")
     rows = [s for r in results for s in r["samples"]]
-    _provenance.write_report(
+    write_report(
         args.out,
         NAME,
-        {**summary, "config": cfg, "machine": machine, "commit": commit},
-        _records(cfg, summary, machine, commit),
+        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
+        _records(cfg, summary, prov),
         rows,
     )
     print(
