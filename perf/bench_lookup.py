@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from blsgpu import _provenance
-from blsgpu.lookup.pooled import QuantizedTable, pooled_lookup
+from blsgpu.bench.record import Provenance, Record, write_report
+from blsgpu.lookup import QuantizedTable, pooled_lookup
 
 NAME = "bench_lookup"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}
@@ -224,25 +225,15 @@ def run(cfg: dict) -> list[dict]:
     return rows
 
 
-def _records(cfg: dict, rows: list[dict], machine: dict, commit: str) -> list[dict]:
+def _records(cfg: dict, rows: list[dict], prov) -> list[Record]:
     config = {k: cfg[k] for k in ("device", "tables", "batch", "pooling", "rows", "reps", "warmup",
                                   "seed", "cpu_clock", "flush_mb")}
-    recs = []
-    for r in rows:
-        metrics = [("time_s", "s", r["time_s"]), ("bytes_moved", "B", r["bytes"]),
-                   ("throughput", "GB/s", r["gbs"])]
-        if r["speedup"] is not None:
-            metrics.append(("speedup_vs_torch_naive", "x", r["speedup"]))
-        if "peak_fraction" in r:
-            metrics.append(("hbm_peak_fraction", "ratio", r["peak_fraction"]))
-        for metric, unit, value in metrics:
-            rec = {"name": NAME, "provider": f"{r['provider']}:{r['dtype']}", "metric": metric,
-                   "unit": unit, "x": r["dim"], "value": value,
-                   "config": {**config, "dtype": r["dtype"]}, "machine": machine, "commit": commit}
-            if metric == "time_s":
-                rec["quantiles"] = {"p20": r["time_p20_s"], "p50": r["time_s"], "p80": r["time_p80_s"]}
-            recs.append(rec)
-    return recs
+    units = {"time_s": "s", "bytes": "B", "gbs": "GB/s", "peak_fraction": "ratio of HBM peak"}
+    return [Record.from_row(
+        NAME, r["provider"], {**config, "dtype": r["dtype"], "dim": r["dim"]}, r, units, prov,
+        ("speedup",) if r["speedup"] is not None else (), baseline="torch-naive",
+        quantiles={"time_s": {"p20": r["time_p20_s"], "p50": r["time_s"],
+                              "p80": r["time_p80_s"]}}) for r in rows]
 
 
 def _summary(cfg: dict, rows: list[dict]) -> dict:
@@ -340,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     print(json.dumps({k: v for k, v in summary.items() if k != "command"}, default=str))
 
-    machine, commit = _machine(args.device, args.threads), _provenance.commit()
-    _provenance.write_report(
-        args.out, NAME, {**summary, "config": cfg, "machine": machine, "commit": commit},
-        _records(cfg, rows, machine, commit), rows,
+    prov = Provenance(_machine(args.device, args.threads), _provenance.commit())
+    write_report(
+        args.out, NAME, {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
+        _records(cfg, rows, prov), rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),
     )
     return 0 if summary["all_match"] else 1
