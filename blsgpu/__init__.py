@@ -22,7 +22,7 @@ _autoload.register()
 # name -> module that defines it; loaded lazily (PEP 562).
 _LAZY = {
     "pooled_lookup": "blsgpu.lookup.pooled",
-    "QuantizedTable": "blsgpu.lookup.pooled",
+    "QuantizedTable": "blsgpu.lookup",
     "KeyedJaggedTensor": "blsgpu.embedding",
     "KeyedTensor": "blsgpu.embedding",
     "EmbeddingBagConfig": "blsgpu.embedding",

@@ -3,7 +3,7 @@
 One launch covers a group of tables that share a weight kind (fp32, fp16, bf16 or int8 row-wise) and
 a block width. Tables are addressed relative to the group's first table, so the kernel keeps the
 alignment Triton proves for a real pointer argument (vector loads) while the tables stay separate
-tensors. Host-side planning (grouping, validation, the torch path) lives in blsgpu/lookup/pooled.py.
+tensors. Host-side planning (grouping, caching the metadata) lives in blsgpu/lookup/triton_path.py.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import blsgpu
-from blsgpu.lookup.pooled import QuantizedTable, column_offsets, pooled_lookup
+from blsgpu.lookup import QuantizedTable, column_offsets, pooled_lookup
 
 TOL = {
     torch.float32: (1e-5, 1e-4),
@@ -571,7 +571,7 @@ def test_quantized_table_rejects_bad_data():
 
 def test_quantized_table_with_odd_width_one_row_at_a_time(monkeypatch):
     """D % 4 != 0: a one-row slice keeps a storage offset a float32 view of its qparams refuses."""
-    import blsgpu.lookup.pooled as lookup
+    import blsgpu.lookup.torch_path as lookup
 
     w = torch.randn(3, 5, generator=_gen("odd"))
     q = QuantizedTable.from_float(w)
@@ -587,7 +587,7 @@ def test_quantized_table_with_odd_width_one_row_at_a_time(monkeypatch):
 
 def test_quantized_generic_path_matches_fbgemm_kernel(monkeypatch):
     """The gather + dequantize path (used on CUDA) agrees with FBGEMM's CPU kernel."""
-    import blsgpu.lookup.pooled as lookup
+    import blsgpu.lookup.torch_path as lookup
 
     for name in ("int8_dims_sum", "int8_mean_out_fp16", "int8_psw_out_bf16", "int8_psw_mean_out_fp16"):
         kw = build_case(name, CASES[name])["kwargs"]

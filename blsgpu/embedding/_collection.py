@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from blsgpu.embedding._config import as_configs, embedding_names
-from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
-from blsgpu.lookup.pooled import pooled_lookup
+from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, offsets_of, to_device
+from blsgpu.lookup import pooled_lookup
+from blsgpu.transport.sizes import offsets
 
 
 def init_weight(config, index: int, seed: int | None, dtype: torch.dtype,
@@ -103,11 +104,6 @@ def gather_bags(kjt: KeyedJaggedTensor, key_index: list[int], with_weights: bool
     return lengths, values, weights
 
 
-def offsets_of(lengths: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """[0, cumsum(lengths)] in `dtype` (the lookup wants the ids' dtype)."""
-    out = torch.zeros(lengths.numel() + 1, dtype=dtype, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -160,13 +156,11 @@ class EmbeddingBagCollection(nn.Module):
             kjt = kjt.to(device)
         n = kjt.stride()
         lengths, ids, weights = gather_bags(kjt, key_index, self._is_weighted)
-        offsets = offsets_of(lengths, ids.dtype)
+        bag_offsets = offsets_of(lengths, ids.dtype)
         out = torch.empty(n, sum(self._dims), dtype=torch.float32, device=device)
         # One pooled lookup per run of tables with the same pooling, each into its columns of out.
         lpk = kjt.length_per_key()
-        id_start = [0]
-        for i in key_index:
-            id_start.append(id_start[-1] + lpk[i])
+        id_start = offsets(lpk[i] for i in key_index)
         slot, col = 0, 0
         runs: list[list[int]] = []
         for i, t in enumerate(self._tables):
@@ -184,7 +178,7 @@ class EmbeddingBagCollection(nn.Module):
             lo, hi = slot * n, (slot + s) * n
             o_lo, o_hi = id_start[slot], id_start[slot + s]
             # Weighted mean pools as FBGEMM's TBE (and so TorchRec's modules): sum(w * row) / L.
-            pooled_lookup(weights_t, ids[o_lo:o_hi], offsets[lo:hi + 1] - o_lo,
+            pooled_lookup(weights_t, ids[o_lo:o_hi], bag_offsets[lo:hi + 1] - o_lo,
                           per_sample_weights=None if weights is None else weights[o_lo:o_hi],
                           pooling=self._tables[run[0]].pooling, out=out[:, col:col + dim],
                           validate=False)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from blsgpu.transport.sizes import offsets
+
 
 def _check_keys(keys) -> list[str]:
     if isinstance(keys, str) or not hasattr(keys, "__iter__"):
@@ -89,8 +91,9 @@ def _check_lengths(lengths: torch.Tensor, n_values: int, what: str) -> None:
         raise ValueError(f"{what}: lengths sum to {total} but there are {n_values} values")
 
 
-def _offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(lengths.numel() + 1, dtype=lengths.dtype, device=lengths.device)
+def offsets_of(lengths: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[0, cumsum(lengths)] in `dtype` (default the lengths'; the lookup wants the ids')."""
+    out = torch.zeros(lengths.numel() + 1, dtype=dtype or lengths.dtype, device=lengths.device)
     torch.cumsum(lengths, 0, out=out[1:])
     return out
 
@@ -121,7 +124,7 @@ class _JaggedAccessors:
 
     def offsets(self) -> torch.Tensor:
         if self._offsets is None:
-            self._offsets = _offsets_from_lengths(self._lengths)
+            self._offsets = offsets_of(self._lengths)
         return self._offsets
 
     def weights(self) -> torch.Tensor:
@@ -186,7 +189,7 @@ class KeyedJaggedTensor(_JaggedAccessors):
             if offsets is not None:
                 _check_1d("offsets", offsets, integer=True)
                 if offsets.numel() != lengths.numel() + 1 or not torch.equal(
-                    offsets.to(lengths.dtype), _offsets_from_lengths(lengths)
+                    offsets.to(lengths.dtype), offsets_of(lengths)
                 ):
                     raise ValueError(f"{what}: offsets are not the running sum of lengths")
         else:
@@ -262,10 +265,7 @@ class KeyedJaggedTensor(_JaggedAccessors):
         return self._length_per_key
 
     def offset_per_key(self) -> list[int]:
-        out = [0]
-        for n in self.length_per_key():
-            out.append(out[-1] + n)
-        return out
+        return offsets(self.length_per_key())
 
     def index_per_key(self) -> dict[str, int]:
         return {k: i for i, k in enumerate(self._keys)}
@@ -346,10 +346,7 @@ class KeyedTensor:
         return self._length_per_key
 
     def offset_per_key(self) -> list[int]:
-        out = [0]
-        for n in self._length_per_key:
-            out.append(out[-1] + n)
-        return out
+        return offsets(self._length_per_key)
 
     def device(self) -> torch.device:
         return self._values.device

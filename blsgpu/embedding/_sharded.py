@@ -23,6 +23,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -31,41 +32,16 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from blsgpu._trace import span
-from blsgpu.embedding._collection import check_features, init_weight, offsets_of
+from blsgpu.embedding._collection import check_features, init_weight
 from blsgpu.embedding._config import as_configs
-from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, to_device
+from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, offsets_of, to_device
 from blsgpu.embedding._plan import make_plan
+from blsgpu.embedding._shard import LocalShard
 from blsgpu.exchange.channel import BoundedLagAllToAll
-from blsgpu.lookup.pooled import QuantizedTable, pooled_lookup
+from blsgpu.lookup import pooled_lookup
+from blsgpu.transport.sizes import offsets
 
 _COMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class _Shard(nn.Module):
-    """Rows [row_start, row_end) of one table; `weight` is named as in the unsharded module.
-
-    int8 shards keep FBGEMM's fused 8-bit row-wise layout (uint8 [rows, D + 8]) in `weight`.
-    """
-
-    def __init__(self, weight: torch.Tensor, row_start: int, row_end: int, quantized: bool):
-        super().__init__()
-        self.row_start = row_start
-        self.row_end = row_end
-        self.quantized = quantized
-        if quantized:
-            self.register_buffer("weight", QuantizedTable.from_float(weight).data)
-        else:
-            self.weight = nn.Parameter(weight, requires_grad=False)
-
-    def table(self):
-        """What the lookup reads: the float tensor or a QuantizedTable over the same bytes."""
-        return QuantizedTable(self.weight) if self.quantized else self.weight
-
-    @torch.no_grad()
-    def load(self, src: torch.Tensor) -> None:
-        if self.quantized and src.dtype != torch.uint8:
-            src = QuantizedTable.from_float(src.to(self.weight.device)).data
-        self.weight.copy_(src)
 
 
 @dataclass(eq=False)
@@ -144,7 +120,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                         bound_ = (1.0 / t.num_embeddings) ** 0.5
                         w = torch.empty(sh.rows, t.embedding_dim).uniform_(-bound_, bound_)
                         w = w.to(device=self._device, dtype=dtype)
-                    self.embedding_bags[t.name] = _Shard(w, sh.row_start, sh.row_end, quantized)
+                    self.embedding_bags[t.name] = LocalShard(w, sh.row_start, sh.row_end, quantized)
 
         slots = self.plan.slots
         self._features = [s.feature for s in slots]
@@ -276,18 +252,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             for key, t in names.items():
                 if t.name not in self.embedding_bags or key not in state_dict:
                     continue
-                shard = self.embedding_bags[t.name]
-                src = state_dict[key]
-                rows, d = tuple(src.shape), t.embedding_dim
-                if shard.quantized and src.dtype == torch.uint8:
-                    d += 8  # fused 8-bit rows: D codes, fp32 scale, fp32 bias
-                if rows == (t.num_embeddings, d):
-                    src = src[shard.row_start:shard.row_end]
-                elif rows != (shard.row_end - shard.row_start, d):
-                    raise ValueError(f"{key}: shape {rows} is neither the table's "
-                                     f"{(t.num_embeddings, d)} nor this rank's shard "
-                                     f"{(shard.row_end - shard.row_start, d)}")
-                shard.load(src)
+                self.embedding_bags[t.name].load_saved(key, state_dict[key], t)
         return _IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------------------- one batch
@@ -367,10 +332,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         send = self._ch_ids.send_buffer((sum(ids_splits),), self._id_dtype)
         if parts:
             head = to_device(torch.tensor(heads, dtype=self._id_dtype), values.device)
-            pieces, at = [], 0
-            for k, r_parts in parts:
-                pieces += [head[at:at + k], *r_parts]
-                at += k
+            pieces = []
+            for (_, r_parts), (a, b) in zip(parts, pairwise(offsets(k for k, _ in parts)), strict=True):
+                pieces += [head[a:b], *r_parts]
             if send.device == values.device:
                 torch.cat(pieces, out=send)
             else:
@@ -392,9 +356,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             send = self._ch_out.send_buffer((0,), self._comm_dtype)
         else:
             weighted = self._is_weighted
-            starts = [0]
-            for c in rsplits:
-                starts.append(starts[-1] + c)
+            starts = offsets(rsplits)
             # Every source's head [N, id count per slot], read on the host in one go.
             head = torch.cat([recv[st:st + 1 + S] for st in starts[:-1]]).view(W, 1 + S).tolist()
             ns = [h[0] for h in head]
@@ -408,13 +370,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
             # Reorder ids from (source, slot) to (slot, source) so that the bags of one slot are
             # contiguous.
             n_tot = sum(ns)
-            id_start = []  # per source, per slot: first id in recv
-            for p in range(W):
-                at, first = id_lo[p], []
-                for s in range(S):
-                    first.append(at)
-                    at += cnt[s][p]
-                id_start.append(first)
+            # per source, per slot: first id in recv
+            id_start = [[id_lo[p] + a for a in offsets(cnt[s][p] for s in range(S))] for p in range(W)]
             ids = torch.cat([recv[id_start[p][s]:id_start[p][s] + cnt[s][p]]
                              for s in range(S) for p in range(W)])
             if ids.numel() > torch.iinfo(torch.int32).max:  # int32 offsets would overflow
@@ -425,16 +382,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 weights = _ids_as_weights(torch.cat(
                     [recv[id_start[p][s] + n_ids[p]:id_start[p][s] + n_ids[p] + cnt[s][p]]
                      for s in range(S) for p in range(W)]))
-            slot_ids = [0]
-            for s in range(S):
-                slot_ids.append(slot_ids[-1] + sum(cnt[s]))
-            offsets = offsets_of(lengths.view(-1), ids.dtype)
+            slot_ids = offsets(sum(c) for c in cnt)
+            bag_offsets = offsets_of(lengths.view(-1), ids.dtype)
             send = self._ch_out.send_buffer((n_tot * D,), self._comm_dtype)
             dev = self._device
             out = send.view(n_tot, D) if send.device == dev else torch.empty(
                 n_tot, D, dtype=self._comm_dtype, device=dev)
             with span("lookup", self._ch_out.name, b.h_ids.iteration):
-                self._pool(ids, offsets, weights, slot_ids, n_tot, out)
+                self._pool(ids, bag_offsets, weights, slot_ids, n_tot, out)
             if out.data_ptr() != send.data_ptr():
                 send.view(n_tot, D).copy_(out)
         recv_splits = [n_me * self._local_dim[r] for r in range(W)]
@@ -460,12 +415,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
         # Every table-wise column is copied from exactly one rank; row-wise columns add up.
         new = torch.zeros if self._any_row_wise else torch.empty
         out = new(n, self.plan.total_dim, dtype=torch.float32, device=self._device)
-        off = 0
+        at = offsets(n * d for d in self._local_dim)
         # Rank order: row-wise partial sums add in the same order in forward and pipeline.
         for r in range(self._W):
             d = self._local_dim[r]
             if d:
-                block = recv[off:off + n * d].view(n, d)
+                block = recv[at[r]:at[r + 1]].view(n, d)
                 if block.device != out.device:
                     block = block.to(out.device)
                 for l0, l1, c0, add in self._moves[r]:
@@ -474,7 +429,6 @@ class ShardedEmbeddingBagCollection(nn.Module):
                         dst.add_(block[:, l0:l1])  # in fp32, as the comm dtype promotes
                     else:
                         dst.copy_(block[:, l0:l1])
-                off += n * d
         if self._mean_rw:
             lengths = b.kjt.lengths()
             for j, col, dim in self._mean_rw:

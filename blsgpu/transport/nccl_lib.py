@@ -18,17 +18,6 @@ import torch
 
 INSTALL_HINT = "pip install 'blsgpu[cuda12]' (CUDA 12) or 'blsgpu[cuda13]' (CUDA 13)"
 
-
-def staging_warning(what: str, transport: str) -> str:
-    """What to tell a user whose CUDA tensors go over a host transport instead of NCCL.
-
-    `what` names who exchanges (a channel, the sharded collection), `transport` what it runs on.
-    """
-    return (f"{what} runs on {transport}: its CUDA tensors are staged through host memory every "
-            f"iteration (the host waits for the copy); the GPU path needs CuPy with NCCL: "
-            f"{INSTALL_HINT}")
-
-
 _nccl_module: Any = None
 _nccl_lock = threading.Lock()
 _nccl_check: str | None = None  # the libnccl mismatch found at first use, if any
