@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import blsgpu
 from blsgpu import BoundedLagAllToAll, PeerError, run_world
-from blsgpu.exchange.channel import BoundError
+from blsgpu.errors import BoundError
 from blsgpu.transport.base import blame_through_store
 from blsgpu.world import RankError
 

@@ -31,8 +31,8 @@ import blsgpu
 from blsgpu import BoundedLagAllToAll, PeerError, run_world
 from blsgpu.counters.device import DeviceCounters, HostOps
 from blsgpu.exchange import channel as _exchange
+from blsgpu.transport import gpu_path_available, nccl_lib
 from blsgpu.transport import nccl as _nccl
-from blsgpu.transport import nccl_lib
 from blsgpu.transport.local import current_group, run_local
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -93,7 +93,7 @@ def test_nccl_without_cupy_names_the_extra():
     with pytest.raises(ImportError, match=r"blsgpu\[cuda12\]") as info:
         BoundedLagAllToAll(transport="nccl")
     assert "CuPy" in str(info.value) and "blsgpu[cuda13]" in str(info.value)
-    assert _exchange._gpu_path_available() is False
+    assert gpu_path_available() is False
     with pytest.raises(ValueError, match="transport must be"):
         BoundedLagAllToAll(transport="mpi")
 
@@ -586,7 +586,7 @@ def fake_nccl(monkeypatch):
         built[rank].append(t)
         return t
 
-    monkeypatch.setattr(_exchange, "_make_transport", make)
+    monkeypatch.setattr(_exchange, "make_transport", make)
     return nccl, built
 
 

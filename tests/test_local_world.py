@@ -14,7 +14,7 @@ import torch
 from _contract import assert_bounded, bounded_body, drive, reference
 
 from blsgpu import BoundedLagAllToAll, PeerError
-from blsgpu.exchange.channel import BoundError
+from blsgpu.errors import BoundError
 from blsgpu.transport.local import current_group, run_local
 from blsgpu.world import RankError
 

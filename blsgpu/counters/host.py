@@ -7,8 +7,8 @@ iteration k is done.
 
 Each count has one writer (posted and released: the caller's thread; arrived and what peers
 reported: whichever thread processes the iteration, in iteration order), and a Python int
-assignment is atomic, so the hot path takes no lock; `lock` only makes stats() a consistent
-snapshot.
+assignment is atomic, so the hot path takes no lock; the lock only makes snapshot() consistent
+with what learn_all() reads of the peers.
 """
 
 from __future__ import annotations
@@ -64,6 +64,19 @@ class HostCounters:
             if k + 1 > self._peer_posted_min:
                 self._peer_posted_min = k + 1
             self.peer_released = list(map(max, self.peer_released, released))
+
+    def snapshot(self) -> dict:
+        """The counts at one instant, as a channel's stats() reports them."""
+        with self.lock:
+            return {
+                "posted": self.posted,
+                "arrived": self.arrived,
+                "released": self.released,
+                "lag": self.lag(),
+                "max_lag": self.max_lag,
+                "peer_posted_min": self.min_peer_posted(),
+                "peer_released_min": self.min_peer_released(),
+            }
 
     def lag(self) -> int:
         """Iterations this rank has posted that the slowest peer has not (as its headers told).

@@ -9,13 +9,18 @@ with a byte count per rank (rank order, this rank included):
         Non-blocking; the works of one kind complete in the order they were posted, on every rank.
     wait_all(work, s)   the host blocks until the work is done (raises after s seconds)
     order_all(work, s)  what the caller runs next (its current stream) comes after the work
+    is_done(work)       whether wait_all would return at once (host-ordered transports only)
     blame(k, exc)   which peer a failure of iteration k came from, where the error does not say
                     (None: unknown); transports whose errors carry `.peer` need not look further
 
 plus identity (rank, world_size, channel_id, name, device), `stream_ordered` (data completes on
 streams: the engine hands it over with order()), `caller_may_receive` (the caller's thread may
-process an iteration itself), `inline_ok`, empty(), make_counters(), agree_min(), optional
-connect(s) and slot_written(k), close() and abort().
+process an iteration itself), `inline_ok`, empty(), make_counters(), agree_min(), connect(s) (pairs
+connect now rather than at first use; a no-op where they need not), slot_written(k) (the caller's
+stream filled iteration k's send slot; a no-op off streams), staging(device) (why send tensors on
+that device go through host memory, or None), close() and abort(). `Transport` below lists them
+all; the engine calls nothing else. A failure to or from a peer raises PeerFailure with the peer
+and, where the transport can tell, a reason (closed, timed out, aborted): the engine repeats it.
 
 The CPU transport (gloo.py) runs each kind as one torch.distributed alltoall on a gloo group of its
 own, so a channel's traffic never shares a connection (or a failure) with the user's group or
@@ -23,24 +28,63 @@ another channel. Transports that only have point-to-point messages (NCCL through
 the in-process one, local.py) get the alltoall from PointToPoint below. This module also holds what
 they share: channel ids per group, the group's store, and naming the peer behind a failure.
 """
-
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from blsgpu.counters.host import HostCounters
 from blsgpu.errors import PeerFailure
+from blsgpu.transport.sizes import offsets
 
 # What the engine exchanges. The point-to-point transports keep their own tag spaces per kind.
 MESSAGE = HEADER = 0
 DATA = 1
 
 _channel_counts: dict[Any, itertools.count] = {}
+
+
+class Transport(Protocol):
+    """Everything the engine (blsgpu.exchange) uses of a transport; the module docstring says why."""
+
+    name: str
+    rank: int
+    world_size: int
+    channel_id: int
+    device: torch.device  # where empty() allocates and the send slots live
+    stream_ordered: bool
+    caller_may_receive: bool
+    inline_ok: bool
+
+    def connect(self, timeout_s: float) -> None: ...
+    def agree_min(self, value: int) -> int: ...
+    def make_counters(self, world_size: int, rank: int, timeout_s: float) -> HostCounters: ...
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+    def staging(self, device: torch.device) -> str | None: ...
+    def slot_written(self, k: int) -> None: ...
+    def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
+                 inp: torch.Tensor, in_sizes: list[int]) -> Any: ...
+    def wait_all(self, work: Any, timeout_s: float) -> None: ...
+    def order_all(self, work: Any, timeout_s: float) -> None: ...
+    def is_done(self, work: Any) -> bool: ...
+    def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def host_staging(own: torch.device, device: torch.device) -> str | None:
+    """Why a transport whose buffers are on `own` stages send tensors on `device` through host
+    memory every iteration, or None: CUDA tensors on a host transport."""
+    if device.type == "cuda" and own.type != "cuda":
+        return ("its CUDA tensors are staged through host memory every iteration (the host waits "
+                "for the copy). Create it with device='cuda' for the GPU path (transport 'auto' "
+                "then picks NCCL).")
+    return None
 
 
 def _group_key(group: Any) -> Any:
@@ -132,19 +176,31 @@ class Batch:
 
 
 class PointToPoint:
-    """alltoall() for transports that offer isend / irecv / flush / wait / order per message.
+    """alltoall() for transports that offer isend / irecv / flush / wait / order / test per message.
 
     Zero-byte messages are not sent. Without `loopback`, the part a rank sends itself is copied
-    here (the transport cannot message its own rank).
+    here (the transport cannot message its own rank). A failure of one message raises PeerFailure
+    naming its peer (unless the transport's own error names another, or None: unknown) and keeping
+    the transport's reason.
     """
 
     loopback = True
+    inline_ok = False  # an exactly sized receive per message: nothing rides behind a header
+
+    def connect(self, timeout_s: float) -> None:
+        """Pairs connect at their first message."""
+
+    def slot_written(self, k: int) -> None:
+        """Nothing to mark off streams."""
+
+    def staging(self, device: torch.device) -> str | None:
+        return host_staging(self.device, device)
 
     def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
                  inp: torch.Tensor, in_sizes: list[int]) -> Batch:
         batch = Batch()
-        o_out = _offsets(out_sizes)
-        o_in = _offsets(in_sizes)
+        o_out = offsets(out_sizes)
+        o_in = offsets(in_sizes)
         me = self.rank
         for p in range(self.world_size):
             n = out_sizes[p]
@@ -166,6 +222,10 @@ class PointToPoint:
     def order_all(self, batch: Batch, timeout_s: float) -> None:
         self._each(self.order, batch, timeout_s)
 
+    def is_done(self, batch: Batch) -> bool:
+        test = self.test
+        return all(test(work) for _, work in batch.works)
+
     @staticmethod
     def _each(fn: Any, batch: Batch, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -173,7 +233,7 @@ class PointToPoint:
             try:
                 fn(work, deadline - time.monotonic())
             except Exception as e:
-                raise PeerFailure(str(e), getattr(e, "peer", p)) from e
+                raise PeerFailure(str(e), getattr(e, "peer", p), getattr(e, "reason", None)) from e
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         peer = getattr(exc, "peer", None)
@@ -181,7 +241,3 @@ class PointToPoint:
 
     def abort(self) -> None:
         pass
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    return list(itertools.accumulate(sizes, initial=0))

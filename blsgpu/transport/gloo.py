@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from blsgpu.counters.host import HostCounters
 from blsgpu.errors import PeerFailure
-from blsgpu.transport.base import _next_channel_id, blame_through_store, group_store
+from blsgpu.transport.base import _next_channel_id, blame_through_store, group_store, host_staging
 
 
 def gloo_backend_of(group: Any):
@@ -98,7 +98,10 @@ class GlooTransport:
             raise PeerFailure(
                 f"rank(s) {missing or '?'} did not create channel {self.channel_id} of the group "
                 f"within {timeout_s:.1f} s (a rank is silent, dead, or creates its channels in "
-                f"another order)", missing[0] if missing else -1) from e
+                f"another order)", missing[0] if missing else -1, PeerFailure.TIMED_OUT) from e
+
+    def connect(self, timeout_s: float) -> None:
+        """Connected already: the groups connect when they are built, in __init__."""
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` over the group's ranks (a collective, at channel creation)."""
@@ -118,19 +121,36 @@ class GlooTransport:
     def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
+    def staging(self, device: torch.device) -> str | None:
+        return host_staging(self.device, device)
+
+    @staticmethod
+    def slot_written(k: int) -> None:
+        """Host memory: the slot is written when exchange() returns."""
+
     def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
                  inp: torch.Tensor, in_sizes: list[int]) -> Any:
         if not self._groups:  # a world of one: the message to itself is all there is
             n = in_sizes[0]
             out[:n].copy_(inp[:n])
             return _Done
-        return self._groups[kind].alltoall_base(out, inp, out_sizes, in_sizes)
+        try:
+            return self._groups[kind].alltoall_base(out, inp, out_sizes, in_sizes)
+        except Exception as e:
+            raise _failure(e) from e
 
     @staticmethod
     def wait_all(work: Any, timeout_s: float) -> None:
-        work.wait(timedelta(seconds=max(timeout_s, 0.001)))
+        try:
+            work.wait(timedelta(seconds=max(timeout_s, 0.001)))
+        except Exception as e:
+            raise _failure(e) from e
 
     order_all = wait_all  # host order is all there is on CPU
+
+    @staticmethod
+    def is_done(work: Any) -> bool:
+        return work.is_completed()
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
@@ -147,3 +167,19 @@ class GlooTransport:
             except Exception:
                 pass
         self._groups = []  # aborted: dropping them now returns at once
+
+
+def _failure(e: Exception) -> PeerFailure:
+    """gloo's error as a PeerFailure: the peer unknown (blame() finds it), the reason read from
+    gloo's words, the one place they are read (gloo's errors carry no code)."""
+    text = str(e)
+    low = text.lower()
+    if "closed" in low or "reset" in low or "broken pipe" in low or "eof" in low:
+        reason = PeerFailure.CLOSED
+    elif "timed out" in low or "timeout" in low:
+        reason = PeerFailure.TIMED_OUT
+    elif "abort" in low:
+        reason = PeerFailure.ABORTED
+    else:
+        reason = None
+    return PeerFailure(text, -1, reason)

@@ -75,11 +75,12 @@ class _Fabric:
                 if peer in self.left:
                     raise LinkError(
                         f"connection closed: rank {peer} left the local world ({self.left[peer]})",
-                        peer,
+                        peer, LinkError.CLOSED,
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LinkError(f"timed out after {timeout_s:.1f} s waiting for {what}", peer)
+                    raise LinkError(f"timed out after {timeout_s:.1f} s waiting for {what}", peer,
+                                    LinkError.TIMED_OUT)
                 self.cond.wait(left)
             return table.pop(key)
 
@@ -175,7 +176,7 @@ class LocalTransport(PointToPoint):
         self._timeout_s = timeout_s
         if not self.stream_ordered:
             return HostCounters(world_size, rank)
-        from blsgpu.counters import device as dc  # noqa: PLC0415 (GPU, or its CPU emulation)
+        from blsgpu.counters import device as dc  # GPU, or its CPU emulation
 
         ops = dc.HostOps() if self.stream is None else None
         return dc.DeviceCounters(world_size, rank, self.device, self.stream, timeout_s, ops=ops)
@@ -229,7 +230,6 @@ class LocalTransport(PointToPoint):
         if kind == DATA:
             self._launch_data(k)
 
-
     def _launch_data(self, k: int) -> None:
         sends = self._sends.pop(k, [])
         recvs = self._recvs.pop(k, [])
@@ -277,11 +277,25 @@ class LocalTransport(PointToPoint):
             return
         event = self._data_event(work, timeout_s)
         if event is not None:
-            from blsgpu.counters.device import host_wait  # noqa: PLC0415 (GPU only)
+            from blsgpu.counters.device import host_wait  # GPU only
 
             if not host_wait(event, timeout_s):
                 raise LinkError(f"timed out after {timeout_s:.1f} s on the copy of iteration "
-                                f"{work.k} with rank {work.peer}", work.peer)
+                                f"{work.k} with rank {work.peer}", work.peer, LinkError.TIMED_OUT)
+
+    def test(self, work: _Work) -> bool:
+        """Whether wait(work) would return at once."""
+        if work.kind == HEADER:
+            return work.send or (self.channel_id, HEADER, work.k, work.peer, self.rank) in self.fabric.mail
+        if work.send:
+            done = work.event
+            if done is None:  # the receiver marks it delivered once it copied it (a GPU: its event)
+                done = self.fabric.delivered.get((self.channel_id, work.k, self.rank, work.peer))
+        elif work.launched:
+            done = work.event or True  # copied at flush (on a GPU: once its event completes)
+        else:
+            return False
+        return done is True or (done is not None and done.query())
 
     def order(self, work: _Work, timeout_s: float) -> None:
         if self.stream is None or work.kind == HEADER:
@@ -313,7 +327,7 @@ class LocalTransport(PointToPoint):
 
 
 def _own_stream(device: torch.device) -> Any:
-    from blsgpu.counters.device import own_stream  # noqa: PLC0415 (GPU only)
+    from blsgpu.counters.device import own_stream  # GPU only
 
     return own_stream(device)
 

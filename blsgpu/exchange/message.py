@@ -1,0 +1,177 @@
+"""What the engine's MESSAGE alltoall carries, and the host memory around it.
+
+Every peer gets one fixed-size int64 header per iteration (layout below), followed, when it fits
+the channel's inline capacity, by the payload rows for that peer. This module holds the header
+layout and the dtype codes, the growable byte buffers of the send and receive rings, the host
+tensors received rows land in, and the per-iteration work on headers that needs no channel state:
+checking what peers said against what this rank expects, and gathering inline payloads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+MAX_TRAILING_DIMS = 6
+HEADER_LEN = 16
+HEADER_BYTES = HEADER_LEN * 8
+_MAGIC = 0x424C5331  # "BLS1"
+# Header fields (int64). The first H_FIXED must equal what the receiver expects of the iteration
+# (magic, channel, iteration, dtype, trailing dims): one comparison checks them all.
+H_MAGIC, H_CHANNEL, H_ITER, H_DTYPE, H_NDIM = 0, 1, 2, 3, 4
+H_DIMS = 5  # .. 5 + MAX_TRAILING_DIMS
+H_FIXED = H_DIMS + MAX_TRAILING_DIMS
+H_ROWS, H_RELEASED, H_EXPECT, H_SPILL = 11, 12, 13, 14
+
+DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
+]  # fmt: skip
+DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+# numpy's dtype of each torch dtype (bfloat16: its bits as uint16); numpy allocates and fills host
+# tensors at a fraction of torch's per-call cost.
+_NUMPY_OF = {
+    torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+    torch.bfloat16: np.uint16, torch.int8: np.int8, torch.uint8: np.uint8, torch.int16: np.int16,
+    torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_,
+    torch.complex64: np.complex64, torch.complex128: np.complex128,
+}  # fmt: skip
+
+EMPTY = torch.empty(0, dtype=torch.uint8)
+NO_BYTES = np.empty(0, dtype=np.uint8)
+_CACHED_VIEWS = 32  # per buffer: exact-length and typed views of its start, reused across iterations
+
+
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+class Buffer:
+    """A growable byte buffer: its tensor, a numpy view when it is host memory, and cached views of
+    its start (an alltoall wants a tensor of exactly the bytes it moves; most iterations repeat
+    the sizes of an earlier one, and a view costs more than the lookup)."""
+
+    __slots__ = ("t", "np", "ptr", "views", "_cuts", "_typed")
+
+    def __init__(self) -> None:
+        self.ptr = 0
+        self.views: Any = None  # what a user of the buffer derived from it (reset on growth)
+        self.t: torch.Tensor | None = None
+        self.np: np.ndarray | None = None
+        self._cuts: dict[int, torch.Tensor] = {}
+        self._typed: dict[tuple, torch.Tensor] = {}
+
+    def grow(self, nbytes: int, empty: Any) -> None:
+        # Geometric growth: a ring fed slowly growing batches does not reallocate each time.
+        size = max(nbytes, 64, 0 if self.t is None else 2 * self.t.numel())
+        self.t = empty((size,), torch.uint8)
+        self.np = self.t.numpy() if self.t.device.type == "cpu" else None
+        self.ptr = self.t.data_ptr()
+        self.views = None
+        self._cuts.clear()
+        self._typed.clear()
+
+    def host(self, nbytes: int) -> np.ndarray:
+        """The numpy view of a host buffer of at least nbytes. Untouched pages cost nothing: only
+        the bytes messages use become resident."""
+        if self.t is None or self.t.numel() < nbytes:
+            self.grow(nbytes, _host_empty)
+        return self.np
+
+    def torch(self, nbytes: int) -> torch.Tensor:
+        cut = self._cuts.get(nbytes)
+        if cut is None:
+            if len(self._cuts) >= _CACHED_VIEWS:
+                self._cuts.clear()
+            cut = self._cuts[nbytes] = self.t[:nbytes]
+        return cut
+
+    def typed(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (dtype, shape)
+        view = self._typed.get(key)
+        if view is None:
+            if len(self._typed) >= _CACHED_VIEWS:
+                self._typed.clear()
+            nbytes = math.prod(shape) * dtype.itemsize
+            view = self._typed[key] = self.t[:nbytes].view(dtype).view(shape)
+        return view
+
+
+def host_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
+    """A new host tensor and a flat uint8 numpy view of its bytes."""
+    if not math.prod(shape):  # numpy gives empty arrays zero strides, which torch views refuse
+        return NO_BYTES, torch.empty(shape, dtype=dtype)
+    arr = np.empty(shape, dtype=_NUMPY_OF[dtype])
+    t = torch.from_numpy(arr)
+    if dtype is torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return arr.reshape(-1).view(np.uint8), t
+
+
+def header_row(channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...]) -> np.ndarray:
+    """A rank's header row for rows of (dtype, trailing dims); the per-iteration fields are 0 (and
+    the expected split -1: not known)."""
+    dims = list(trailing) + [0] * (MAX_TRAILING_DIMS - len(trailing))
+    return np.array([_MAGIC, channel_id, 0, DTYPE_CODE[dtype], len(trailing), *dims, 0, 0, -1, 0, 0],
+                    dtype=np.int64)
+
+
+def dtype_of(row: np.ndarray) -> torch.dtype | None:
+    code = int(row[H_DTYPE])
+    return DTYPES[code] if 0 <= code < len(DTYPES) else None
+
+
+def trailing_of(row: np.ndarray) -> list[int]:
+    n = min(max(int(row[H_NDIM]), 0), MAX_TRAILING_DIMS)
+    return row[H_DIMS : H_DIMS + n].tolist()
+
+
+def row_bytes_of(row: np.ndarray) -> int:
+    """Bytes per row that a peer sends, from its header (its dtype, its trailing dims)."""
+    dt = dtype_of(row)
+    return (dt.itemsize if dt is not None else 1) * math.prod(trailing_of(row))
+
+
+def header_problems(me: int, slot: torch.Tensor, head: np.ndarray, hdr: np.ndarray, off: bool,
+                    rows: list[int], expect: list[int], send_splits: list[int],
+                    recv_splits: list[int] | None) -> list[str]:
+    """What the peers' headers `hdr` of an iteration contradict (empty: nothing).
+
+    `off`: some peer's dtype or trailing dims differ from `head`, this rank's header row; `rows`:
+    what each rank sends this one; `expect`: what each expects from this one (-1: not said).
+    """
+    problems: list[str] = []
+    if off:
+        differ = (hdr[:, H_DTYPE:H_FIXED] != head[H_DTYPE:H_FIXED]).any(axis=1)
+        for q in np.flatnonzero(differ).tolist():
+            problems.append(
+                f"rank {q + (q >= me)} sends {dtype_of(hdr[q])} rows of shape {trailing_of(hdr[q])} "
+                f"but rank {me} exchanges {slot.dtype} rows of shape {list(slot.shape[1:])}")
+    if recv_splits is not None and recv_splits != rows:
+        problems += [f"recv_splits[{p}]={known} on rank {me} but rank {p} sends {rows[p]} rows"
+                     for p, known in enumerate(recv_splits) if known != rows[p]]
+    if expect != send_splits and max(expect) >= 0:
+        problems += [f"rank {p} expects {e} rows from rank {me} (its recv_splits) but rank "
+                     f"{me} sends send_splits[{p}]={send_splits[p]}"
+                     for p, e in enumerate(expect) if 0 <= e != send_splits[p]]
+    return problems
+
+
+def gather(out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray,
+           lo: int, row_bytes: int) -> None:
+    """Every peer's inline payload (rows of `table`, behind the headers) and this rank's own rows
+    (`own` from byte `lo`) into `out`, in rank order."""
+    H, W = HEADER_BYTES, len(rows)
+    n_me = rows[me] * row_bytes
+    if len(set(rows)) == 1:  # balanced: three block copies
+        nb = n_me
+        out[: me * nb].reshape(me, nb)[:] = table[:me, H : H + nb]
+        out[me * nb : (me + 1) * nb] = own[lo : lo + nb]
+        out[(me + 1) * nb :].reshape(W - 1 - me, nb)[:] = table[me:, H : H + nb]
+        return
+    pieces = [table[q, H : H + r * row_bytes] for q, r in enumerate(rows[:me] + rows[me + 1 :])]
+    pieces.insert(me, own[lo : lo + n_me])
+    np.concatenate(pieces, out=out)

@@ -1,0 +1,288 @@
+"""Completing iterations: a progress thread (the CPU analogue of the GPU comm stream), or the caller
+itself in wait(), reads each iteration's headers, then gathers its inline payloads or posts its DATA
+alltoall; wait() completes the data, releases the iteration and returns its tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from blsgpu._trace import span
+from blsgpu.errors import BLSError
+from blsgpu.exchange.iteration import Iteration
+from blsgpu.exchange.message import (
+    EMPTY,
+    H_FIXED,
+    H_ITER,
+    H_ROWS,
+    H_SPILL,
+    HEADER_BYTES,
+    gather,
+    header_problems,
+    host_tensor,
+    row_bytes_of,
+)
+from blsgpu.transport.base import DATA, MESSAGE
+
+
+class Progress:
+    """The completing half of BoundedLagAllToAll (channel.py), whose __init__ sets the state used
+    here."""
+
+    def _progress(self) -> None:
+        while True:
+            it = self._queue.get()
+            if it is None:
+                return
+            if self._claim(it):
+                self._process(it)
+
+    def _progress_ordered(self) -> None:
+        """The progress thread of a stream-ordered transport: the only thread that posts.
+
+        Iterations arrive in order (exchange() queues each one at once); for each, its MESSAGE
+        alltoall is posted, then its headers read and its DATA alltoall posted (if any), before the
+        next iteration's MESSAGE: the same sequence of groups on every rank.
+        """
+        while True:
+            it = self._queue.get()
+            if it is None:
+                return
+            if not self._claim(it):
+                continue
+            if self._known:
+                self._process(it, self._receive_known)
+            else:
+                self._post_messages(it)
+                self._process(it)
+
+    def _receive_known(self, it: Iteration) -> None:
+        """A header-less iteration (known_splits): its data group, sized by the splits, at once."""
+        rows, rb, c = it.recv_splits, it.row_bytes, self._counters
+        total = sum(rows)
+        out = self.transport.empty((total * rb,), torch.uint8)
+        c.gate(it.k, self.bound)  # device gate (release of k-B-1) before the data
+        # Every rank posts the data group of every iteration (empty where it moves nothing):
+        # without headers nobody knows whether another rank has data.
+        it.data_work = self._post_data(it, out, [r * rb for r in rows])
+        it.result = (out.view(it.slot.dtype).view((total, *it.slot.shape[1:])), rows)
+        self._bytes_received += (total - rows[self.rank]) * rb
+        c.learn_all(it.k, [c.released] * self.world_size)  # no news from peers
+
+    def _post_messages(self, it: Iteration) -> None:
+        args, it.msg_args = it.msg_args, None
+        if args is None or self._broken is not None:
+            return
+        try:
+            it.msg_work = self.transport.alltoall(MESSAGE, it.k, *args)
+        except Exception as e:  # _process hands the channel's error to the waiting caller
+            self._fail(it.k, "posting", e)
+
+    def _claim(self, it: Iteration) -> bool:
+        with self._claim_lock:
+            if it.claimed:
+                return False
+            it.claimed = True
+            return True
+
+    def _poll(self, it: Iteration) -> bool:
+        if not it.queued and not it.claimed:
+            it.queued = True
+            self._queue.put(it)
+        if not it.finished:
+            return False
+        work = it.data_work
+        tr = self.transport
+        return work is None or tr.stream_ordered or tr.is_done(work)
+
+    def _process(self, it: Iteration, step: Any = None) -> None:
+        """Decide iteration k: by default read its headers, then gather its inline payloads or
+        post its data (`step` replaces that). The outcome, or the error, waits for the caller.
+
+        Strictly in iteration order (data alltoalls must be posted in one order on every rank):
+        a thread that takes k while another still processes k-1 waits for it first.
+        """
+        prev, it.prev = it.prev, None
+        if prev is not None:
+            self._await(prev, None)
+        if self._broken is not None:
+            it.error = self._broken
+        else:
+            try:
+                with span("receive", self.name, it.k):
+                    (step or self._decide)(it)
+            except BaseException as e:  # handed to the waiting caller
+                it.error = e
+                if not isinstance(e, ValueError):
+                    self._broken = e
+        with self._claim_lock:
+            it.finished = True
+            event = it.event
+        if event is not None:
+            event.set()
+
+    def _decide(self, it: Iteration) -> None:
+        self._await_messages(it)
+        if (threading.current_thread() is self._thread and self._gather_late
+                and not it.spill and not self._received(it.k)[1][:, H_SPILL].any()):
+            # No data alltoall in k: nothing peers wait for. Reading the headers and gathering the
+            # payloads is left to the caller's wait(), with no hand-off.
+            it.gather_late = True
+        else:
+            self._receive(it)
+
+    def _await(self, it: Iteration, timeout_s: float | None) -> bool:
+        """Block until another thread processed `it` (False: not within timeout_s)."""
+        with self._claim_lock:
+            if it.finished:
+                return True
+            if it.event is None:
+                it.event = threading.Event()
+            event = it.event
+        return event.wait(timeout_s)
+
+    def _await_messages(self, it: Iteration) -> None:
+        if it.msg_work is not None:
+            try:
+                self.transport.wait_all(it.msg_work, self.timeout_s)
+            except Exception as e:
+                raise self._fail(it.k, "header", e) from e
+            it.msg_work = None
+
+    def _receive(self, it: Iteration) -> None:
+        k, tr, W, me = it.k, self.transport, self.world_size, self.rank
+        slot, row_bytes, head = it.slot, it.row_bytes, it.head
+        # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer.
+        table, hdr = self._received(k)
+        want = head[:H_FIXED].copy()
+        want[H_ITER] = k
+        # One byte comparison of every peer's fixed fields (a mismatch is then looked at closely).
+        off = hdr[:, :H_FIXED].tobytes() != want.tobytes() * (W - 1)
+        if off and (hdr[:, :3] != want[:3]).any():
+            bad = int(np.flatnonzero((hdr[:, :3] != want[:3]).any(axis=1))[0])
+            raise BLSError(
+                f"channel {self.name!r} (rank {me}): corrupt header from peer "
+                f"{bad + (bad >= me)} for iteration {k}: {hdr[bad, :3].tolist()}"
+            )
+        rows_p, released, expect, spills = hdr[:, H_ROWS : H_SPILL + 1].T.tolist()
+        self._counters.learn_all(k, released[:me] + [self._counters.released] + released[me:])
+        rows = rows_p[:me] + [it.send_splits[me]] + rows_p[me:]
+        spill = it.spill or any(spills)
+        if spill:
+            self._spilled = True
+        expect.insert(me, -1)
+        problems = header_problems(me, slot, head, hdr, off, rows, expect, it.send_splits,
+                                   it.recv_splits)
+        if problems:
+            # Complete the iteration so every rank stays in step, then say what disagreed.
+            if spill:
+                sizes = [rows[p] * (row_bytes_of(hdr[p - (p > me)]) if p != me else row_bytes)
+                         for p in range(W)]
+                scratch = tr.empty((sum(sizes),), torch.uint8)
+                self._counters.gate(k, self.bound)
+                it.data_work = self._post_data(it, scratch, sizes)
+            it.error = ValueError(
+                f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
+            )
+            return
+
+        total = sum(rows)
+        shape = (total, *slot.shape[1:])
+        if spill:
+            out = tr.empty((total * row_bytes,), torch.uint8)
+            self._counters.gate(k, self.bound)  # device gate (released >= k-B) before the data
+            it.data_work = self._post_data(it, out, [r * row_bytes for r in rows])
+            result = out.view(slot.dtype).view(shape)
+        else:
+            raw, result = host_tensor(slot.dtype, shape)
+            if total * row_bytes:
+                lo = sum(it.send_splits[:me]) * row_bytes  # this rank's own rows in its slot
+                gather(raw, table, rows, me, it.buf.np, lo, row_bytes)
+        self._bytes_received += (total - rows[me]) * row_bytes
+        it.result = (result, rows)
+
+    def _received(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
+        buf = self._msg_in[k % (self.bound + 1)]
+        if buf.views is None:
+            table = buf.np[: self._msg_in_bytes].reshape(self.world_size - 1, self._stride)
+            buf.views = (table, table[:, :HEADER_BYTES].view(np.int64))
+        return buf.views
+
+    def _post_data(self, it: Iteration, out: torch.Tensor, out_sizes: list[int]) -> Any:
+        nbytes = sum(it.send_splits) * it.row_bytes
+        inp = it.buf.torch(nbytes) if nbytes else EMPTY
+        try:
+            return self.transport.alltoall(DATA, it.k, out, out_sizes, inp,
+                                           [s * it.row_bytes for s in it.send_splits])
+        except Exception as e:
+            raise self._fail(it.k, "posting the data", e) from e
+
+    # ----------------------------------------------------------------------------------------
+    # waiting
+
+    def _wait(self, it: Iteration, blocking: bool) -> tuple[torch.Tensor, list[int]]:
+        while self._next_wait <= it.k:
+            self._finish(self._records[self._next_wait], blocking and self._next_wait == it.k)
+        if it.error is not None:
+            raise it.error
+        assert it.result is not None
+        return it.result
+
+    def _finish(self, it: Iteration, blocking: bool) -> None:
+        with span("wait", self.name, it.k):
+            t0 = time.monotonic()
+            try:
+                self._finish_inner(it, blocking)
+            finally:
+                self._waiting_for_data_s += time.monotonic() - t0
+                it.waited = True
+                del self._records[it.k]
+                with span("release", self.name, it.k):
+                    self._counters.release(it.k)
+                self._next_wait = it.k + 1
+
+    def _finish_inner(self, it: Iteration, blocking: bool) -> None:
+        # An iteration nobody took yet is processed here: no thread hand-off (all of them at B=0).
+        if not it.finished and self.transport.caller_may_receive and self._claim(it):
+            self._process(it)
+        # Every transport wait inside is bounded by the timeout; this is a safety net.
+        if not it.finished and not self._await(it, 2 * self.timeout_s + 10.0):
+            it.error = BLSError(
+                f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
+            )
+            self._broken = it.error
+        if it.gather_late:
+            it.gather_late = False
+            try:
+                self._receive(it)
+            except BaseException as e:
+                it.error = e
+        work = it.data_work
+        if work is not None:
+            tr = self.transport
+            try:
+                if tr.stream_ordered:
+                    # The caller's stream waits for the data; the caching allocator keeps the
+                    # buffers for it. The host waits too only when asked.
+                    tr.order_all(work, self.timeout_s)
+                    if blocking:
+                        tr.wait_all(work, self.timeout_s)
+                else:
+                    tr.wait_all(work, self.timeout_s)
+            except Exception as e:
+                it.error = self._fail(it.k, "data", e)
+            it.data_work = None
+        self._counters.arrive(it.k)
+        if it.error is None and it.result is not None:
+            out, rows = it.result
+            if out.device != it.out_device:
+                it.result = (out.to(it.out_device), rows)
+        elif it.error is not None and not isinstance(it.error, ValueError):
+            self._broken = it.error
+
