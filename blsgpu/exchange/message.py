@@ -164,13 +164,13 @@ def gather(out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np
            lo: int, row_bytes: int) -> None:
     """Every peer's inline payload (rows of `table`, behind the headers) and this rank's own rows
     (`own` from byte `lo`) into `out`, in rank order."""
-    H, W = HEADER_BYTES, len(rows)
+    H = HEADER_BYTES
     n_me = rows[me] * row_bytes
-    if len(set(rows)) == 1:  # balanced: three block copies
+    if len(set(rows)) == 1:  # balanced: three block copies (nb > 0: the caller gathers no empty result)
         nb = n_me
         out[: me * nb].reshape(me, nb)[:] = table[:me, H : H + nb]
         out[me * nb : (me + 1) * nb] = own[lo : lo + nb]
-        out[(me + 1) * nb :].reshape(W - 1 - me, nb)[:] = table[me:, H : H + nb]
+        out[(me + 1) * nb :].reshape(-1, nb)[:] = table[me:, H : H + nb]
         return
     pieces = [table[q, H : H + r * row_bytes] for q, r in enumerate(rows[:me] + rows[me + 1 :])]
     pieces.insert(me, own[lo : lo + n_me])
