@@ -165,14 +165,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
         # The pooled rows' receive splits always follow from the batch (every exchange passes
         # them), so on the GPU path no header needs to travel before them.
         self._ch_out = BoundedLagAllToAll(name="ebc_pooled", known_splits=True, **kw)
-        transport = self._ch_ids.transport.name
-        if self._device.type == "cuda" and transport != "nccl":
-            warnings.warn(
-                f"the sharded collection on {self._device} exchanges over {transport}, staging "
-                f"every batch through host memory: the GPU path needs CuPy with NCCL "
-                f"(pip install 'blsgpu[cuda12]' or 'blsgpu[cuda13]')",
-                RuntimeWarning, stacklevel=2,
-            )
+        transport = self._ch_ids.transport
+        staging = transport.staging(self._device)
+        if staging is not None:
+            warnings.warn(f"the sharded collection on {self._device} runs on {transport.name}: "
+                          f"{staging}", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------------------- public API
 
