@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from blsgpu import _provenance
 from blsgpu.bench.record import Provenance, Record, write_report
+from blsgpu.embedding._jagged import offsets_of
 from blsgpu.lookup import QuantizedTable, pooled_lookup
 
 NAME = "bench_lookup"
@@ -85,8 +86,7 @@ def _make(cfg: dict, dim: int, dtype_name: str, device: str, seed: int):
         table = QuantizedTable.from_float(w) if dtype_name == "int8" else w.to(DTYPES[dtype_name])
         tables.append(table.to(device))
     lengths = torch.randint(0, 2 * pooling + 1, (t_count * n,), generator=g)
-    offsets = torch.zeros(t_count * n + 1, dtype=torch.int64)
-    offsets[1:] = lengths.cumsum(0)
+    offsets = offsets_of(lengths)
     indices = torch.randint(0, rows, (int(offsets[-1]),), generator=g)
     return tables, indices.to(device), offsets.to(device)
 

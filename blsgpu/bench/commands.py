@@ -19,6 +19,7 @@ from blsgpu.bench.progress import RankBar, WorldBar
 from blsgpu.bench.record import write_json
 from blsgpu.bench.report import format_simulation, format_table, plot
 from blsgpu.bench.runner import BenchConfig
+from blsgpu.transport.nccl_lib import INSTALL_HINT
 from blsgpu.world import barrier, gather_object, run_world, set_control_store
 
 __all__ = ["bench", "simulate", "torchrun_env"]
@@ -77,8 +78,7 @@ def bench(cfg: BenchConfig, flags: dict, torchrun: tuple[int, int, int] | None, 
         staged = sorted({t for r in doc["runs"] for t in r["transport"] if t != "nccl"})
         if staged:
             print(f"the channels ran over {', '.join(staged)}, not NCCL: the GPU path was not "
-                  f"used (install CuPy with NCCL: pip install 'blsgpu[cuda12]' or "
-                  f"'blsgpu[cuda13]')", file=sys.stderr)
+                  f"used (install CuPy with NCCL: {INSTALL_HINT})", file=sys.stderr)
             return 1
     return 0 if doc["exact"] else 1
 

@@ -4,7 +4,6 @@ header (and inline payload) and posts the MESSAGE alltoall of the iteration. It 
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from typing import Any
@@ -30,6 +29,7 @@ from blsgpu.exchange.message import (
     header_row,
 )
 from blsgpu.transport.base import MESSAGE
+from blsgpu.transport.sizes import offsets
 
 
 class Posting:
@@ -125,7 +125,8 @@ class Posting:
                 table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
             else:
                 nbs = [s * row_bytes for s in send_splits]
-                chunks = np.split(src[: sum(nbs)], list(itertools.accumulate(nbs))[:-1])
+                starts = offsets(nbs)
+                chunks = np.split(src[: starts[-1]], starts[1:-1])
                 del chunks[me]
                 parts: list[np.ndarray] = [NO_BYTES] * (2 * (W - 1))
                 parts[0::2] = hdr.view(np.uint8)

@@ -426,8 +426,12 @@ class NcclTransport(PointToPoint):
             return [peer], True
         return self._blame_store(k, grace_s)
 
+    def test(self, work: _Work) -> bool:
+        """Whether a work's group completed, without blocking (False until it was launched)."""
+        return work.event is not None and self._cuda.host_wait(work.event, 0.0)
+
     def abort(self) -> None:
-        self._abort(RuntimeError("the channel was abandoned (aborted)"))
+        self._abort(PeerFailure("the channel was abandoned", -1, reason=PeerFailure.ABORTED))
 
     def _abort(self, err: BaseException) -> None:
         """Fail the channel and abort both communicators, from any thread.
