@@ -13,7 +13,7 @@ from blsgpu._env import BACKEND_DEVICES, BACKEND_NAME
 
 
 def _create(store, rank: int, world_size: int, timeout):
-    from blsgpu.backend import BLSProcessGroup  # noqa: PLC0415 (imported when first used)
+    from blsgpu.backend import BLSProcessGroup  # imported when first used
 
     return BLSProcessGroup(store, rank, world_size, timeout)
 
@@ -21,13 +21,13 @@ def _create(store, rank: int, world_size: int, timeout):
 def register() -> None:
     """Register "bls" with torch.distributed once; a torch without distributed support is skipped."""
     try:
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         if not dist.is_available() or BACKEND_NAME.upper() in dist.Backend._plugins:
             return
         dist.Backend.register_backend(BACKEND_NAME, _create, devices=BACKEND_DEVICES)
     except Exception as e:  # never break `import torch`; say why "bls" will be unknown
-        import warnings  # noqa: PLC0415
+        import warnings
 
         warnings.warn(
             f"blsgpu: the torch.distributed backend 'bls' was not registered: {type(e).__name__}: {e}",

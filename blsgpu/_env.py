@@ -45,9 +45,7 @@ def default_timeout() -> timedelta:
     """Timeout of a channel when none is given (default 300 s)."""
     seconds = _float("BLSGPU_TIMEOUT_S", 300.0)
     if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan and inf
-        raise ValueError(
-            f"BLSGPU_TIMEOUT_S={seconds!r} must be positive and at most {MAX_TIMEOUT_S:.0e} s"
-        )
+        raise ValueError(f"BLSGPU_TIMEOUT_S={seconds!r} must be positive and at most {MAX_TIMEOUT_S:.0e} s")
     return timedelta(seconds=seconds)
 
 

@@ -15,10 +15,17 @@ def commit() -> str:
     """git rev-parse HEAD of the checkout blsgpu runs from ("-dirty" if modified), or "unknown"."""
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=10).stdout
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty.strip() else "") if head else "unknown"
@@ -48,4 +55,3 @@ def machine(**extra) -> dict:
         out["gpus"] = torch.cuda.device_count()
     out.update(extra)
     return out
-

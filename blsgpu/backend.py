@@ -71,9 +71,7 @@ class BLSProcessGroup(dist.ProcessGroup):
         # collectives, init_device_mesh and TorchRec's ShardingEnv), and every collective torch
         # routes by device (all_gather_into_tensor, reduce_scatter_tensor, monitored_barrier, ...)
         # finds gloo for CPU tensors and NCCL for CUDA ones.
-        self.gloo = dist.ProcessGroupGloo(
-            dist.PrefixStore("blsgpu/gloo", store), rank, world_size, timeout
-        )
+        self.gloo = dist.ProcessGroupGloo(dist.PrefixStore("blsgpu/gloo", store), rank, world_size, timeout)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.gloo)
         self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         self._nccl = None  # torch's NCCL group for CUDA tensors
@@ -83,7 +81,7 @@ class BLSProcessGroup(dist.ProcessGroup):
             except Exception:  # CPU use goes on; the first CUDA collective retries and raises
                 self._nccl = None
 
-    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+    def getBackendName(self) -> str:  # torch's name
         return BACKEND_NAME
 
     @property
@@ -105,12 +103,14 @@ class BLSProcessGroup(dist.ProcessGroup):
             elif device.type == "cuda":
                 kind, where = "nccl", device
             else:
-                raise ValueError(
-                    f"the 'bls' backend exchanges CPU or CUDA tensors, got a tensor on {device}"
-                )
+                raise ValueError(f"the 'bls' backend exchanges CPU or CUDA tensors, got a tensor on {device}")
             ch = BoundedLagAllToAll(
-                self, bound=_env.backend_bound(), transport=kind, device=where,
-                timeout=self._timeout, name=f"bls-backend-{device.type}",
+                self,
+                bound=_env.backend_bound(),
+                transport=kind,
+                device=where,
+                timeout=self._timeout,
+                name=f"bls-backend-{device.type}",
             )
             self._channels[key] = ch
         return ch
@@ -136,9 +136,7 @@ class BLSProcessGroup(dist.ProcessGroup):
             self._nccl = dist.ProcessGroupNCCL(
                 dist.PrefixStore("blsgpu/nccl", self._store), self.rank(), self.size(), opts
             )
-            self._register_backend(
-                torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, self._nccl
-            )
+            self._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, self._nccl)
             if self.group_name:  # registered after torch named the group: NCCL gets the name too
                 self._set_group_name(self.group_name)
         return self._nccl
@@ -148,9 +146,7 @@ class BLSProcessGroup(dist.ProcessGroup):
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
         if output.device != input.device:
-            raise ValueError(
-                f"all_to_all_single: output is on {output.device} but input on {input.device}"
-            )
+            raise ValueError(f"all_to_all_single: output is on {output.device} but input on {input.device}")
         if not getattr(opts, "asyncOp", True):
             return self._inner(input).alltoall_base(
                 output, input, output_split_sizes, input_split_sizes, opts
@@ -166,8 +162,7 @@ class BLSProcessGroup(dist.ProcessGroup):
             output_split_sizes = [output.shape[0] // w] * w
         if sum(output_split_sizes) != output.shape[0]:
             raise ValueError(
-                f"output_split_sizes sum to {sum(output_split_sizes)} but output has "
-                f"{output.shape[0]} rows"
+                f"output_split_sizes sum to {sum(output_split_sizes)} but output has {output.shape[0]} rows"
             )
         if output.shape[1:] != input.shape[1:]:
             raise ValueError(

@@ -53,8 +53,9 @@ _control_seq = 0
 _control_rank: tuple[int, int] | None = None
 
 
-def set_control_store(store: dist.Store | None, rank: int | None = None,
-                      world_size: int | None = None) -> None:
+def set_control_store(
+    store: dist.Store | None, rank: int | None = None, world_size: int | None = None
+) -> None:
     """The store that barrier / gather_object / all_gather_object use in this process.
 
     run_world's ranks and the CLI under torchrun set it to their rendezvous store (whose server
@@ -92,8 +93,7 @@ def _post(name: str, payload: bytes) -> tuple[dist.Store, str, int, int]:
     return store, prefix, rank, world_size
 
 
-def _await(store: dist.Store, prefix: str, rank: int, world_size: int, what: str,
-           timeout_s: float) -> None:
+def _await(store: dist.Store, prefix: str, rank: int, world_size: int, what: str, timeout_s: float) -> None:
     """Waits until every rank set its key; names the ranks that did not within timeout_s."""
     keys = [f"{prefix}/{r}" for r in range(world_size)]
     try:
@@ -110,7 +110,9 @@ def _await(store: dist.Store, prefix: str, rank: int, world_size: int, what: str
     raise PeerError(
         f"rank {rank}: rank{'s' if len(missing) > 1 else ''} {names} did not reach {what} within "
         f"{timeout_s:g} s (dead or silent)",
-        peer=missing[0], channel=what, iteration=-1,
+        peer=missing[0],
+        channel=what,
+        iteration=-1,
     )
 
 
@@ -149,21 +151,19 @@ def _child(rank, world_size, port, backend, timeout_s, fn, args, results, releas
     torch.set_num_threads(1)
     failed = False
     try:
-        store = dist.TCPStore(
-            "127.0.0.1", port, world_size + 1, False, timedelta(seconds=timeout_s)
-        )
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, False, timedelta(seconds=timeout_s))
         set_control_store(store, rank, world_size)
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
         value = fn(rank, world_size, *args)
         try:
             results.put((rank, "ok", pickle.dumps(value)))
         except Exception as e:  # an unpicklable result is the caller's bug; say so
             failed = True
-            results.put((rank, "err", ("TypeError", f"result of rank {rank} cannot be pickled: {e}",
-                                       "", None)))
+            results.put(
+                (rank, "err", ("TypeError", f"result of rank {rank} cannot be pickled: {e}", "", None))
+            )
     except BaseException as e:  # report everything, SystemExit included
         failed = True
         try:
@@ -201,7 +201,7 @@ _GRACE_MARGIN_S = 10.0
 
 
 def _default_grace_s() -> float:
-    from blsgpu._env import default_timeout  # noqa: PLC0415
+    from blsgpu._env import default_timeout
 
     return default_timeout().total_seconds() + _GRACE_MARGIN_S
 
@@ -247,15 +247,26 @@ def run_world(
     if grace_s is None:
         grace_s = _default_grace_s()
     ctx = _context()
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, True, timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size + 1, True, timedelta(seconds=timeout_s), wait_for_workers=False
+    )
     results = ctx.Queue()
     release = ctx.Event()
     procs = [
         ctx.Process(
             target=_child,
-            args=(r, world_size, store.port, backend, timeout_s, fn, args, results, release,
-                  return_exceptions),
+            args=(
+                r,
+                world_size,
+                store.port,
+                backend,
+                timeout_s,
+                fn,
+                args,
+                results,
+                release,
+                return_exceptions,
+            ),
             daemon=True,
         )
         for r in range(world_size)
@@ -294,8 +305,7 @@ def run_world(
                 grace_deadline = time.monotonic() + grace_s
             now = time.monotonic()
             if now > deadline or (grace_deadline is not None and now > grace_deadline):
-                status = "grace" if grace_deadline is not None and now > grace_deadline else (
-                    "timeout")
+                status = "grace" if grace_deadline is not None and now > grace_deadline else ("timeout")
                 for r in range(world_size):
                     record(r, status, timeout_s)
     finally:
@@ -333,8 +343,8 @@ def run_world(
             err = RankError(f"rank {r} died with exit code {payload} before reporting", r)
         elif status == "grace":
             err = RankError(
-                f"rank {r} was still running {grace_s:g} s after another rank failed and was "
-                f"killed", r)
+                f"rank {r} was still running {grace_s:g} s after another rank failed and was killed", r
+            )
         else:
             err = RankError(f"rank {r} did not finish within {payload:g} s and was killed", r)
         values.append(err)
@@ -344,18 +354,24 @@ def run_world(
     # The first failure: a rank's own exception or death, in the order they were seen; a peer's
     # verdict (PeerError) only when no rank failed on its own (then it names a silent rank).
     seen = [r for r in order if r in errors]
-    own = [r for r in seen if outcome[r][0] == "died"
-           or (outcome[r][0] == "err" and remote.get(r) != "PeerError")]
+    own = [
+        r
+        for r in seen
+        if outcome[r][0] == "died" or (outcome[r][0] == "err" and remote.get(r) != "PeerError")
+    ]
     peer = [r for r in seen if remote.get(r) == "PeerError"]
     if not own and not peer:  # nobody failed: the world ran out of time (or of grace)
         late = ", ".join(map(str, sorted(errors)))
         status, _ = outcome[seen[0]]
         many = len(errors) > 1
-        why = (f"did not finish within {timeout_s:g} s" if status == "timeout"
-               else f"{'were' if many else 'was'} still running {grace_s:g} s after another "
-               f"rank failed")
-        err = RankError(f"rank{'s' if many else ''} {late} {why} and {'were' if many else 'was'} "
-                        f"killed", seen[0])
+        why = (
+            f"did not finish within {timeout_s:g} s"
+            if status == "timeout"
+            else f"{'were' if many else 'was'} still running {grace_s:g} s after another rank failed"
+        )
+        err = RankError(
+            f"rank{'s' if many else ''} {late} {why} and {'were' if many else 'was'} killed", seen[0]
+        )
         err.others = {r: e for r, e in errors.items() if r != seen[0]}
         raise err
     first = (own or peer)[0]

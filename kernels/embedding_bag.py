@@ -99,9 +99,7 @@ def pooled_gather_kernel(
         if ROW_ALIGN > 1:
             row = tl.multiple_of(row, ROW_ALIGN)
         x = tl.load(
-            weights_ptr + row[:, None] + d[None, :],
-            mask=valid[:, None] & dmask[None, :],
-            other=0,
+            weights_ptr + row[:, None] + d[None, :], mask=valid[:, None] & dmask[None, :], other=0
         ).to(tl.float32)
         if QUANTIZED:
             qparams = weights_ptr + row + dim

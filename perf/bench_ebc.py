@@ -76,8 +76,12 @@ BLS_PROVIDERS = {
 TR_PROVIDERS = ("torchrec-dmp", "torchrec-pipeline")
 ALL_PROVIDERS = (*TR_PROVIDERS, *BLS_PROVIDERS)
 # Checksum tolerance per provider, relative to a batch's scale (see _analyse).
-_CHECK_RTOL = {"fp32": 1e-5, "blsgpu-pipeline-fp16": 2e-3, "blsgpu-pipeline-bf16": 1.5e-2,
-               "blsgpu-pipeline-int8": 2e-2}
+_CHECK_RTOL = {
+    "fp32": 1e-5,
+    "blsgpu-pipeline-fp16": 2e-3,
+    "blsgpu-pipeline-bf16": 1.5e-2,
+    "blsgpu-pipeline-int8": 2e-2,
+}
 
 
 class _Wire:
@@ -141,8 +145,11 @@ def _rank_main(rank: int, world: int, cfg: dict, schedules: dict, providers: lis
         with _Wire(rank, world) as wire:
             ec.loop_dmp(dmp, trb[K:], zeros_w)
         runners["torchrec-dmp"] = (lambda b, d, dmp=dmp: ec.loop_dmp(dmp, b, d), trb[:K], trb[K:])
-        info["torchrec-dmp"] = {"table_bytes": nbytes, "wire_bytes": wire.payload / warm,
-                                "split_bytes": wire.splits / warm}
+        info["torchrec-dmp"] = {
+            "table_bytes": nbytes,
+            "wire_bytes": wire.payload / warm,
+            "split_bytes": wire.splits / warm,
+        }
     if "torchrec-pipeline" in providers:
         try:
             from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
@@ -152,10 +159,12 @@ def _rank_main(rank: int, world: int, cfg: dict, schedules: dict, providers: lis
             pb = ec.tr_batches(batches, pipeline=True)
             with _Wire(rank, world) as wire:
                 ec.loop_tr_pipeline(pipe, pb[K:], zeros_w)
-            runners["torchrec-pipeline"] = (
-                lambda b, d, p=pipe: ec.loop_tr_pipeline(p, b, d), pb[:K], pb[K:])
-            info["torchrec-pipeline"] = {"table_bytes": nbytes, "wire_bytes": wire.payload / warm,
-                                         "split_bytes": wire.splits / warm}
+            runners["torchrec-pipeline"] = (lambda b, d, p=pipe: ec.loop_tr_pipeline(p, b, d), pb[:K], pb[K:])
+            info["torchrec-pipeline"] = {
+                "table_bytes": nbytes,
+                "wire_bytes": wire.payload / warm,
+                "split_bytes": wire.splits / warm,
+            }
         except Exception as e:  # reported, not fatal: the other providers still run
             info["torchrec-pipeline"] = {"error": f"{type(e).__name__}: {e}"}
         dist.barrier()
@@ -166,28 +175,32 @@ def _rank_main(rank: int, world: int, cfg: dict, schedules: dict, providers: lis
         key = tuple(sorted((k, str(v)) for k, v in kw.items()))
         if key not in sebcs:  # forward and pipeline share one module (and its channels)
             sebcs[key] = blsgpu.ShardedEmbeddingBagCollection(
-                ec.configs(cfg), ec.plan(cfg, world), bound=cfg["bound"], seed=cfg["seed"], **kw)
+                ec.configs(cfg), ec.plan(cfg, world), bound=cfg["bound"], seed=cfg["seed"], **kw
+            )
         sebc = sebcs[key]
         loop = ec.loop_bls_forward if name == "blsgpu-forward" else ec.loop_bls_pipeline
         runners[name] = (lambda b, d, s=sebc, f=loop: f(s, b, d), timed, warmup)
         before = {ch: s["bytes_sent"] for ch, s in sebc.stats().items()}
         loop(sebc, warmup, zeros_w)
         after = sebc.stats()
-        info[name] = {"table_bytes": sebc.table_nbytes(),
-                      "wire_bytes": sum(after[ch]["bytes_sent"] - before[ch]
-                                        for ch in before) / warm,
-                      "wire_bytes_pooled": (after["pooled"]["bytes_sent"]
-                                            - before["pooled"]) / warm,
-                      "split_bytes": 2 * 128 * (world - 1)}  # the engine's headers
-    rounds, firsts = ec.run_rounds(rank, cfg, schedules, runners,
-                                   [p for p in providers if p in runners])
+        info[name] = {
+            "table_bytes": sebc.table_nbytes(),
+            "wire_bytes": sum(after[ch]["bytes_sent"] - before[ch] for ch in before) / warm,
+            "wire_bytes_pooled": (after["pooled"]["bytes_sent"] - before["pooled"]) / warm,
+            "split_bytes": 2 * 128 * (world - 1),
+        }  # the engine's headers
+    rounds, firsts = ec.run_rounds(rank, cfg, schedules, runners, [p for p in providers if p in runners])
     # Exactness on the first timed batch: every provider against torchrec-dmp (or blsgpu-forward).
     ref = firsts.get("torchrec-dmp", firsts.get("blsgpu-forward"))
-    out = {"info": info, "rounds": rounds,
-           "max_abs_diff": {n: float((f.float() - ref).abs().max()) for n, f in firsts.items()}}
+    out = {
+        "info": info,
+        "rounds": rounds,
+        "max_abs_diff": {n: float((f.float() - ref).abs().max()) for n, f in firsts.items()},
+    }
     if "blsgpu-forward" in firsts and "blsgpu-pipeline" in firsts:
-        out["forward_equals_pipeline"] = bool(torch.equal(firsts["blsgpu-forward"],
-                                                          firsts["blsgpu-pipeline"]))
+        out["forward_equals_pipeline"] = bool(
+            torch.equal(firsts["blsgpu-forward"], firsts["blsgpu-pipeline"])
+        )
     for s in sebcs.values():
         s.close()
     return out
@@ -217,57 +230,92 @@ def _analyse(cfg: dict, world: int, ranks: list[dict], schedules: dict) -> list[
 
 def _summary(rows: list[dict], ranks_by_w: dict, errors: dict) -> dict:
     def ratio(w, spec, name):
-        return next((r["ratio"] for r in rows if r["world_size"] == w and r["delay"] == spec
-                     and r["provider"] == name), math.nan)
+        return next(
+            (
+                r["ratio"]
+                for r in rows
+                if r["world_size"] == w and r["delay"] == spec and r["provider"] == name
+            ),
+            math.nan,
+        )
 
-    out: dict = {"forward_target": TARGET_FORWARD, "pipeline_target": TARGET_PIPELINE,
-                 "forward_ratio": {}, "pipeline_ratio": {}, "pipeline_ceiling": {},
-                 "errors": errors}
+    out: dict = {
+        "forward_target": TARGET_FORWARD,
+        "pipeline_target": TARGET_PIPELINE,
+        "forward_ratio": {},
+        "pipeline_ratio": {},
+        "pipeline_ceiling": {},
+        "errors": errors,
+    }
     for w in ranks_by_w:
         specs = sorted({r["delay"] for r in rows if r["world_size"] == w})
         out["forward_ratio"][w] = ratio(w, "none", "blsgpu-forward")
-        out["pipeline_ratio"][w] = {s: ratio(w, s, "blsgpu-pipeline") for s in specs
-                                    if s != "none"}
+        out["pipeline_ratio"][w] = {s: ratio(w, s, "blsgpu-pipeline") for s in specs if s != "none"}
         out["pipeline_ceiling"][w] = {
-            s: next(r["ceiling"] for r in rows if r["world_size"] == w and r["delay"] == s
-                    and r["provider"] == "blsgpu-pipeline") for s in specs if s != "none"}
+            s: next(
+                r["ceiling"]
+                for r in rows
+                if r["world_size"] == w and r["delay"] == s and r["provider"] == "blsgpu-pipeline"
+            )
+            for s in specs
+            if s != "none"
+        }
     out["forward_met"] = all(v >= TARGET_FORWARD for v in out["forward_ratio"].values())
-    out["pipeline_met"] = all(v >= TARGET_PIPELINE for d in out["pipeline_ratio"].values()
-                              for v in d.values())
+    out["pipeline_met"] = all(
+        v >= TARGET_PIPELINE for d in out["pipeline_ratio"].values() for v in d.values()
+    )
     out["checked"] = all(r["checked"] for r in rows)
     out["forward_equals_pipeline"] = all(
-        r.get("forward_equals_pipeline", True) for ranks in ranks_by_w.values() for r in ranks)
+        r.get("forward_equals_pipeline", True) for ranks in ranks_by_w.values() for r in ranks
+    )
     return out
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = (f"{'W':>2} {'delay':<8} {'provider':<22} {'time_s':>7} {'samples/s':>10} "
-            f"{'ratio':>6} {'ceil':>5} {'cpu ms':>7} {'wire KiB':>9} {'table MiB':>9} {'max|diff|':>9} "
-            f"check")
+    head = (
+        f"{'W':>2} {'delay':<8} {'provider':<22} {'time_s':>7} {'samples/s':>10} "
+        f"{'ratio':>6} {'ceil':>5} {'cpu ms':>7} {'wire KiB':>9} {'table MiB':>9} {'max|diff|':>9} "
+        f"check"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['world_size']:>2} {r['delay']:<8} {r['provider']:<22} {r['time_s']:7.3f} "
-              f"{r['samples_per_s']:10.0f} {r['ratio']:6.3f} {r['ceiling']:5.2f} "
-              f"{r['cpu_ms_per_batch']:7.1f} "
-              f"{r['wire_bytes'] / 1024:9.1f} "
-              f"{r['table_bytes'] / 2**20:9.1f} {r['max_abs_diff']:9.2e} "
-              f"{'ok' if r['checked'] else 'NO'}")
-    print("ratio = T(torchrec-dmp) / T(provider) within a round, median over rounds; ceil: the "
-          "ratio if every delay but the slowest rank's own were hidden; cpu: CPU time "
-          "of all ranks' processes per batch; wire: payload bytes a rank sends to other ranks per "
-          "batch (median over ranks); table: all ranks' shards")
+        print(
+            f"{r['world_size']:>2} {r['delay']:<8} {r['provider']:<22} {r['time_s']:7.3f} "
+            f"{r['samples_per_s']:10.0f} {r['ratio']:6.3f} {r['ceiling']:5.2f} "
+            f"{r['cpu_ms_per_batch']:7.1f} "
+            f"{r['wire_bytes'] / 1024:9.1f} "
+            f"{r['table_bytes'] / 2**20:9.1f} {r['max_abs_diff']:9.2e} "
+            f"{'ok' if r['checked'] else 'NO'}"
+        )
+    print(
+        "ratio = T(torchrec-dmp) / T(provider) within a round, median over rounds; ceil: the "
+        "ratio if every delay but the slowest rank's own were hidden; cpu: CPU time "
+        "of all ranks' processes per batch; wire: payload bytes a rank sends to other ranks per "
+        "batch (median over ranks); table: all ranks' shards"
+    )
 
 
 def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
-    ec.plot_bars(rows, path, "ratio", "throughput / torchrec-dmp",
-                 f"sharded EBC on gloo: {ec.workload_title(cfg)}",
-                 hlines=((1.0, ":"), (TARGET_PIPELINE, "--")))
+    ec.plot_bars(
+        rows,
+        path,
+        "ratio",
+        "throughput / torchrec-dmp",
+        f"sharded EBC on gloo: {ec.workload_title(cfg)}",
+        hlines=((1.0, ":"), (TARGET_PIPELINE, "--")),
+    )
 
 
 def main(argv=None) -> int:
-    ap = ec.parser(__doc__, ALL_PROVIDERS, repeats=10, delays="none,exp:10",
-                   bound_help="B of the blsgpu pipeline", timeout_s=1200.0)
+    ap = ec.parser(
+        __doc__,
+        ALL_PROVIDERS,
+        repeats=10,
+        delays="none,exp:10",
+        bound_help="B of the blsgpu pipeline",
+        timeout_s=1200.0,
+    )
     args = ap.parse_args(argv)
     ec.check_args(ap, args, ALL_PROVIDERS, lambda spec, world: spec)
     if args.plot_only:
@@ -282,14 +330,14 @@ def main(argv=None) -> int:
     sources = ec.sources()
     rows, ranks_by_w, errors = [], {}, {}
     for world in args.world_sizes:
-        schedules = {s: DelayModel.parse(s).schedule(world, args.iters, args.seed)
-                     for s in args.delays}
+        schedules = {s: DelayModel.parse(s).schedule(world, args.iters, args.seed) for s in args.delays}
         t0 = time.perf_counter()
-        ranks = blsgpu.run_world(world, _rank_main, cfg, schedules, args.providers,
-                                 timeout_s=args.timeout_s)
+        ranks = blsgpu.run_world(world, _rank_main, cfg, schedules, args.providers, timeout_s=args.timeout_s)
         load.append(os.getloadavg()[0])
-        print(f"W={world}: {args.repeats} rounds in {time.perf_counter() - t0:.1f} s, "
-              f"load {load[-1]:.1f}", flush=True)
+        print(
+            f"W={world}: {args.repeats} rounds in {time.perf_counter() - t0:.1f} s, load {load[-1]:.1f}",
+            flush=True,
+        )
         for r in ranks:
             for name, inf in r["info"].items():
                 if isinstance(inf, dict) and "error" in inf:
@@ -301,8 +349,17 @@ def main(argv=None) -> int:
     summary["loadavg_1m"] = {"min": min(load), "median": statistics.median(load), "max": max(load)}
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     _print_table(rows)
-    keys = ("forward_ratio", "forward_met", "pipeline_ratio", "pipeline_ceiling", "pipeline_met",
-            "checked", "forward_equals_pipeline", "errors", "loadavg_1m")
+    keys = (
+        "forward_ratio",
+        "forward_met",
+        "pipeline_ratio",
+        "pipeline_ceiling",
+        "pipeline_met",
+        "checked",
+        "forward_equals_pipeline",
+        "errors",
+        "loadavg_1m",
+    )
     print(json.dumps({k: summary[k] for k in keys}, default=str))
     prov = provenance(backend="gloo", threads_per_rank=1)
     cfg["world_sizes"] = args.world_sizes
@@ -310,10 +367,11 @@ def main(argv=None) -> int:
         print("warning: blsgpu sources changed during the run", file=sys.stderr)
         summary["sources_changed"] = True
     write_report(
-        args.out, NAME,
-        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit,
-         "sources": sources},
-        ec.records(NAME, cfg, rows, prov, REF), rows,
+        args.out,
+        NAME,
+        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit, "sources": sources},
+        ec.records(NAME, cfg, rows, prov, REF),
+        rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),
     )
     return 0 if summary["checked"] and summary["forward_equals_pipeline"] else 1

@@ -158,8 +158,9 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
                 loop_s, checks = me.sync_loop(0, K, delays)
                 stats = {}
             else:
-                a2a = blsgpu.BoundedLagAllToAll(bound=bound, name=f"bench-B{bound}",
-                                                inline_bytes=cfg["inline_bytes"])
+                a2a = blsgpu.BoundedLagAllToAll(
+                    bound=bound, name=f"bench-B{bound}", inline_bytes=cfg["inline_bytes"]
+                )
                 me.bls_loop(a2a, K, warm, None)
                 dist.barrier()
                 before = a2a.stats()
@@ -212,11 +213,11 @@ def _analyse(cfg: dict, schedules: dict, repeats: list[dict]) -> tuple[list[dict
                 per["time_s"].append(t)
                 per["speedup"].append(t_sync / t)
                 per["vs_none"].append(t_none / t)
-                per["masking"].append(
-                    sim.masking(t_sync, t, t_ideal) if hideable > 1e-9 else math.nan)
+                per["masking"].append(sim.masking(t_sync, t, t_ideal) if hideable > 1e-9 else math.nan)
                 per["t_ideal_s"].append(t_ideal)
-                per["oversleep_s"].append(max(
-                    r[key]["slept_s"] - d for r, d in zip(rep, delay.sum(axis=1), strict=True)))
+                per["oversleep_s"].append(
+                    max(r[key]["slept_s"] - d for r, d in zip(rep, delay.sum(axis=1), strict=True))
+                )
                 models = {
                     "lat": (compute, sim.fit_comm_s(t_none, compute)),
                     "cpu": (np.full((W, K), t_none / K), 0.0),
@@ -230,10 +231,13 @@ def _analyse(cfg: dict, schedules: dict, repeats: list[dict]) -> tuple[list[dict
                     for k in ("max_lag", "blocked_on_bound_s", "waiting_for_data_s"):
                         per[k].append(max(r[key]["stats"][k] for r in rep))
                 # BLS must deliver what the synchronous exchange delivers, iteration by iteration.
-                per["exact"].append(float(all(
-                    r[key]["checks"] == r[f"{spec}|sync"]["checks"] for r in rep)))
-            row = {"delay": spec, "provider": "sync" if bound is None else "bls", "bound": bound,
-                   "hideable_s": hideable}
+                per["exact"].append(float(all(r[key]["checks"] == r[f"{spec}|sync"]["checks"] for r in rep)))
+            row = {
+                "delay": spec,
+                "provider": "sync" if bound is None else "bls",
+                "bound": bound,
+                "hideable_s": hideable,
+            }
             row.update({k: _median(v) for k, v in per.items()})
             row["exact"] = all(x == 1.0 for x in per["exact"])
             row["time_s_all"] = per["time_s"]
@@ -251,8 +255,7 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
         "masking_target": TARGET_MASKING,
         "masking_met": bool(exp_rows) and all(r["masking"] >= TARGET_MASKING for r in exp_rows),
         "none_ratio_by_bound": {r["bound"]: r["speedup"] for r in none_rows},
-        "none_ratio_target": {r["bound"]: _none_target(cfg["splits"], r["bound"])
-                              for r in none_rows},
+        "none_ratio_target": {r["bound"]: _none_target(cfg["splits"], r["bound"]) for r in none_rows},
         "none_ratio_met": bool(none_rows)
         and all(r["speedup"] >= _none_target(cfg["splits"], r["bound"]) for r in none_rows),
         # Ranks outnumber cores: a sleeping rank frees a core for the others, so T_ideal is no
@@ -264,17 +267,36 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
 
 
 def _records(cfg: dict, rows: list[dict], prov) -> list[Record]:
-    common = {k: cfg[k] for k in ("world_size", "iters", "warmup", "repeats", "rows", "dim",
-                                  "splits", "compute_ms", "seed")}
+    common = {
+        k: cfg[k]
+        for k in ("world_size", "iters", "warmup", "repeats", "rows", "dim", "splits", "compute_ms", "seed")
+    }
     units = {"iters_per_s": "it/s", "time_s": "s", "sim_lat_time_s": "s", "sim_cpu_time_s": "s"}
     # Masking is null for sync rows (and where the schedule leaves nothing to hide).
-    ratios = ("speedup", "masking", "sim_lat_speedup", "sim_cpu_speedup", "sim_lat_masking",
-              "sim_cpu_masking")
-    return [Record.from_row(
-        NAME, r["provider"], {**common, "delay": r["delay"], "bound": r["bound"]}, r, units, prov,
-        ratios, baseline="sync",
-        quantiles={"time_s": {"min": min(r["time_s_all"]), "median": r["time_s"],
-                              "max": max(r["time_s_all"])}}) for r in rows]
+    ratios = (
+        "speedup",
+        "masking",
+        "sim_lat_speedup",
+        "sim_cpu_speedup",
+        "sim_lat_masking",
+        "sim_cpu_masking",
+    )
+    return [
+        Record.from_row(
+            NAME,
+            r["provider"],
+            {**common, "delay": r["delay"], "bound": r["bound"]},
+            r,
+            units,
+            prov,
+            ratios,
+            baseline="sync",
+            quantiles={
+                "time_s": {"min": min(r["time_s_all"]), "median": r["time_s"], "max": max(r["time_s_all"])}
+            },
+        )
+        for r in rows
+    ]
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -282,26 +304,32 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = (f"{'delay':<15} {'run':>5} {'time_s':>7} {'it/s':>6} | {'speedup':>7} "
-            f"{'sim lat':>7} {'cpu':>5} | {'masking':>7} {'sim lat':>7} {'cpu':>5} | "
-            f"{'lag':>3} {'bound_s':>7} {'wait_s':>7} {'ovsl_s':>6} exact")
+    head = (
+        f"{'delay':<15} {'run':>5} {'time_s':>7} {'it/s':>6} | {'speedup':>7} "
+        f"{'sim lat':>7} {'cpu':>5} | {'masking':>7} {'sim lat':>7} {'cpu':>5} | "
+        f"{'lag':>3} {'bound_s':>7} {'wait_s':>7} {'ovsl_s':>6} exact"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         bls = r["bound"] is not None
         m = (lambda v, f: _fmt(v, f)) if bls else (lambda v, f: _fmt(None, f))
-        print(f"{r['delay']:<15} {'B=' + str(r['bound']) if bls else 'sync':>5} "
-              f"{r['time_s']:7.3f} {r['iters_per_s']:6.1f} | {r['speedup']:7.3f} "
-              f"{r['sim_lat_speedup']:7.2f} {r['sim_cpu_speedup']:5.2f} | "
-              f"{m(r['masking'], '7.3f'):>7} {m(r['sim_lat_masking'], '7.2f'):>7} "
-              f"{m(r['sim_cpu_masking'], '5.2f'):>5} | {m(r.get('max_lag'), '3.0f'):>3} "
-              f"{m(r.get('blocked_on_bound_s'), '7.3f'):>7} "
-              f"{m(r.get('waiting_for_data_s'), '7.3f'):>7} {r['oversleep_s']:6.3f} "
-              f"{'yes' if r['exact'] else 'NO'}")
-    print("speedup = T_sync/T of the same delay model; masking per docs/design.md (n/a: nothing to hide);"
-          " sim lat/cpu: blsgpu.bench.sim with the exchange as latency / as busy time; lag: max_lag; "
-          "bound_s, wait_s: blocked on the bound / waiting for data (max over ranks); ovsl_s: "
-          "oversleep of the injected sleeps (max over ranks)")
+        print(
+            f"{r['delay']:<15} {'B=' + str(r['bound']) if bls else 'sync':>5} "
+            f"{r['time_s']:7.3f} {r['iters_per_s']:6.1f} | {r['speedup']:7.3f} "
+            f"{r['sim_lat_speedup']:7.2f} {r['sim_cpu_speedup']:5.2f} | "
+            f"{m(r['masking'], '7.3f'):>7} {m(r['sim_lat_masking'], '7.2f'):>7} "
+            f"{m(r['sim_cpu_masking'], '5.2f'):>5} | {m(r.get('max_lag'), '3.0f'):>3} "
+            f"{m(r.get('blocked_on_bound_s'), '7.3f'):>7} "
+            f"{m(r.get('waiting_for_data_s'), '7.3f'):>7} {r['oversleep_s']:6.3f} "
+            f"{'yes' if r['exact'] else 'NO'}"
+        )
+    print(
+        "speedup = T_sync/T of the same delay model; masking per docs/design.md (n/a: nothing to hide);"
+        " sim lat/cpu: blsgpu.bench.sim with the exchange as latency / as busy time; lag: max_lag; "
+        "bound_s, wait_s: blocked on the bound / waiting for data (max over ranks); ovsl_s: "
+        "oversleep of the injected sleeps (max over ranks)"
+    )
 
 
 def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
@@ -320,22 +348,35 @@ def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
             if all(math.isnan(y) for y in ys):
                 continue  # nothing to hide under this model (e.g. a constant straggler)
             ax.plot(bounds, ys, "o-", color=color, label=f"{spec} measured")
-            ax.plot(bounds, [mine[b][f"sim_cpu_{metric}"] for b in bounds], "x--", color=color,
-                    alpha=0.6, label=f"{spec} sim")
+            ax.plot(
+                bounds,
+                [mine[b][f"sim_cpu_{metric}"] for b in bounds],
+                "x--",
+                color=color,
+                alpha=0.6,
+                label=f"{spec} sim",
+            )
     ax_m.axhline(TARGET_MASKING, color="gray", ls=":", lw=1)
-    ax_m.set(title="delay masking (1 = all but the slowest rank's own delay hidden)",
-             xlabel="bound B", ylabel="masking")
+    ax_m.set(
+        title="delay masking (1 = all but the slowest rank's own delay hidden)",
+        xlabel="bound B",
+        ylabel="masking",
+    )
     ax_s.axhline(1.0, color="gray", ls=":", lw=1)
-    ax_s.set(title="speedup of BLS over synchronous all_to_all_single", xlabel="bound B",
-             ylabel="T_sync / T_bls")
+    ax_s.set(
+        title="speedup of BLS over synchronous all_to_all_single", xlabel="bound B", ylabel="T_sync / T_bls"
+    )
     for ax in (ax_m, ax_s):
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(bounds, [str(b) for b in bounds])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"W={cfg['world_size']} gloo ranks, {cfg['iters']} iterations, "
-                 f"~{cfg['rows']}x{cfg['dim']} fp32 rows per peer, splits {cfg['splits']}, "
-                 f"median of {cfg['repeats']} (dashed: blsgpu.bench.sim, exchange as busy time)", fontsize=9)
+    fig.suptitle(
+        f"W={cfg['world_size']} gloo ranks, {cfg['iters']} iterations, "
+        f"~{cfg['rows']}x{cfg['dim']} fp32 rows per peer, splits {cfg['splits']}, "
+        f"median of {cfg['repeats']} (dashed: blsgpu.bench.sim, exchange as busy time)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -348,17 +389,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=10, help="untimed iterations before each run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bounds", default="0,1,2,4,8", help="comma-separated B values")
-    ap.add_argument("--delays", default=DEFAULT_DELAYS,
-                    help="comma-separated blsgpu.bench.delays specs; 'none' is always run (T_none)")
+    ap.add_argument(
+        "--delays",
+        default=DEFAULT_DELAYS,
+        help="comma-separated blsgpu.bench.delays specs; 'none' is always run (T_none)",
+    )
     ap.add_argument("--rows", type=int, default=256, help="mean rows per peer per iteration")
     ap.add_argument("--dim", type=int, default=64, help="float32 columns per row")
-    ap.add_argument("--splits", choices=("exchanged", "known"), default="exchanged",
-                    help="exchanged: counts travel first (sync: an extra all_to_all_single, BLS: "
-                         "its headers); known: both are told the receive splits")
-    ap.add_argument("--compute-ms", type=float, default=0.0,
-                    help="fixed busy compute per iteration per rank (oversubscribes small hosts)")
-    ap.add_argument("--inline-bytes", type=int, default=None,
-                    help="BLS channels' inline capacity per peer (default: the channel's)")
+    ap.add_argument(
+        "--splits",
+        choices=("exchanged", "known"),
+        default="exchanged",
+        help="exchanged: counts travel first (sync: an extra all_to_all_single, BLS: "
+        "its headers); known: both are told the receive splits",
+    )
+    ap.add_argument(
+        "--compute-ms",
+        type=float,
+        default=0.0,
+        help="fixed busy compute per iteration per rank (oversubscribes small hosts)",
+    )
+    ap.add_argument(
+        "--inline-bytes",
+        type=int,
+        default=None,
+        help="BLS channels' inline capacity per peer (default: the channel's)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-plot", action="store_true")
@@ -379,8 +435,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("a skew delay scales the compute: give --compute-ms > 0")
     names = [str(m) for m in models]
     args.delays = ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
-    for name, value in (("--world-size", args.world_size), ("--iters", args.iters),
-                        ("--repeats", args.repeats), ("--rows", args.rows), ("--dim", args.dim)):
+    for name, value in (
+        ("--world-size", args.world_size),
+        ("--iters", args.iters),
+        ("--repeats", args.repeats),
+        ("--rows", args.rows),
+        ("--dim", args.dim),
+    ):
         if value < 1:
             ap.error(f"{name} must be >= 1, got {value}")
     if args.world_size < 2:
@@ -393,9 +454,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     cfg = {
-        "world_size": args.world_size, "iters": args.iters, "warmup": args.warmup,
-        "repeats": args.repeats, "bounds": args.bounds, "delays": args.delays, "rows": args.rows,
-        "dim": args.dim, "splits": args.splits, "compute_ms": args.compute_ms, "seed": args.seed,
+        "world_size": args.world_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "bounds": args.bounds,
+        "delays": args.delays,
+        "rows": args.rows,
+        "dim": args.dim,
+        "splits": args.splits,
+        "compute_ms": args.compute_ms,
+        "seed": args.seed,
         "inline_bytes": args.inline_bytes,
     }
     schedules = {
@@ -409,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = []
     for i in range(args.repeats):
         t0 = time.perf_counter()
-        repeats.append(blsgpu.run_world(args.world_size, _rank_main, cfg, schedules,
-                                        timeout_s=args.timeout_s))
+        repeats.append(
+            blsgpu.run_world(args.world_size, _rank_main, cfg, schedules, timeout_s=args.timeout_s)
+        )
         print(f"repeat {i + 1}/{args.repeats}: {time.perf_counter() - t0:.1f} s", flush=True)
     rows, summary = _analyse(cfg, schedules, repeats)
     summary["wall_s"] = time.perf_counter() - t_start
@@ -418,17 +488,34 @@ def main(argv: list[str] | None = None) -> int:
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     _print_table(rows)
     if summary["oversubscribed"]:
-        print(f"OVERSUBSCRIBED: {args.world_size} ranks on {summary['cores']} cores; measured "
-              "masking can exceed 1 (a sleeping rank frees a core): read the simulator's (sim lat/cpu)")
-    print(json.dumps({k: summary[k] for k in ("masking_exp_at_max_bound", "masking_met",
-                                              "none_ratio_by_bound", "none_ratio_met",
-                                              "oversubscribed", "exact")},
-                     default=str))
+        print(
+            f"OVERSUBSCRIBED: {args.world_size} ranks on {summary['cores']} cores; measured "
+            "masking can exceed 1 (a sleeping rank frees a core): read the simulator's (sim lat/cpu)"
+        )
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "masking_exp_at_max_bound",
+                    "masking_met",
+                    "none_ratio_by_bound",
+                    "none_ratio_met",
+                    "oversubscribed",
+                    "exact",
+                )
+            },
+            default=str,
+        )
+    )
 
     prov = provenance(backend="gloo")
     write_report(
-        args.out, NAME, {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
-        _records(cfg, rows, prov), rows,
+        args.out,
+        NAME,
+        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
+        _records(cfg, rows, prov),
+        rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),
     )
     return 0 if summary["exact"] else 1

@@ -124,9 +124,10 @@ def _w1(args) -> list[dict]:
         return time.perf_counter() - t0
 
     results: dict[str, list[float]] = collections.defaultdict(list)
-    channels = {f"bls_B{b}": blsgpu.BoundedLagAllToAll(bound=b, device=dev, transport="nccl",
-                                                      name=f"w1-B{b}")
-                for b in args.w1_bounds}
+    channels = {
+        f"bls_B{b}": blsgpu.BoundedLagAllToAll(bound=b, device=dev, transport="nccl", name=f"w1-B{b}")
+        for b in args.w1_bounds
+    }
     run_nccl(args.warmup)
     for a2a in channels.values():
         run_bls(a2a, args.warmup, True)
@@ -143,14 +144,22 @@ def _w1(args) -> list[dict]:
     rows_out = []
     for provider, times in results.items():
         t = statistics.median(times)
-        rows_out.append({
-            "part": "w1", "provider": provider, "time_s": t, "times_s": times,
-            "iters_per_s": args.iters / t,
-            "algbw_GBps": args.bytes_per_peer * args.iters / t / 1e9,
-            "ratio_vs_nccl": base / t,
-            "stats": {k: v for k, v in stats.get(provider.rsplit("_", 1)[0], {}).items()
-                      if k in ("max_lag", "blocked_on_bound_s", "waiting_for_data_s", "device")},
-        })
+        rows_out.append(
+            {
+                "part": "w1",
+                "provider": provider,
+                "time_s": t,
+                "times_s": times,
+                "iters_per_s": args.iters / t,
+                "algbw_GBps": args.bytes_per_peer * args.iters / t / 1e9,
+                "ratio_vs_nccl": base / t,
+                "stats": {
+                    k: v
+                    for k, v in stats.get(provider.rsplit("_", 1)[0], {}).items()
+                    if k in ("max_lag", "blocked_on_bound_s", "waiting_for_data_s", "device")
+                },
+            }
+        )
     return rows_out
 
 
@@ -194,8 +203,12 @@ def _local_rank(rank, w, bound, cfg, delays, barrier, gpu):
 
 def _local(args, gpu: bool) -> list[dict]:
     w, iters = args.world_size, args.iters
-    cfg = {"rows": args.bytes_per_peer // (4 * args.dim), "dim": args.dim, "iters": iters,
-           "warmup": args.warmup}
+    cfg = {
+        "rows": args.bytes_per_peer // (4 * args.dim),
+        "dim": args.dim,
+        "iters": iters,
+        "warmup": args.warmup,
+    }
     specs = ["none"] + [s for s in args.delays if s != "none"]
     schedules = {s: DelayModel.parse(s).schedule(w, iters, seed=args.seed) for s in specs}
     bounds = sorted(set([0, *args.bounds]))
@@ -204,12 +217,26 @@ def _local(args, gpu: bool) -> list[dict]:
         for spec in specs:
             for bound in bounds:
                 barrier = threading.Barrier(w)
-                res = run_local(w, _local_rank, bound, cfg, schedules[spec].tolist(), barrier, gpu,
-                                device="cuda" if gpu else "cpu", timeout_s=600)
+                res = run_local(
+                    w,
+                    _local_rank,
+                    bound,
+                    cfg,
+                    schedules[spec].tolist(),
+                    barrier,
+                    gpu,
+                    device="cuda" if gpu else "cpu",
+                    timeout_s=600,
+                )
                 t = max(r[1] for r in res) - min(r[0] for r in res)
-                per[(spec, bound)].append({"time_s": t, "sums": [r[2] for r in res],
-                                           "max_lag": max(r[3]["max_lag"] for r in res),
-                                           "device": [r[3].get("device") for r in res]})
+                per[(spec, bound)].append(
+                    {
+                        "time_s": t,
+                        "sums": [r[2] for r in res],
+                        "max_lag": max(r[3]["max_lag"] for r in res),
+                        "device": [r[3].get("device") for r in res],
+                    }
+                )
     out = []
     for spec in specs:
         delay = schedules[spec]
@@ -223,21 +250,31 @@ def _local(args, gpu: bool) -> list[dict]:
                 t_ideal = t_none + own_max
                 speedups.append(t_sync / run["time_s"])
                 hideable = t_sync - t_ideal
-                masks.append((t_sync - run["time_s"]) / hideable if spec != "none" and hideable > 0
-                             else math.nan)
+                masks.append(
+                    (t_sync - run["time_s"]) / hideable if spec != "none" and hideable > 0 else math.nan
+                )
             exact = all(run["sums"] == per[(spec, 0)][i]["sums"] for i, run in enumerate(runs))
             t = statistics.median(r["time_s"] for r in runs)
             finite = [m for m in masks if not math.isnan(m)]
-            out.append({
-                "part": "local", "provider": "bls", "delay": spec, "bound": bound, "time_s": t,
-                "times_s": [r["time_s"] for r in runs], "iters_per_s": iters / t,
-                "speedup_vs_B0": statistics.median(speedups),
-                "masking": statistics.median(finite) if finite else None,
-                "t_ideal_s": statistics.median(per[("none", 0)][i]["time_s"] + own_max
-                                               for i in range(len(runs))),
-                "max_lag": max(r["max_lag"] for r in runs), "exact": exact,
-                "device_counts": runs[-1]["device"],
-            })
+            out.append(
+                {
+                    "part": "local",
+                    "provider": "bls",
+                    "delay": spec,
+                    "bound": bound,
+                    "time_s": t,
+                    "times_s": [r["time_s"] for r in runs],
+                    "iters_per_s": iters / t,
+                    "speedup_vs_B0": statistics.median(speedups),
+                    "masking": statistics.median(finite) if finite else None,
+                    "t_ideal_s": statistics.median(
+                        per[("none", 0)][i]["time_s"] + own_max for i in range(len(runs))
+                    ),
+                    "max_lag": max(r["max_lag"] for r in runs),
+                    "exact": exact,
+                    "device_counts": runs[-1]["device"],
+                }
+            )
     return out
 
 
@@ -248,9 +285,16 @@ def _local(args, gpu: bool) -> list[dict]:
 def _records(args, rows: list[dict], prov) -> list[Record]:
     """w1 rows: ratio_vs_nccl against torch's NCCL alltoall; local rows: speedup_vs_B0 and masking
     against the lock-step run (B=0)."""
-    common = {"bytes_per_peer": args.bytes_per_peer, "dim": args.dim, "iters": args.iters,
-              "warmup": args.warmup, "repeats": args.repeats, "compute_us": args.compute_us,
-              "seed": args.seed, "dry_run": args.cpu_dry_run}
+    common = {
+        "bytes_per_peer": args.bytes_per_peer,
+        "dim": args.dim,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "compute_us": args.compute_us,
+        "seed": args.seed,
+        "dry_run": args.cpu_dry_run,
+    }
     units = {"time_s": "s", "iters_per_s": "it/s", "algbw_GBps": "GB/s", "max_lag": "iterations"}
     recs = []
     for r in rows:
@@ -258,13 +302,28 @@ def _records(args, rows: list[dict], prov) -> list[Record]:
             config = {**common, "part": "w1", "world_size": 1}
             ratios, baseline = ("ratio_vs_nccl",), "nccl_a2a"
         else:
-            config = {**common, "part": "local", "world_size": args.world_size,
-                      "delay": r["delay"], "bound": r["bound"]}
+            config = {
+                **common,
+                "part": "local",
+                "world_size": args.world_size,
+                "delay": r["delay"],
+                "bound": r["bound"],
+            }
             ratios, baseline = ("speedup_vs_B0", "masking"), "bls B=0"
         ts = r["times_s"]
-        recs.append(Record.from_row(
-            NAME, r["provider"], config, r, units, prov, ratios, baseline,
-            {"time_s": {"min": min(ts), "median": r["time_s"], "max": max(ts)}}))
+        recs.append(
+            Record.from_row(
+                NAME,
+                r["provider"],
+                config,
+                r,
+                units,
+                prov,
+                ratios,
+                baseline,
+                {"time_s": {"min": min(ts), "median": r["time_s"], "max": max(ts)}},
+            )
+        )
     return recs
 
 
@@ -279,8 +338,7 @@ def _summary(rows: list[dict]) -> dict:
         "w1_ratio_met": bool(b4) and min(b4) >= TARGET_RATIO,
         "local_masking_at_B8": b8,
         "local_masking_target": TARGET_MASKING,
-        "local_masking_met": bool(b8) and all(m is not None and m >= TARGET_MASKING
-                                              for m in b8.values()),
+        "local_masking_met": bool(b8) and all(m is not None and m >= TARGET_MASKING for m in b8.values()),
         "local_exact": all(r["exact"] for r in loc),
     }
 
@@ -295,11 +353,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     w1 = [r for r in rows if r["part"] == "w1"]
     if w1:
         ax_w.bar(range(len(w1)), [r["iters_per_s"] for r in w1], color="C0")
-        ax_w.set_xticks(range(len(w1)), [r["provider"] for r in w1], rotation=30, ha="right",
-                        fontsize=7)
+        ax_w.set_xticks(range(len(w1)), [r["provider"] for r in w1], rotation=30, ha="right", fontsize=7)
         for i, r in enumerate(w1):
-            ax_w.text(i, r["iters_per_s"], f"{r['ratio_vs_nccl']:.2f}x", ha="center", va="bottom",
-                      fontsize=7)
+            ax_w.text(i, r["iters_per_s"], f"{r['ratio_vs_nccl']:.2f}x", ha="center", va="bottom", fontsize=7)
         ax_w.set(title="W=1: iterations/s (label: vs NCCL alltoall)", ylabel="it/s")
     else:
         ax_w.set_axis_off()
@@ -307,10 +363,21 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for i, spec in enumerate(sorted({r["delay"] for r in loc} - {"none"})):
         mine = sorted((r for r in loc if r["delay"] == spec), key=lambda r: r["bound"])
         xs = [r["bound"] for r in mine]
-        ax_m.plot(xs, [r["masking"] if r["masking"] is not None else math.nan for r in mine],
-                  "o-", color=f"C{i}", label=f"masking, {spec}")
-        ax_m.plot(xs, [r["speedup_vs_B0"] for r in mine], "s--", color=f"C{i}", alpha=0.6,
-                  label=f"speedup vs B=0, {spec}")
+        ax_m.plot(
+            xs,
+            [r["masking"] if r["masking"] is not None else math.nan for r in mine],
+            "o-",
+            color=f"C{i}",
+            label=f"masking, {spec}",
+        )
+        ax_m.plot(
+            xs,
+            [r["speedup_vs_B0"] for r in mine],
+            "s--",
+            color=f"C{i}",
+            alpha=0.6,
+            label=f"speedup vs B=0, {spec}",
+        )
     ax_m.axhline(TARGET_MASKING, color="gray", ls=":", lw=1)
     ax_m.set(title="local W-rank mode: masking and speedup", xlabel="bound B")
     ax_m.set_xscale("symlog", linthresh=1)
@@ -334,8 +401,12 @@ def _parse_args(argv):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--bytes-per-peer", type=int, default=1 << 20)
     ap.add_argument("--dim", type=int, default=64, help="float32 columns per row")
-    ap.add_argument("--compute-us", type=float, default=0.0,
-                    help="w1: fixed GPU compute per iteration (0: the exchange alone)")
+    ap.add_argument(
+        "--compute-us",
+        type=float,
+        default=0.0,
+        help="w1: fixed GPU compute per iteration (0: the exchange alone)",
+    )
     ap.add_argument("--w1-bounds", default="4")
     ap.add_argument("--world-size", type=int, default=4, help="local part")
     ap.add_argument("--bounds", default="0,1,2,4,8", help="local part")
@@ -362,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     gpu = not args.cpu_dry_run
     if gpu and not torch.cuda.is_available():
-        print("bench_gpu_exchange needs a CUDA GPU (or --cpu-dry-run to check the script)",
-              file=sys.stderr)
+        print("bench_gpu_exchange needs a CUDA GPU (or --cpu-dry-run to check the script)", file=sys.stderr)
         return 2
     machine = _machine(gpu)
     rows: list[dict] = []
@@ -375,23 +445,31 @@ def main(argv: list[str] | None = None) -> int:
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     for r in rows:
         if r["part"] == "w1":
-            print(f"w1     {r['provider']:<20} {r['iters_per_s']:9.1f} it/s "
-                  f"{r['algbw_GBps']:8.2f} GB/s  {r['ratio_vs_nccl']:.3f}x NCCL")
+            print(
+                f"w1     {r['provider']:<20} {r['iters_per_s']:9.1f} it/s "
+                f"{r['algbw_GBps']:8.2f} GB/s  {r['ratio_vs_nccl']:.3f}x NCCL"
+            )
         else:
             m = "  n/a" if r["masking"] is None else f"{r['masking']:5.2f}"
-            print(f"local  {r['delay']:<10} B={r['bound']:<2} {r['time_s']:7.3f} s  "
-                  f"speedup {r['speedup_vs_B0']:.2f}  masking {m}  lag {r['max_lag']}  "
-                  f"exact {r['exact']}")
+            print(
+                f"local  {r['delay']:<10} B={r['bound']:<2} {r['time_s']:7.3f} s  "
+                f"speedup {r['speedup_vs_B0']:.2f}  masking {m}  lag {r['max_lag']}  "
+                f"exact {r['exact']}"
+            )
     print(json.dumps(summary))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_cpu_dry_run" if args.cpu_dry_run else "") + (f"_{args.tag}" if args.tag else "")
     prov = Provenance(machine, _provenance.commit())
-    write_json(out / f"{stem}.json", {"benchmark": NAME, "summary": summary,
-                                       "records": _records(args, rows, prov), "rows": rows})
-    title = (f"{machine.get('gpu', 'CPU dry run (numbers mean nothing)')}, "
-             f"{args.bytes_per_peer >> 10} KiB per peer, {args.iters} iterations, "
-             f"median of {args.repeats}")
+    write_json(
+        out / f"{stem}.json",
+        {"benchmark": NAME, "summary": summary, "records": _records(args, rows, prov), "rows": rows},
+    )
+    title = (
+        f"{machine.get('gpu', 'CPU dry run (numbers mean nothing)')}, "
+        f"{args.bytes_per_peer >> 10} KiB per peer, {args.iters} iterations, "
+        f"median of {args.repeats}"
+    )
     try:
         _plot(rows, out / f"{stem}.png", title)
     except Exception as e:  # a missing matplotlib must not lose the JSON

@@ -131,14 +131,16 @@ class _Timed:
                     self.on_caller += dt
 
 
-def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool,
-             inline_bytes: int | None = None) -> dict:
+def run_once(
+    world_size: int, bound: int, iters: int, rows: int, dim: int, known: bool, inline_bytes: int | None = None
+) -> dict:
     timed = _Timed()
     _exchange.BoundedLagAllToAll._process = lambda chan, it, *a: timed(chan, it, *a)
     try:
         mirror = MirrorTransport(world_size)
-        a2a = blsgpu.BoundedLagAllToAll(bound=bound, transport=mirror, timeout=60,
-                                        name="host-cost", inline_bytes=inline_bytes)
+        a2a = blsgpu.BoundedLagAllToAll(
+            bound=bound, transport=mirror, timeout=60, name="host-cost", inline_bytes=inline_bytes
+        )
         send = torch.randn(rows * world_size, dim)
         splits = [rows] * world_size
         recv_splits = splits if known else None
@@ -160,10 +162,13 @@ def run_once(world_size: int, bound: int, iters: int, rows: int, dim: int, known
     process = timed.s
     t_wait -= timed.on_caller  # what the caller processed itself, inside wait()
     t_ex -= mirror.spent  # the fake transport's copies are not the engine's cost
-    return {"exchange_us": t_ex / iters * 1e6, "wait_us": t_wait / iters * 1e6,
-            "process_us": process / iters * 1e6,
-            "total_us": (t_ex + t_wait + process) / iters * 1e6,
-            "transport_us": mirror.spent / iters * 1e6}
+    return {
+        "exchange_us": t_ex / iters * 1e6,
+        "wait_us": t_wait / iters * 1e6,
+        "process_us": process / iters * 1e6,
+        "total_us": (t_ex + t_wait + process) / iters * 1e6,
+        "transport_us": mirror.spent / iters * 1e6,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,31 +193,47 @@ def main(argv: list[str] | None = None) -> int:
             for w in worlds:
                 for b in bounds:
                     run_once(w, b, min(args.iters, 100), args.rows, args.dim, known, inline_bytes)
-                    reps = [run_once(w, b, args.iters, args.rows, args.dim, known, inline_bytes)
-                            for _ in range(args.repeats)]
-                    row = {"payload": payload, "splits": "known" if known else "exchanged",
-                           "world_size": w, "bound": b, "rows": args.rows, "dim": args.dim}
+                    reps = [
+                        run_once(w, b, args.iters, args.rows, args.dim, known, inline_bytes)
+                        for _ in range(args.repeats)
+                    ]
+                    row = {
+                        "payload": payload,
+                        "splits": "known" if known else "exchanged",
+                        "world_size": w,
+                        "bound": b,
+                        "rows": args.rows,
+                        "dim": args.dim,
+                    }
                     for key in reps[0]:
                         row[key] = statistics.median(r[key] for r in reps)
                     row["goal_us"] = GOALS_US.get(w)
                     rows_out.append(row)
-                    print(f"{payload:6} {row['splits']:9} W={w:3} B={b}: total "
-                          f"{row['total_us']:7.1f} us  (exchange {row['exchange_us']:6.1f}, "
-                          f"process {row['process_us']:6.1f}, wait {row['wait_us']:6.1f})",
-                          flush=True)
-    met = all(r["total_us"] <= r["goal_us"] for r in rows_out
-              if r["goal_us"] and r["payload"] == "inline")
-    summary = {"goals_us": GOALS_US, "goals_met_inline": met,
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "config": vars(args) | {"worlds": worlds, "bounds": bounds}}
+                    print(
+                        f"{payload:6} {row['splits']:9} W={w:3} B={b}: total "
+                        f"{row['total_us']:7.1f} us  (exchange {row['exchange_us']:6.1f}, "
+                        f"process {row['process_us']:6.1f}, wait {row['wait_us']:6.1f})",
+                        flush=True,
+                    )
+    met = all(r["total_us"] <= r["goal_us"] for r in rows_out if r["goal_us"] and r["payload"] == "inline")
+    summary = {
+        "goals_us": GOALS_US,
+        "goals_met_inline": met,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": vars(args) | {"worlds": worlds, "bounds": bounds},
+    }
     prov = provenance()
     config_keys = ("payload", "splits", "world_size", "bound", "rows", "dim")
     units = {k: "us" for k in ("total_us", "exchange_us", "process_us", "wait_us", "transport_us")}
-    records = [Record.from_row(NAME, "bls", {k: r[k] for k in config_keys}, r, units, prov)
-               for r in rows_out]
-    write_report(args.out, NAME, {**summary, "machine": prov.machine, "commit": prov.commit},
-                 records, rows_out,
-                 None if args.no_plot else lambda p: _plot(rows_out, p))
+    records = [Record.from_row(NAME, "bls", {k: r[k] for k in config_keys}, r, units, prov) for r in rows_out]
+    write_report(
+        args.out,
+        NAME,
+        {**summary, "machine": prov.machine, "commit": prov.commit},
+        records,
+        rows_out,
+        None if args.no_plot else lambda p: _plot(rows_out, p),
+    )
     return 0
 
 
@@ -226,14 +247,18 @@ def _plot(rows: list[dict], path: Path) -> None:
     for payload in ("inline", "spill"):
         for splits in ("exchanged", "known"):
             for b in sorted({r["bound"] for r in rows}):
-                sel = [r for r in rows if (r["payload"], r["splits"], r["bound"]) ==
-                       (payload, splits, b)]
+                sel = [r for r in rows if (r["payload"], r["splits"], r["bound"]) == (payload, splits, b)]
                 if sel:
-                    ax.plot([r["world_size"] for r in sel], [r["total_us"] for r in sel],
-                            marker="o", label=f"{payload}, {splits}, B={b}")
+                    ax.plot(
+                        [r["world_size"] for r in sel],
+                        [r["total_us"] for r in sel],
+                        marker="o",
+                        label=f"{payload}, {splits}, B={b}",
+                    )
     goals = sorted(GOALS_US.items())
-    ax.scatter([w for w, _ in goals], [g for _, g in goals], marker="x", color="k", s=60,
-               label="goal", zorder=5)
+    ax.scatter(
+        [w for w, _ in goals], [g for _, g in goals], marker="x", color="k", s=60, label="goal", zorder=5
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("world size W")
     ax.set_ylabel("host time per iteration (us)")

@@ -71,6 +71,7 @@ def _machine(device: str, threads: int) -> dict:
             pass
     return info
 
+
 def _hbm_peak(name: str, override: float | None) -> float | None:
     if override:
         return override
@@ -99,8 +100,11 @@ def _naive(tables, indices, offsets, n):
         a, b = bounds[t], bounds[t + 1]
         offs = offsets[t * n : (t + 1) * n + 1] - a
         if isinstance(table, QuantizedTable):
-            outs.append(torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                table.data, indices[a:b], offs, False, 0, False, None, None, True))
+            outs.append(
+                torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                    table.data, indices[a:b], offs, False, 0, False, None, None, True
+                )
+            )
         else:
             outs.append(F.embedding_bag(indices[a:b], table, offs, mode="sum", include_last_offset=True))
     return torch.cat(outs, dim=1)
@@ -111,22 +115,27 @@ def _bytes_moved(tables, indices, offsets, out) -> int:
     bounds = offsets[::n].tolist()
     rows_read = 0
     for t, table in enumerate(tables):
-        row_bytes = table.data.shape[1] if isinstance(table, QuantizedTable) else (
-            table.shape[1] * table.element_size())
+        row_bytes = (
+            table.data.shape[1]
+            if isinstance(table, QuantizedTable)
+            else (table.shape[1] * table.element_size())
+        )
         rows_read += (bounds[t + 1] - bounds[t]) * row_bytes
-    return (indices.numel() * indices.element_size() + offsets.numel() * offsets.element_size()
-            + rows_read + out.numel() * out.element_size())
+    return (
+        indices.numel() * indices.element_size()
+        + offsets.numel() * offsets.element_size()
+        + rows_read
+        + out.numel() * out.element_size()
+    )
 
 
 def _providers(device: str, dtype_name: str):
     provs = {
         "blsgpu-torch": lambda tb, i, o, n: pooled_lookup(tb, i, o, backend="torch"),
-        "blsgpu-torch-noval": lambda tb, i, o, n: pooled_lookup(tb, i, o, backend="torch",
-                                                                validate=False),
+        "blsgpu-torch-noval": lambda tb, i, o, n: pooled_lookup(tb, i, o, backend="torch", validate=False),
     }
     if device == "cuda":
-        provs["blsgpu-triton"] = lambda tb, i, o, n: pooled_lookup(
-            tb, i, o, backend="triton", validate=False)
+        provs["blsgpu-triton"] = lambda tb, i, o, n: pooled_lookup(tb, i, o, backend="triton", validate=False)
     if not (dtype_name == "int8" and device == "cuda"):  # no torch int8 bag on CUDA
         provs["torch-naive"] = _naive
     return provs
@@ -191,11 +200,13 @@ def run(cfg: dict) -> list[dict]:
             outs = {name: fn(tables, indices, offsets, n) for name, fn in provs.items()}
             ref = outs.get("torch-naive", outs["blsgpu-torch"]).float()
             tol = TOL.get(DTYPES[dtype_name], 1e-4)
-            match = {name: bool(torch.allclose(o.float(), ref, rtol=tol, atol=tol))
-                     for name, o in outs.items()}
+            match = {
+                name: bool(torch.allclose(o.float(), ref, rtol=tol, atol=tol)) for name, o in outs.items()
+            }
             moved = _bytes_moved(tables, indices, offsets, outs["blsgpu-torch"])
-            times = _measure(provs, (tables, indices, offsets, n), timer, cfg["warmup"], cfg["reps"],
-                             cfg["seed"])
+            times = _measure(
+                provs, (tables, indices, offsets, n), timer, cfg["warmup"], cfg["reps"], cfg["seed"]
+            )
             base = times.get("torch-naive")
             for name, ts in times.items():
                 med = statistics.median(ts)
@@ -226,14 +237,36 @@ def run(cfg: dict) -> list[dict]:
 
 
 def _records(cfg: dict, rows: list[dict], prov) -> list[Record]:
-    config = {k: cfg[k] for k in ("device", "tables", "batch", "pooling", "rows", "reps", "warmup",
-                                  "seed", "cpu_clock", "flush_mb")}
+    config = {
+        k: cfg[k]
+        for k in (
+            "device",
+            "tables",
+            "batch",
+            "pooling",
+            "rows",
+            "reps",
+            "warmup",
+            "seed",
+            "cpu_clock",
+            "flush_mb",
+        )
+    }
     units = {"time_s": "s", "bytes": "B", "gbs": "GB/s", "peak_fraction": "ratio of HBM peak"}
-    return [Record.from_row(
-        NAME, r["provider"], {**config, "dtype": r["dtype"], "dim": r["dim"]}, r, units, prov,
-        ("speedup",) if r["speedup"] is not None else (), baseline="torch-naive",
-        quantiles={"time_s": {"p20": r["time_p20_s"], "p50": r["time_s"],
-                              "p80": r["time_p80_s"]}}) for r in rows]
+    return [
+        Record.from_row(
+            NAME,
+            r["provider"],
+            {**config, "dtype": r["dtype"], "dim": r["dim"]},
+            r,
+            units,
+            prov,
+            ("speedup",) if r["speedup"] is not None else (),
+            baseline="torch-naive",
+            quantiles={"time_s": {"p20": r["time_p20_s"], "p50": r["time_s"], "p80": r["time_p80_s"]}},
+        )
+        for r in rows
+    ]
 
 
 def _summary(cfg: dict, rows: list[dict]) -> dict:
@@ -243,8 +276,9 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
         speedups = [r["speedup"] for r in torch_rows]
         summary["blsgpu_torch_speedup_min"] = min(speedups)
         summary["blsgpu_torch_speedup_median"] = statistics.median(speedups)
-    target = [r for r in rows if r["provider"] == "blsgpu-triton" and r["dtype"] == "fp16"
-              and r["dim"] == 128]
+    target = [
+        r for r in rows if r["provider"] == "blsgpu-triton" and r["dtype"] == "fp16" and r["dim"] == 128
+    ]
     if target and cfg["pooling"] == 20:
         r = target[0]
         summary["gpu_target"] = {
@@ -267,12 +301,16 @@ def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
     styles = {"fp32": "-", "fp16": "--", "bf16": "-.", "int8": ":"}
     for provider in providers:
         for dtype in sorted({r["dtype"] for r in rows}):
-            pts = sorted((r["dim"], r["gbs"], r["speedup"]) for r in rows
-                         if r["provider"] == provider and r["dtype"] == dtype)
+            pts = sorted(
+                (r["dim"], r["gbs"], r["speedup"])
+                for r in rows
+                if r["provider"] == provider and r["dtype"] == dtype
+            )
             if not pts:
                 continue
-            kw = dict(color=colors[provider], ls=styles.get(dtype, "-"), marker="o",
-                      label=f"{provider} {dtype}")
+            kw = dict(
+                color=colors[provider], ls=styles.get(dtype, "-"), marker="o", label=f"{provider} {dtype}"
+            )
             xs = [p[0] for p in pts]
             ax_bw.plot(xs, [p[1] for p in pts], **kw)
             if provider != "torch-naive" and all(p[2] is not None for p in pts):
@@ -286,8 +324,11 @@ def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
     ax_bw.set_ylabel("GB/s (bytes moved / time)")
     ax_sp.axhline(1.0, color="gray", lw=0.8)
     ax_sp.set_ylabel("speedup vs torch-naive (median of per-rep ratios)")
-    fig.suptitle(f"pooled lookup on {cfg['device']}: T={cfg['tables']} N={cfg['batch']} "
-                 f"L={cfg['pooling']} rows={cfg['rows']}", fontsize=10)
+    fig.suptitle(
+        f"pooled lookup on {cfg['device']}: T={cfg['tables']} N={cfg['batch']} "
+        f"L={cfg['pooling']} rows={cfg['rows']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -295,8 +336,9 @@ def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     ap.add_argument("--dims", default="16,32,64,128")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16,int8")
     ap.add_argument("--tables", type=int, default=None, help="T (default 8 on CPU, 26 on GPU)")
@@ -307,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--hbm-peak-gbs", type=float, default=None)
-    ap.add_argument("--flush-mb", type=int, default=None,
-                    help="MiB written before each timed call to evict caches (64 CPU, 256 GPU; 0: off)")
+    ap.add_argument(
+        "--flush-mb",
+        type=int,
+        default=None,
+        help="MiB written before each timed call to evict caches (64 CPU, 256 GPU; 0: off)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-plot", action="store_true")
@@ -333,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
 
     prov = Provenance(_machine(args.device, args.threads), _provenance.commit())
     write_report(
-        args.out, NAME, {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
-        _records(cfg, rows, prov), rows,
+        args.out,
+        NAME,
+        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit},
+        _records(cfg, rows, prov),
+        rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),
     )
     return 0 if summary["all_match"] else 1

@@ -178,16 +178,31 @@ def _analyse(cfg: dict, results: list[dict]) -> dict:
 
 def _records(cfg: dict, summary: dict, prov) -> list[Record]:
     """One record per rank: its first and last window after warm-up ("_start", "_end")."""
-    config = {k: cfg[k] for k in ("world_size", "bound", "iterations", "warmup", "window",
-                                  "max_rows", "dim", "delay", "seed")}
-    units = {"rss_bytes": "B", "threads": "count", "fds": "count", "ms_per_1000": "ms",
-             "ms_per_1000_without_delays": "ms", "iteration": "iterations"}
+    config = {
+        k: cfg[k]
+        for k in ("world_size", "bound", "iterations", "warmup", "window", "max_rows", "dim", "delay", "seed")
+    }
+    units = {
+        "rss_bytes": "B",
+        "threads": "count",
+        "fds": "count",
+        "ms_per_1000": "ms",
+        "ms_per_1000_without_delays": "ms",
+        "iteration": "iterations",
+    }
     recs = []
     for p in summary["per_rank"]:
         row = {f"{k}_{point}": p[point][k] for point in ("start", "end") for k in units}
-        recs.append(Record.from_row(
-            NAME, "bls", {**config, "rank": p["rank"]}, row, prov=prov,
-            units={f"{k}_{point}": u for point in ("start", "end") for k, u in units.items()}))
+        recs.append(
+            Record.from_row(
+                NAME,
+                "bls",
+                {**config, "rank": p["rank"]},
+                row,
+                prov=prov,
+                units={f"{k}_{point}": u for point in ("start", "end") for k, u in units.items()},
+            )
+        )
     return recs
 
 

@@ -98,10 +98,10 @@ def _rank_main(rank: int, world: int, cfg: dict, schedules: dict, providers: lis
         group = gloo if name.startswith("gloo") else bls
         if name == "blsgpu-pipeline":
             sebc = blsgpu.ShardedEmbeddingBagCollection(
-                ec.configs(cfg), ec.plan(cfg, world), bound=cfg["bound"], seed=cfg["seed"])
+                ec.configs(cfg), ec.plan(cfg, world), bound=cfg["bound"], seed=cfg["seed"]
+            )
             to_close.append(sebc)
-            runners[name] = (lambda b, d, s=sebc: ec.loop_bls_pipeline(s, b, d), kjts[:K],
-                             kjts[K:])
+            runners[name] = (lambda b, d, s=sebc: ec.loop_bls_pipeline(s, b, d), kjts[:K], kjts[K:])
         elif name.endswith("-forward"):
             dmp, _ = ec.torchrec_dmp(cfg, world, pipeline=False, group=group)
             runners[name] = (lambda b, d, m=dmp: ec.loop_dmp(m, b, d), trb[:K], trb[K:])
@@ -111,8 +111,13 @@ def _rank_main(rank: int, world: int, cfg: dict, schedules: dict, providers: lis
             runners[name] = (lambda b, d, p=pipe: ec.loop_tr_pipeline(p, b, d), pb[:K], pb[K:])
     dist.barrier()
     rounds, firsts = ec.run_rounds(
-        rank, cfg, schedules, runners, providers,
-        channel=lambda name: _bls_channel(bls) if name.startswith("bls-") else {})
+        rank,
+        cfg,
+        schedules,
+        runners,
+        providers,
+        channel=lambda name: _bls_channel(bls) if name.startswith("bls-") else {},
+    )
     ref = firsts[REF] if REF in firsts else next(iter(firsts.values()))
     out = {
         "rounds": rounds,
@@ -185,14 +190,24 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _plot(cfg: dict, rows: list[dict], path: Path) -> None:
-    ec.plot_bars(rows, path, "ms_per_batch", "ms per batch (lower is better)",
-                 f"TorchRec DMP on 'bls' vs gloo\n{ec.workload_title(cfg)}")
+    ec.plot_bars(
+        rows,
+        path,
+        "ms_per_batch",
+        "ms per batch (lower is better)",
+        f"TorchRec DMP on 'bls' vs gloo\n{ec.workload_title(cfg)}",
+    )
 
 
 def main(argv=None) -> int:
-    ap = ec.parser(__doc__, ALL_PROVIDERS, repeats=8, delays="none,straggler:last:10,exp:10",
-                   bound_help="B: the 'bls' backend's (BLSGPU_BOUND) and blsgpu-pipeline's",
-                   timeout_s=1800.0)
+    ap = ec.parser(
+        __doc__,
+        ALL_PROVIDERS,
+        repeats=8,
+        delays="none,straggler:last:10,exp:10",
+        bound_help="B: the 'bls' backend's (BLSGPU_BOUND) and blsgpu-pipeline's",
+        timeout_s=1800.0,
+    )
     args = ap.parse_args(argv)
     ec.check_args(ap, args, ALL_PROVIDERS, _spec_for)
     if REF not in args.providers:
@@ -216,8 +231,7 @@ def main(argv=None) -> int:
         }
         t0 = time.perf_counter()
         ranks = blsgpu.run_world(
-            world, _rank_main, cfg, schedules, args.providers, backend="bls",
-            timeout_s=args.timeout_s
+            world, _rank_main, cfg, schedules, args.providers, backend="bls", timeout_s=args.timeout_s
         )
         load.append(os.getloadavg()[0])
         print(
@@ -239,8 +253,7 @@ def main(argv=None) -> int:
     write_report(
         args.out,
         NAME,
-        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit,
-         "sources": sources},
+        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit, "sources": sources},
         ec.records(NAME, cfg, rows, prov, REF),
         rows,
         None if args.no_plot else lambda path: _plot(cfg, rows, path),

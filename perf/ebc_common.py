@@ -36,18 +36,27 @@ from blsgpu.bench.record import Record
 
 # The figures of a row that go into its record, and their units; "ratio" and "ceiling" are its
 # ratios to the reference provider.
-UNITS = {"time_s": "s", "ms_per_batch": "ms", "samples_per_s": "samples/s",
-         "cpu_ms_per_batch": "ms", "wire_bytes": "B", "split_bytes": "B", "table_bytes": "B",
-         "max_lag": "iterations", "wait_ms_per_batch": "ms", "max_abs_diff": "abs"}
-WORKLOAD = ("tables", "rows", "dim", "batch", "pooling", "iters", "warmup", "repeats", "bound",
-            "seed")
+UNITS = {
+    "time_s": "s",
+    "ms_per_batch": "ms",
+    "samples_per_s": "samples/s",
+    "cpu_ms_per_batch": "ms",
+    "wire_bytes": "B",
+    "split_bytes": "B",
+    "table_bytes": "B",
+    "max_lag": "iterations",
+    "wait_ms_per_batch": "ms",
+    "max_abs_diff": "abs",
+}
+WORKLOAD = ("tables", "rows", "dim", "batch", "pooling", "iters", "warmup", "repeats", "bound", "seed")
 
 # ------------------------------------------------------------------------------ workload
 
 
 def configs(cfg: dict) -> list:
-    return [blsgpu.EmbeddingBagConfig(f"t{i}", cfg["rows"], cfg["dim"], [f"f{i}"])
-            for i in range(cfg["tables"])]
+    return [
+        blsgpu.EmbeddingBagConfig(f"t{i}", cfg["rows"], cfg["dim"], [f"f{i}"]) for i in range(cfg["tables"])
+    ]
 
 
 def batches(rank: int, cfg: dict, count: int) -> list:
@@ -94,19 +103,34 @@ def torchrec_dmp(cfg: dict, world: int, pipeline: bool, group=None):
     from blsgpu.embedding._collection import init_weight
 
     ours = configs(cfg)
-    tables = [torchrec.EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
-                                          embedding_dim=t.embedding_dim,
-                                          feature_names=list(t.feature_names)) for t in ours]
+    tables = [
+        torchrec.EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+        )
+        for t in ours
+    ]
     meta = torchrec.EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     sharder = EmbeddingBagCollectionSharder()
     per_param = {name: table_wise(rank=e["table_wise"]) for name, e in plan(cfg, world).items()}
-    module_plan = construct_module_sharding_plan(meta, per_param_sharding=per_param,
-                                                 local_size=world, world_size=world,
-                                                 device_type="cpu", sharder=sharder)
+    module_plan = construct_module_sharding_plan(
+        meta,
+        per_param_sharding=per_param,
+        local_size=world,
+        world_size=world,
+        device_type="cpu",
+        sharder=sharder,
+    )
     env = {} if group is None else {"env": ShardingEnv.from_process_group(group)}
     dmp = DistributedModelParallel(
-        _Model(meta) if pipeline else meta, device=torch.device("cpu"),
-        plan=ShardingPlan({"ebc" if pipeline else "": module_plan}), sharders=[sharder], **env)
+        _Model(meta) if pipeline else meta,
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"ebc" if pipeline else "": module_plan}),
+        sharders=[sharder],
+        **env,
+    )
     with torch.no_grad():
         for key, st in dmp.state_dict().items():
             t = int(key.split("embedding_bags.")[1].split(".")[0][1:])
@@ -115,10 +139,13 @@ def torchrec_dmp(cfg: dict, world: int, pipeline: bool, group=None):
                 if w is None:
                     w = init_weight(ours[t], t, cfg["seed"], torch.float32)
                 (r0, c0), (nr, nc) = sh.metadata.shard_offsets, sh.metadata.shard_sizes
-                sh.tensor.copy_(w[r0:r0 + nr, c0:c0 + nc])
+                sh.tensor.copy_(w[r0 : r0 + nr, c0 : c0 + nc])
     dmp.eval()
-    nbytes = sum(sh.tensor.numel() * sh.tensor.element_size()
-                 for st in dmp.state_dict().values() for sh in st.local_shards())
+    nbytes = sum(
+        sh.tensor.numel() * sh.tensor.element_size()
+        for st in dmp.state_dict().values()
+        for sh in st.local_shards()
+    )
     return dmp, nbytes
 
 
@@ -129,8 +156,7 @@ def tr_batches(kjts: list, pipeline: bool) -> list:
         return out
     from torchrec.datasets.utils import Batch
 
-    return [Batch(dense_features=torch.zeros(1), sparse_features=kjt, labels=torch.zeros(1))
-            for kjt in out]
+    return [Batch(dense_features=torch.zeros(1), sparse_features=kjt, labels=torch.zeros(1)) for kjt in out]
 
 
 def _table_order(kt) -> torch.Tensor:
@@ -205,8 +231,9 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_rounds(rank: int, cfg: dict, schedules: dict, runners: dict, names: list[str],
-               channel=None) -> tuple[list, dict]:
+def run_rounds(
+    rank: int, cfg: dict, schedules: dict, runners: dict, names: list[str], channel=None
+) -> tuple[list, dict]:
     """Every round on this rank: runners[name] = (loop(batches, delays), timed, warm-up batches).
 
     channel(name): the stats of the channel that provider's alltoalls go through ({} if none), read
@@ -215,7 +242,7 @@ def run_rounds(rank: int, cfg: dict, schedules: dict, runners: dict, names: list
     zeros_w = [0.0] * cfg["warmup"]
     rounds, firsts = [], {}
     for i in range(cfg["repeats"]):
-        order = names[i % len(names):] + names[:i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         runs = {}
         for spec, schedule in schedules.items():
             delays = schedule[rank].tolist()
@@ -233,8 +260,7 @@ def run_rounds(rank: int, cfg: dict, schedules: dict, runners: dict, names: list
                 if after:
                     run["max_lag"] = after.get("max_lag")
                     if after.get("waiting_for_data_s") is not None:
-                        run["wait_s"] = (after["waiting_for_data_s"]
-                                         - before.get("waiting_for_data_s", 0.0))
+                        run["wait_s"] = after["waiting_for_data_s"] - before.get("waiting_for_data_s", 0.0)
                 runs[f"{spec}|{name}"] = run
                 if spec == "none" and i == 0:
                     firsts[name] = first
@@ -247,8 +273,7 @@ def median(xs):
     return statistics.median(xs) if xs else math.nan
 
 
-def analyse(cfg: dict, world: int, ranks: list[dict], schedules: dict, ref_name: str,
-            check) -> list[dict]:
+def analyse(cfg: dict, world: int, ranks: list[dict], schedules: dict, ref_name: str, check) -> list[dict]:
     """One row per (delay, provider): medians over rounds of time, ratio and ceiling against
     ref_name, CPU per batch, lag and waiting time where a channel reported them.
     check(name, mine, ref): whether a rank's per-batch checksums match the reference's."""
@@ -274,14 +299,25 @@ def analyse(cfg: dict, world: int, ranks: list[dict], schedules: dict, ref_name:
                 waits += [x[key]["wait_s"] / K for x in runs if "wait_s" in x[key]]
                 ok &= all(check(name, x[key]["checks"], x[ref_key]["checks"]) for x in runs)
             t_med = median(times)
-            rows.append({
-                "world_size": world, "delay": spec, "provider": name, "time_s": t_med,
-                "time_s_all": times, "ms_per_batch": 1e3 * t_med / K,
-                "samples_per_s": world * cfg["batch"] * K / t_med, "ratio": median(ratios),
-                "ratio_all": ratios, "ceiling": median(ceilings),
-                "cpu_ms_per_batch": 1e3 * median(cpus), "max_lag": max(lags) if lags else None,
-                "wait_ms_per_batch": 1e3 * median(waits) if waits else None, "checked": ok,
-                "max_abs_diff": max(r["max_abs_diff"].get(name, math.nan) for r in ranks)})
+            rows.append(
+                {
+                    "world_size": world,
+                    "delay": spec,
+                    "provider": name,
+                    "time_s": t_med,
+                    "time_s_all": times,
+                    "ms_per_batch": 1e3 * t_med / K,
+                    "samples_per_s": world * cfg["batch"] * K / t_med,
+                    "ratio": median(ratios),
+                    "ratio_all": ratios,
+                    "ceiling": median(ceilings),
+                    "cpu_ms_per_batch": 1e3 * median(cpus),
+                    "max_lag": max(lags) if lags else None,
+                    "wait_ms_per_batch": 1e3 * median(waits) if waits else None,
+                    "checked": ok,
+                    "max_abs_diff": max(r["max_abs_diff"].get(name, math.nan) for r in ranks),
+                }
+            )
     return rows
 
 
@@ -290,11 +326,20 @@ def analyse(cfg: dict, world: int, ranks: list[dict], schedules: dict, ref_name:
 
 def records(benchmark: str, cfg: dict, rows: list[dict], prov, baseline: str) -> list[Record]:
     common = {k: cfg[k] for k in WORKLOAD}
-    return [Record.from_row(
-        benchmark, r["provider"], {**common, "world_size": r["world_size"], "delay": r["delay"]},
-        r, UNITS, prov, ("ratio", "ceiling"), baseline,
-        {"time_s": {"min": min(r["time_s_all"]), "median": r["time_s"],
-                    "max": max(r["time_s_all"])}}) for r in rows]
+    return [
+        Record.from_row(
+            benchmark,
+            r["provider"],
+            {**common, "world_size": r["world_size"], "delay": r["delay"]},
+            r,
+            UNITS,
+            prov,
+            ("ratio", "ceiling"),
+            baseline,
+            {"time_s": {"min": min(r["time_s_all"]), "median": r["time_s"], "max": max(r["time_s_all"])}},
+        )
+        for r in rows
+    ]
 
 
 def sources() -> dict:
@@ -310,8 +355,7 @@ def sources() -> dict:
     return out
 
 
-def plot_bars(rows: list[dict], path: Path, key: str, ylabel: str, title: str,
-              hlines=()) -> None:
+def plot_bars(rows: list[dict], path: Path, key: str, ylabel: str, title: str, hlines=()) -> None:
     """One panel per W: rows[key] per delay model, one bar per provider."""
     import matplotlib
 
@@ -343,15 +387,18 @@ def plot_bars(rows: list[dict], path: Path, key: str, ylabel: str, title: str,
 
 
 def workload_title(cfg: dict) -> str:
-    return (f"{cfg['tables']} tables x {cfg['rows']} rows, D={cfg['dim']}, N={cfg['batch']}/rank, "
-            f"L~U[0,{2 * cfg['pooling']}], B={cfg['bound']}, median of {cfg['repeats']}")
+    return (
+        f"{cfg['tables']} tables x {cfg['rows']} rows, D={cfg['dim']}, N={cfg['batch']}/rank, "
+        f"L~U[0,{2 * cfg['pooling']}], B={cfg['bound']}, median of {cfg['repeats']}"
+    )
 
 
 # ------------------------------------------------------------------------------ command line
 
 
-def parser(doc: str, providers: tuple[str, ...], repeats: int, delays: str, bound_help: str,
-           timeout_s: float) -> argparse.ArgumentParser:
+def parser(
+    doc: str, providers: tuple[str, ...], repeats: int, delays: str, bound_help: str, timeout_s: float
+) -> argparse.ArgumentParser:
     """The flags both scripts take (the workload, the rounds, the outputs)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--world-sizes", default="2,4")
@@ -362,11 +409,16 @@ def parser(doc: str, providers: tuple[str, ...], repeats: int, delays: str, boun
     ap.add_argument("--pooling", type=int, default=20, help="L: bag sizes uniform in [0, 2L]")
     ap.add_argument("--iters", type=int, default=40, help="timed batches per run")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches before each run")
-    ap.add_argument("--repeats", type=int, default=repeats,
-                    help="rounds; each runs every provider under every delay model")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help="rounds; each runs every provider under every delay model",
+    )
     ap.add_argument("--bound", type=int, default=4, help=bound_help)
-    ap.add_argument("--delays", default=delays,
-                    help="comma-separated blsgpu.bench.delays specs; 'none' always runs")
+    ap.add_argument(
+        "--delays", default=delays, help="comma-separated blsgpu.bench.delays specs; 'none' always runs"
+    )
     ap.add_argument("--providers", default=",".join(providers))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

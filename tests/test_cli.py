@@ -14,6 +14,7 @@ import pytest
 
 from blsgpu import cli
 from blsgpu.bench.memory import RANK_BASE_BYTES, memory_estimate
+from blsgpu.cli import types as cli_types
 
 SMALL = ["--world-size", "2", "--iterations", "6", "--warmup", "1", "--batch", "8", "--tables",
          "2", "--rows", "40", "--arch-sparse-feature-size", "4", "--arch-mlp-top", "8-1",
@@ -199,16 +200,16 @@ def test_run_under_torchrun_gathers_once(tmp_path):
 def test_output_checks_leave_nothing_behind(tmp_path):
     parser = cli.build_parser()
     new = tmp_path / "new.json"
-    cli._check_out_paths(parser, ("--json", str(new)))
+    cli_types.check_out_paths(parser, ("--json", str(new)))
     assert not new.exists()
     old = tmp_path / "old.json"
     old.write_text("keep me")
-    cli._check_out_paths(parser, ("--json", str(old)))
+    cli_types.check_out_paths(parser, ("--json", str(old)))
     assert old.read_text() == "keep me"
-    cli._check_out_dir(parser, "--trace", str(tmp_path / "a" / "b"))
+    cli_types.check_out_dir(parser, "--trace", str(tmp_path / "a" / "b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
     (tmp_path / "t").mkdir()
-    cli._check_out_dir(parser, "--trace", str(tmp_path / "t"))
+    cli_types.check_out_dir(parser, "--trace", str(tmp_path / "t"))
     assert list((tmp_path / "t").iterdir()) == []
 
 

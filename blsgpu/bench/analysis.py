@@ -22,12 +22,21 @@ __all__ = ["analyse"]
 # The figures of a run that go into its record, and their units; speedup and masking are its
 # ratios to the synchronous run of the same world.
 _UNITS = {
-    "time_s": "s", "throughput_it_s": "it/s", "samples_per_s": "samples/s", "p50_ms": "ms",
-    "p99_ms": "ms", "latency_p50_ms": "ms", "latency_p99_ms": "ms", "simulated_time_s": "s",
-    "simulated_throughput_it_s": "it/s", "sim_error": "ratio", "predicted_throughput_it_s": "it/s",
+    "time_s": "s",
+    "throughput_it_s": "it/s",
+    "samples_per_s": "samples/s",
+    "p50_ms": "ms",
+    "p99_ms": "ms",
+    "latency_p50_ms": "ms",
+    "latency_p99_ms": "ms",
+    "simulated_time_s": "s",
+    "simulated_throughput_it_s": "it/s",
+    "sim_error": "ratio",
+    "predicted_throughput_it_s": "it/s",
     "max_lag": "iterations",
 }
 _RATIOS = ("speedup", "masking", "predicted_masking")
+
 
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else math.nan
@@ -43,13 +52,29 @@ def _none_if_nan(x: float | None):
 
 
 def _record(cfg: BenchConfig, run: dict, prov: Provenance) -> Record:
-    config = {"world_size": cfg.world_size, "batch": cfg.batch, "iterations": cfg.iterations,
-              "warmup": cfg.warmup, "repeats": cfg.repeats, "device": cfg.device,
-              "seed": cfg.seed, "delay": run["delay"], "bound": run["bound"]}
+    config = {
+        "world_size": cfg.world_size,
+        "batch": cfg.batch,
+        "iterations": cfg.iterations,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "delay": run["delay"],
+        "bound": run["bound"],
+    }
     ts = run["time_s_repeats"]
     return Record.from_row(
-        "blsgpu_bench", run["mode"], config, run, _UNITS, prov, _RATIOS, baseline="sync",
-        quantiles={"time_s": {"min": min(ts), "median": run["time_s"], "max": max(ts)}})
+        "blsgpu_bench",
+        run["mode"],
+        config,
+        run,
+        _UNITS,
+        prov,
+        _RATIOS,
+        baseline="sync",
+        quantiles={"time_s": {"min": min(ts), "median": run["time_s"], "max": max(ts)}},
+    )
 
 
 def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) -> dict:
@@ -95,8 +120,7 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
         t_sync = T(rep, "sync")
         t_ideal = t_none + ideal_extra
         # The no-delay run's busy time is the base work (its schedule row is zeros if "sync").
-        base = np.clip(busy(rep, none_label) - (schedule if none_label == "sync" else 0.0),
-                       0.0, None)
+        base = np.clip(busy(rep, none_label) - (schedule if none_label == "sync" else 0.0), 0.0, None)
         comm_s = sim.fit_comm_s(t_none, base)
         pred_work = base + schedule
         pred_sync = sim.simulate_sync(pred_work, comm_s).total_s
@@ -109,14 +133,14 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
             d = per[label]
             d["time_s"].append(t)
             d["speedup"].append(t_sync / t)
-            d["masking"].append(sim.masking(t_sync, t, t_ideal)
-                                if hideable and label != "none" else math.nan)
+            d["masking"].append(sim.masking(t_sync, t, t_ideal) if hideable and label != "none" else math.nan)
             d["exact"].append(all(r["repeats"][rep][label]["exact"] for r in results))
             d["sim_s"].append(schedule_time(busy(rep, label), label, comm_s))
             pred = schedule_time(base if label == "none" else pred_work, label, comm_s)
             d["pred_s"].append(pred)
-            d["pred_masking"].append(sim.masking(pred_sync, pred, t_ideal)
-                                     if hideable and label != "none" else math.nan)
+            d["pred_masking"].append(
+                sim.masking(pred_sync, pred, t_ideal) if hideable and label != "none" else math.nan
+            )
 
     runs = []
     none_run = None
@@ -158,12 +182,13 @@ def analyse(cfg: BenchConfig, results: list[dict], flags: dict | None = None) ->
         else:
             runs.append(entry)
     arch = cfg.arch
-    prov = provenance(device=cfg.device,
-                      backend="gloo" if cfg.device == "cpu" else "cpu:gloo,cuda:nccl")
+    prov = provenance(device=cfg.device, backend="gloo" if cfg.device == "cpu" else "cpu:gloo,cuda:nccl")
     return {
-        "config": {**(flags or {}), **asdict(cfg),
-                   "arch": {"bottom": arch.bottom, "top": arch.top,
-                            "embedding_sizes": arch.embedding_sizes}},
+        "config": {
+            **(flags or {}),
+            **asdict(cfg),
+            "arch": {"bottom": arch.bottom, "top": arch.top, "embedding_sizes": arch.embedding_sizes},
+        },
         "commit": prov.commit,
         "machine": prov.machine,
         "t_none_s": _median(t_none_l),

@@ -28,13 +28,23 @@ __all__ = ["bench", "simulate", "torchrun_env"]
 def torchrun_env() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun, else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+        )
     return None
 
 
-def bench(cfg: BenchConfig, flags: dict, torchrun: tuple[int, int, int] | None, timeout_s: float,
-          json_path: str | None, plot_path: str | None, progress: bool) -> int:
+def bench(
+    cfg: BenchConfig,
+    flags: dict,
+    torchrun: tuple[int, int, int] | None,
+    timeout_s: float,
+    json_path: str | None,
+    plot_path: str | None,
+    progress: bool,
+) -> int:
     """Run cfg's world, print its table, write its JSON and plot (rank 0 only under torchrun).
 
     Returns the exit status: 0 when every run's predictions equal the synchronous run's (and, with
@@ -53,8 +63,7 @@ def bench(cfg: BenchConfig, flags: dict, torchrun: tuple[int, int, int] | None, 
         shared = runner.Progress(cfg.world_size)
         bar = WorldBar(shared, total, labels, progress)
         try:
-            results = run_world(cfg.world_size, runner.run_rank, cfg, shared,
-                                       timeout_s=timeout_s)
+            results = run_world(cfg.world_size, runner.run_rank, cfg, shared, timeout_s=timeout_s)
         finally:
             bar.close()
     else:
@@ -72,19 +81,22 @@ def bench(cfg: BenchConfig, flags: dict, torchrun: tuple[int, int, int] | None, 
         plot(doc, plot_path)
         print(f"wrote {plot_path}")
     if cfg.trace_dir:
-        print(f"wrote torch.profiler traces to {cfg.trace_dir}/ (open in chrome://tracing or "
-              "Perfetto)")
+        print(f"wrote torch.profiler traces to {cfg.trace_dir}/ (open in chrome://tracing or Perfetto)")
     if cfg.device == "cuda":
         staged = sorted({t for r in doc["runs"] for t in r["transport"] if t != "nccl"})
         if staged:
-            print(f"the channels ran over {', '.join(staged)}, not NCCL: the GPU path was not "
-                  f"used (install CuPy with NCCL: {INSTALL_HINT})", file=sys.stderr)
+            print(
+                f"the channels ran over {', '.join(staged)}, not NCCL: the GPU path was not "
+                f"used (install CuPy with NCCL: {INSTALL_HINT})",
+                file=sys.stderr,
+            )
             return 1
     return 0 if doc["exact"] else 1
 
 
-def _run_torchrun(cfg: BenchConfig, rank: int, world: int, local: int, total: int, labels,
-                  show: bool, timeout_s: float):
+def _run_torchrun(
+    cfg: BenchConfig, rank: int, world: int, local: int, total: int, labels, show: bool, timeout_s: float
+):
     """One rank of a torchrun job: init, run, gather every rank's result once on rank 0.
 
     Every blocking step is bounded: the process group has the user's timeout, and the start, the
@@ -107,8 +119,9 @@ def _run_torchrun(cfg: BenchConfig, rank: int, world: int, local: int, total: in
     store.set_timeout(timeout)
     set_control_store(store, rank, world)
     barrier("start", cfg.timeout_s)  # names a rank that never came
-    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
-                            world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world, timeout=timeout
+    )
     try:
         bar = RankBar(total, labels, show and rank == 0)
         try:
@@ -122,25 +135,50 @@ def _run_torchrun(cfg: BenchConfig, rank: int, world: int, local: int, total: in
     return gathered if rank == 0 else None
 
 
-def simulate(delay: str, worlds, bounds, iterations: int, base_ms: float, comm_s: float,
-             seed: int, record: dict | None, json_path: str | None) -> int:
+def simulate(
+    delay: str,
+    worlds,
+    bounds,
+    iterations: int,
+    base_ms: float,
+    comm_s: float,
+    seed: int,
+    record: dict | None,
+    json_path: str | None,
+) -> int:
     """Replay `record` (a `blsgpu bench --json` document) if given, then project the sync and BLS
     schedules of `delay` to every W of `worlds` and B of `bounds`; print both, write the JSON."""
     model = DelayModel.parse(delay)
     K = iterations
-    out: dict = {"delay": delay, "iterations": K, "base_ms": base_ms, "comm_s": comm_s,
-                 "seed": seed, "bounds": list(bounds), "replay": None, "projections": []}
+    out: dict = {
+        "delay": delay,
+        "iterations": K,
+        "base_ms": base_ms,
+        "comm_s": comm_s,
+        "seed": seed,
+        "bounds": list(bounds),
+        "replay": None,
+        "projections": [],
+    }
     if record:
         out["replay"] = _replay(record, comm_s)
     t0 = time.perf_counter()
     for W in worlds:
         for b in bounds:
             p = sim.project(model, W, K, b, base_ms, seed=seed, comm_s=comm_s)
-            out["projections"].append({
-                "world_size": W, "bound": b, "sync_throughput_it_s": p.sync_throughput_it_s,
-                "bls_throughput_it_s": p.bls_throughput_it_s, "speedup": p.speedup,
-                "masking": None if math.isnan(p.masking) else p.masking,
-                "t_sync_s": p.t_sync_s, "t_bls_s": p.t_bls_s, "t_ideal_s": p.t_ideal_s})
+            out["projections"].append(
+                {
+                    "world_size": W,
+                    "bound": b,
+                    "sync_throughput_it_s": p.sync_throughput_it_s,
+                    "bls_throughput_it_s": p.bls_throughput_it_s,
+                    "speedup": p.speedup,
+                    "masking": None if math.isnan(p.masking) else p.masking,
+                    "t_sync_s": p.t_sync_s,
+                    "t_bls_s": p.t_bls_s,
+                    "t_ideal_s": p.t_ideal_s,
+                }
+            )
     out["elapsed_s"] = time.perf_counter() - t0
     print(format_simulation(out))
     if json_path:
@@ -161,10 +199,14 @@ def _replay(record: dict, comm_s: float) -> dict:
             t_sync = t
         else:
             t = sim.simulate_bls(work, r["bound"], comm_s).total_s
-        rows.append({"mode": r["mode"], "bound": r["bound"],
-                     "simulated_throughput_it_s": work.shape[1] / t,
-                     "measured_throughput_it_s": r["throughput_it_s"],
-                     "error": r["throughput_it_s"] and work.shape[1] / t /
-                     r["throughput_it_s"] - 1.0,
-                     "simulated_speedup": t_sync / t if t_sync else None})
+        rows.append(
+            {
+                "mode": r["mode"],
+                "bound": r["bound"],
+                "simulated_throughput_it_s": work.shape[1] / t,
+                "measured_throughput_it_s": r["throughput_it_s"],
+                "error": r["throughput_it_s"] and work.shape[1] / t / r["throughput_it_s"] - 1.0,
+                "simulated_speedup": t_sync / t if t_sync else None,
+            }
+        )
     return {"world_size": work.shape[0], "iterations": work.shape[1], "rows": rows}

@@ -54,17 +54,14 @@ def memory_estimate(cfg: BenchConfig, ranks_here: int, launcher: bool) -> tuple[
 
     parts = {
         "the process (torch, gloo, threads)": RANK_BASE_BYTES,
-        "the id generator (8 bytes per row of every table, --rows)": (
-            8 * sum(sizes) if cfg.alpha > 0 else 0),
+        "the id generator (8 bytes per row of every table, --rows)": (8 * sum(sizes) if cfg.alpha > 0 else 0),
         # A table is built whole on its owner, then copied: twice its share, at least the largest.
-        "the embedding tables (--rows x --arch-sparse-feature-size)": 2 * max(
-            max(tables), sum(tables) / W),
-        "the dense MLPs (--arch-mlp-bot, --arch-mlp-top, --tables)": mlp(arch.bottom) + mlp(
-            arch.top),
-        "the batches in flight (--batch, --tables, --pooling, --bound)": (B + 3) * 4 * (
-            ids + pooled),
+        "the embedding tables (--rows x --arch-sparse-feature-size)": 2 * max(max(tables), sum(tables) / W),
+        "the dense MLPs (--arch-mlp-bot, --arch-mlp-top, --tables)": mlp(arch.bottom) + mlp(arch.top),
+        "the batches in flight (--batch, --tables, --pooling, --bound)": (B + 3) * 4 * (ids + pooled),
         "predictions, timings and delays (--iterations, --warmup, --repeats)": (
-            3 * (K + cfg.warmup) * N * 4 + runs * K * 200 + 2 * W * K * 8),
+            3 * (K + cfg.warmup) * N * 4 + runs * K * 200 + 2 * W * K * 8
+        ),
     }
     total = ranks_here * sum(parts.values())
     if launcher:  # the launcher holds every rank's timings

@@ -20,8 +20,7 @@ class WorldBar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="it", desc="starting", dynamic_ncols=True,
-                             file=sys.stderr)
+            self._bar = tqdm(total=total, unit="it", desc="starting", dynamic_ncols=True, file=sys.stderr)
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
 

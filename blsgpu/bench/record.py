@@ -57,17 +57,32 @@ class Record:
     quantiles: dict = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, benchmark: str, provider: str, config: dict, row: dict,
-                 units: dict[str, str], prov: Provenance, ratios: tuple[str, ...] = (),
-                 baseline: str | None = None, quantiles: dict | None = None) -> Record:
+    def from_row(
+        cls,
+        benchmark: str,
+        provider: str,
+        config: dict,
+        row: dict,
+        units: dict[str, str],
+        prov: Provenance,
+        ratios: tuple[str, ...] = (),
+        baseline: str | None = None,
+        quantiles: dict | None = None,
+    ) -> Record:
         """The record of `row` (a benchmark's own result dict): `units` names the figures to
         take from it and their units, `ratios` the row's keys that are ratios to `baseline`.
         A figure the row lacks is left out, so one call fits rows of every provider."""
         return cls(
-            benchmark=benchmark, provider=provider, config=config,
+            benchmark=benchmark,
+            provider=provider,
+            config=config,
             values={k: {"value": row[k], "unit": u} for k, u in units.items() if k in row},
-            ratios={k: row[k] for k in ratios if k in row}, baseline=baseline if ratios else None,
-            quantiles=quantiles or {}, machine=prov.machine, commit=prov.commit)
+            ratios={k: row[k] for k in ratios if k in row},
+            baseline=baseline if ratios else None,
+            quantiles=quantiles or {},
+            machine=prov.machine,
+            commit=prov.commit,
+        )
 
 
 def _plain(x):
@@ -92,8 +107,7 @@ def write_json(path, doc: dict) -> None:
     Path(path).write_text(json.dumps(_plain(doc), indent=1, allow_nan=False) + "\n")
 
 
-def write_report(out_dir, name: str, summary: dict, records: list[Record], rows: list,
-                 plot=None) -> Path:
+def write_report(out_dir, name: str, summary: dict, records: list[Record], rows: list, plot=None) -> Path:
     """A perf script's output: `out_dir/name.json` ({benchmark, summary, records, rows}) and, if
     `plot` is given, `out_dir/name.png` drawn by plot(path). The JSON goes first, so a failed plot
     never loses the numbers."""

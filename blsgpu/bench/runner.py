@@ -99,8 +99,10 @@ class BenchConfig:
             raise ValueError(f"bounds repeat: {list(self.bounds)}")
         model = DelayModel.parse(self.delay)
         if model.kind == "straggler" and int(model.params[0]) >= self.world_size:
-            raise ValueError(f"delay {self.delay}: straggler rank {int(model.params[0])} is not < "
-                             f"world size {self.world_size}")
+            raise ValueError(
+                f"delay {self.delay}: straggler rank {int(model.params[0])} is not < "
+                f"world size {self.world_size}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not self.pooling >= 0 or not self.alpha >= 0:
@@ -121,8 +123,9 @@ class BenchConfig:
         return out + ["sync"] + [f"bls{b}" for b in self.bounds]
 
     def data(self) -> SyntheticCriteo:
-        return SyntheticCriteo(self.embedding_sizes, self.batch, alpha=self.alpha,
-                               pooling=self.pooling, seed=self.seed)
+        return SyntheticCriteo(
+            self.embedding_sizes, self.batch, alpha=self.alpha, pooling=self.pooling, seed=self.seed
+        )
 
 
 class Progress:
@@ -177,8 +180,9 @@ class _Rank:
         self.reference: torch.Tensor | None = None
         self.repeat = 0
 
-    def _loop(self, model: DLRM, bound: int | None, first: int, n: int, delays: Sequence[float],
-              run: int | None) -> dict:
+    def _loop(
+        self, model: DLRM, bound: int | None, first: int, n: int, delays: Sequence[float], run: int | None
+    ) -> dict:
         """Iterations first..first+n-1; bound None: blocking driver. Returns the timings."""
         K, N = n, self.cfg.batch
         preds = torch.empty(K, N, dtype=torch.float32, device=self.device)
@@ -217,14 +221,18 @@ class _Rank:
             if run is not None and self.progress is not None:
                 self.progress.advance(self.rank, run)
         loop_s = time.perf_counter() - t0
-        return {"loop_s": loop_s, "step_s": step, "busy_s": busy, "latency_s": t_out - t_in,
-                "preds": preds}
+        return {"loop_s": loop_s, "step_s": step, "busy_s": busy, "latency_s": t_out - t_in, "preds": preds}
 
     def run(self, label: str, run_index: int, delays: Sequence[float]) -> dict:
         cfg = self.cfg
         bound = None if label in ("none", "sync") else int(label[3:])
-        model = DLRM(self.arch, bound=0 if bound is None else bound, seed=cfg.seed,
-                     device=self.device, timeout=cfg.timeout_s)
+        model = DLRM(
+            self.arch,
+            bound=0 if bound is None else bound,
+            seed=cfg.seed,
+            device=self.device,
+            timeout=cfg.timeout_s,
+        )
         K = cfg.iterations
         if cfg.warmup:
             self._loop(model, bound, K, cfg.warmup, [], None)  # past the timed iterations
@@ -245,8 +253,7 @@ class _Rank:
             digest=_digest(preds),
             slept_s=float(np.sum(delays)),
             max_lag=max(s["max_lag"] for s in stats.values()),
-            blocked_s=sum(s["waiting_for_data_s"] + s["blocked_on_bound_s"]
-                          for s in stats.values()),
+            blocked_s=sum(s["waiting_for_data_s"] + s["blocked_on_bound_s"] for s in stats.values()),
             bytes_sent=sum(s["bytes_sent"] for s in stats.values()),
             transport=sorted({s["transport"] for s in stats.values()}),
         )
@@ -310,8 +317,7 @@ def _run_all(me: _Rank, cfg: BenchConfig, rank: int, world_size: int):
                         # skew scales the compute of one iteration: the slowest rank's mean busy
                         # time without delays, agreed once (not per iteration).
                         mine = float(np.mean(runs["none"]["busy_s"])) * 1e3
-                        base_ms = max(_world.all_gather_object("skew base_ms", mine,
-                                                               cfg.timeout_s))
+                        base_ms = max(_world.all_gather_object("skew base_ms", mine, cfg.timeout_s))
                     schedule = model.schedule(world_size, K, cfg.seed, base_ms=base_ms)
                 runs[label] = me.run(label, run_index, schedule[rank].tolist())
             run_index += 1

@@ -103,8 +103,7 @@ def comm_cost(nbytes: float, latency_s: float = 20e-6, bytes_per_s: float = 10e9
     """Seconds one exchange takes: latency plus the bytes one rank moves over its link."""
     if nbytes < 0 or latency_s < 0 or not bytes_per_s > 0:
         raise ValueError(
-            f"need nbytes >= 0, latency_s >= 0, bytes_per_s > 0; "
-            f"got {nbytes}, {latency_s}, {bytes_per_s}"
+            f"need nbytes >= 0, latency_s >= 0, bytes_per_s > 0; got {nbytes}, {latency_s}, {bytes_per_s}"
         )
     return latency_s + nbytes / bytes_per_s
 

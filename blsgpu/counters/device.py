@@ -125,8 +125,10 @@ class DeviceCounters(HostCounters):
                 self._pruned += 1
             ev = events.pop(j, None)
             if ev is None:
-                raise BLSError(f"device gate of iteration {k}: release {j} recorded no event "
-                               f"(releases must precede the gate)")
+                raise BLSError(
+                    f"device gate of iteration {k}: release {j} recorded no event "
+                    f"(releases must precede the gate)"
+                )
             self._pruned = j + 1
             self.events.wait_event(self.comm_stream, ev)
             self.gated_on = j
@@ -147,8 +149,7 @@ class DeviceCounters(HostCounters):
     def device_counts(self) -> dict[str, Any]:
         """The counts as the streams have written them so far (no device synchronization)."""
         posted, arrived, released, status = self.mem.tolist()
-        return {"posted": posted, "arrived": arrived, "released": released,
-                "wait_timed_out": bool(status)}
+        return {"posted": posted, "arrived": arrived, "released": released, "wait_timed_out": bool(status)}
 
     def extra_stats(self) -> dict:
         return {"device": {**self.device_counts(), "stream_ops": self.ops.name}}
@@ -269,13 +270,23 @@ class MemOps:
         # Diagnostics only (perf/gpu_check.sh): no timeout on device, and a wait on a value that
         # another stream writes is invisible to CUDA's scheduling (the gate uses events instead).
         cu = self.cu
-        self._call(cu.cuStreamWaitValue64, cu.CUstream(stream.cuda_stream), cu.CUdeviceptr(addr),
-                   cu.cuuint64_t(value), _GEQ)
+        self._call(
+            cu.cuStreamWaitValue64,
+            cu.CUstream(stream.cuda_stream),
+            cu.CUdeviceptr(addr),
+            cu.cuuint64_t(value),
+            _GEQ,
+        )
 
     def write(self, stream: Any, addr: int, value: int) -> None:
         cu = self.cu
-        self._call(cu.cuStreamWriteValue64, cu.CUstream(stream.cuda_stream), cu.CUdeviceptr(addr),
-                   cu.cuuint64_t(value), _WRITE_DEFAULT)
+        self._call(
+            cu.cuStreamWriteValue64,
+            cu.CUstream(stream.cuda_stream),
+            cu.CUdeviceptr(addr),
+            cu.cuuint64_t(value),
+            _WRITE_DEFAULT,
+        )
 
 
 class KernelOps:
@@ -311,8 +322,7 @@ class KernelOps:
 
     def wait_geq(self, stream: Any, addr: int, value: int, timeout_ns: int, status_addr: int) -> None:
         np = self._np
-        args = (np.uint64(addr), np.int32(1), np.uint64(value), np.uint64(timeout_ns),
-                np.uint64(status_addr))
+        args = (np.uint64(addr), np.int32(1), np.uint64(value), np.uint64(timeout_ns), np.uint64(status_addr))
         self._launch(self._wait, 32, args, stream)
 
     def write(self, stream: Any, addr: int, value: int) -> None:

@@ -16,14 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = [
-    "MLP",
-    "DLRMArch",
-    "DLRMDense",
-    "interact_dot",
-    "interaction_width",
-    "parse_arch",
-]
+__all__ = ["MLP", "DLRMArch", "DLRMDense", "interact_dot", "interaction_width", "parse_arch"]
 
 
 def parse_arch(arch: str | Sequence[int], name: str = "arch") -> tuple[int, ...]:
@@ -33,9 +26,7 @@ def parse_arch(arch: str | Sequence[int], name: str = "arch") -> tuple[int, ...]
         try:
             widths = tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(
-                f"{name} {arch!r} must be integers joined by '-', like 13-512-256-64"
-            ) from None
+            raise ValueError(f"{name} {arch!r} must be integers joined by '-', like 13-512-256-64") from None
     else:
         widths = tuple(int(w) for w in arch)
     if not widths or any(w < 1 for w in widths):
@@ -88,9 +79,7 @@ class DLRMArch:
         top_after = parse_arch(mlp_top, "--arch-mlp-top")
         sizes = parse_arch(embedding_size, "--arch-embedding-size")
         if bottom[0] != num_dense:
-            raise ValueError(
-                f"--arch-mlp-bot {_s(bottom)} must start with the {num_dense} dense features"
-            )
+            raise ValueError(f"--arch-mlp-bot {_s(bottom)} must start with the {num_dense} dense features")
         if len(bottom) < 2:
             raise ValueError(f"--arch-mlp-bot {_s(bottom)} needs at least one layer")
         D = bottom[-1]
@@ -118,10 +107,7 @@ class MLP(nn.Sequential):
     """
 
     def __init__(
-        self,
-        arch: str | Sequence[int],
-        sigmoid_last: bool = False,
-        generator: torch.Generator | None = None,
+        self, arch: str | Sequence[int], sigmoid_last: bool = False, generator: torch.Generator | None = None
     ):
         widths = parse_arch(arch)
         if len(widths) < 2:
@@ -181,9 +167,7 @@ class DLRMDense(nn.Module):
     ) -> DLRMDense:
         return cls(DLRMArch.parse(mlp_bot, mlp_top, embedding_size, sparse_feature_size), seed)
 
-    def forward(
-        self, dense: torch.Tensor, pooled: torch.Tensor | Sequence[torch.Tensor]
-    ) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Predictions [N] from dense [N, 13] and pooled [N, T * D] (or T tensors [N, D])."""
         if not isinstance(pooled, torch.Tensor):
             pooled = torch.cat(list(pooled), dim=1)

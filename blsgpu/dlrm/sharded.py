@@ -20,31 +20,32 @@ __all__ = ["DLRM", "make_tables", "reference_predictions"]
 
 def make_tables(arch: DLRMArch, pooling: str = "sum") -> list:
     """The T embedding tables of an arch: table ``t{i}`` of D columns looks up feature ``cat_{i}``."""
-    from blsgpu.embedding import EmbeddingBagConfig  # noqa: PLC0415 (the embedding layer loads lazily)
+    from blsgpu.embedding import EmbeddingBagConfig  # the embedding layer loads lazily
 
     D = arch.sparse_feature_size
     return [
-        EmbeddingBagConfig(f"t{i}", n, D, [f"cat_{i}"], pooling)
-        for i, n in enumerate(arch.embedding_sizes)
+        EmbeddingBagConfig(f"t{i}", n, D, [f"cat_{i}"], pooling) for i, n in enumerate(arch.embedding_sizes)
     ]
 
 
 def _kjt(batch: Batch, device: torch.device):
-    from blsgpu.embedding import KeyedJaggedTensor  # noqa: PLC0415
+    from blsgpu.embedding import KeyedJaggedTensor
 
     if device.type == "cpu":
         return KeyedJaggedTensor(list(batch.keys), batch.values, batch.weights, lengths=batch.lengths)
+
     # Pinned and still on the host: the sharded collection checks it there and copies it to the
     # GPU without blocking.
     def pin(t):
         return None if t is None else t.pin_memory()
 
-    return KeyedJaggedTensor(list(batch.keys), pin(batch.values), pin(batch.weights),
-                             lengths=pin(batch.lengths))
+    return KeyedJaggedTensor(
+        list(batch.keys), pin(batch.values), pin(batch.weights), lengths=pin(batch.lengths)
+    )
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from blsgpu.embedding._jagged import to_device  # noqa: PLC0415 (the embedding layer loads lazily)
+    from blsgpu.embedding._jagged import to_device  # the embedding layer loads lazily
 
     return to_device(t, device)
 
@@ -60,10 +61,18 @@ class DLRM(nn.Module):
         group, device, plan: as ShardedEmbeddingBagCollection's. Construction is collective.
     """
 
-    def __init__(self, arch: DLRMArch, bound: int = 4, seed: int = 0, group=None, device=None,
-                 plan="table_wise", timeout=None):
+    def __init__(
+        self,
+        arch: DLRMArch,
+        bound: int = 4,
+        seed: int = 0,
+        group=None,
+        device=None,
+        plan="table_wise",
+        timeout=None,
+    ):
         super().__init__()
-        from blsgpu.embedding import ShardedEmbeddingBagCollection  # noqa: PLC0415
+        from blsgpu.embedding import ShardedEmbeddingBagCollection
 
         self.arch = arch
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -101,10 +110,9 @@ class DLRM(nn.Module):
 
 def reference_predictions(arch: DLRMArch, seed: int, batches: Iterable[Batch]) -> torch.Tensor:
     """Predictions [K, N] of the unsharded model (EmbeddingBagCollection + DLRMDense), on one rank."""
-    from blsgpu.embedding import EmbeddingBagCollection  # noqa: PLC0415
+    from blsgpu.embedding import EmbeddingBagCollection
 
     ebc = EmbeddingBagCollection(make_tables(arch), seed=seed)
     dense = DLRMDense(arch, seed).requires_grad_(False)
     with torch.no_grad():
-        return torch.stack([dense(b.dense, ebc(_kjt(b, torch.device("cpu"))).values())
-                            for b in batches])
+        return torch.stack([dense(b.dense, ebc(_kjt(b, torch.device("cpu"))).values()) for b in batches])

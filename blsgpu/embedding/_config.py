@@ -11,8 +11,9 @@ def _pooling_name(pooling) -> str:
     # TorchRec's PoolingType is an Enum whose value is "SUM" / "MEAN" / "NONE".
     raw = getattr(pooling, "value", pooling)
     if not isinstance(raw, str) or raw.lower() not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS} (or TorchRec's PoolingType.SUM/MEAN), "
-                         f"got {pooling!r}")
+        raise ValueError(
+            f"pooling must be one of {POOLINGS} (or TorchRec's PoolingType.SUM/MEAN), got {pooling!r}"
+        )
     return raw.lower()
 
 
@@ -37,13 +38,14 @@ class EmbeddingBagConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"table {self.name!r}: {attr} must be a positive int, got {value!r}")
         if isinstance(self.feature_names, str):
-            raise ValueError(f"table {self.name!r}: feature_names must be a list of strings, "
-                             f"got the string {self.feature_names!r}")
+            raise ValueError(
+                f"table {self.name!r}: feature_names must be a list of strings, "
+                f"got the string {self.feature_names!r}"
+            )
         names = list(self.feature_names or [self.name])
         for f in names:
             if not isinstance(f, str) or not f:
-                raise ValueError(f"table {self.name!r}: feature names must be non-empty strings, "
-                                 f"got {f!r}")
+                raise ValueError(f"table {self.name!r}: feature names must be non-empty strings, got {f!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"table {self.name!r}: duplicate feature names in {names}")
         self.feature_names = names
@@ -56,14 +58,15 @@ class EmbeddingBagConfig:
             return config
         missing = [a for a in ("name", "num_embeddings", "embedding_dim") if not hasattr(config, a)]
         if missing:
-            raise TypeError(f"expected an EmbeddingBagConfig, got {type(config).__name__} "
-                            f"(no attribute {', '.join(missing)})")
+            raise TypeError(
+                f"expected an EmbeddingBagConfig, got {type(config).__name__} "
+                f"(no attribute {', '.join(missing)})"
+            )
         data_type = getattr(config, "data_type", None)
         dt = getattr(data_type, "value", data_type)
         if dt is not None and dt not in ("FP32", "FP16"):
             # Other TorchRec data types (int8 etc.) are a storage choice we do not mirror here.
-            raise ValueError(f"table {config.name!r}: data_type {dt} is not supported "
-                             f"(FP32 or FP16)")
+            raise ValueError(f"table {config.name!r}: data_type {dt} is not supported (FP32 or FP16)")
         return cls(
             name=config.name,
             num_embeddings=config.num_embeddings,

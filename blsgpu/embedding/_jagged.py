@@ -53,17 +53,19 @@ def _lengths_from_offsets(offsets: torch.Tensor, n_values: int, what: str) -> to
     if offsets.numel() == 0:
         raise ValueError(f"{what}: offsets must have at least one element (a leading 0)")
     # One read on the host (one sync on a GPU).
-    first, last, low, high = torch.stack(
-        [offsets[0], offsets[-1], offsets.min(), offsets.max()]
-    ).long().tolist()
+    first, last, low, high = (
+        torch.stack([offsets[0], offsets[-1], offsets.min(), offsets.max()]).long().tolist()
+    )
     if first != 0:
         raise ValueError(f"{what}: offsets must start at 0, got {first}")
     if last != n_values:
         raise ValueError(f"{what}: offsets end at {last} but there are {n_values} values")
     if low < 0 or high > n_values:
         # Also keeps the differences below from wrapping around (int64 offsets near 2**63).
-        raise ValueError(f"{what}: offsets must lie in [0, {n_values}] (the number of values), "
-                         f"got values in [{low}, {high}]")
+        raise ValueError(
+            f"{what}: offsets must lie in [0, {n_values}] (the number of values), "
+            f"got values in [{low}, {high}]"
+        )
     lengths = offsets[1:] - offsets[:-1]
     if lengths.numel() and bool((lengths < 0).any()):
         raise ValueError(f"{what}: offsets must be non-decreasing")
@@ -103,8 +105,10 @@ def _check_weights(weights, n_values: int, what: str):
         return None
     _check_1d("weights", weights, integer=False)
     if weights.numel() != n_values:
-        raise ValueError(f"{what}: weights has {weights.numel()} elements but there are "
-                         f"{n_values} values (one weight per id)")
+        raise ValueError(
+            f"{what}: weights has {weights.numel()} elements but there are "
+            f"{n_values} values (one weight per id)"
+        )
     return weights
 
 
@@ -198,12 +202,16 @@ class KeyedJaggedTensor(_JaggedAccessors):
         n_bags = lengths.numel()
         if keys:
             if n_bags % len(keys):
-                raise ValueError(f"{what}: {n_bags} lengths is not a multiple of {len(keys)} keys "
-                                 f"(expected len(keys) * batch size)")
+                raise ValueError(
+                    f"{what}: {n_bags} lengths is not a multiple of {len(keys)} keys "
+                    f"(expected len(keys) * batch size)"
+                )
             n = n_bags // len(keys)
             if stride is not None and stride != n:
-                raise ValueError(f"{what}: stride={stride} but {n_bags} lengths over "
-                                 f"{len(keys)} keys means a batch size of {n}")
+                raise ValueError(
+                    f"{what}: stride={stride} but {n_bags} lengths over "
+                    f"{len(keys)} keys means a batch size of {n}"
+                )
         else:
             if n_bags:
                 raise ValueError(f"{what}: no keys but {n_bags} lengths")
@@ -238,8 +246,12 @@ class KeyedJaggedTensor(_JaggedAccessors):
         if any(has_w) and not all(has_w):
             raise ValueError("from_jt_dict: either every key has weights or none has")
         weights = torch.cat([jt.weights() for jt in jts]) if all(has_w) else None
-        return cls(keys, torch.cat([jt.values() for jt in jts]), weights=weights,
-                   lengths=torch.cat([jt.lengths() for jt in jts]))
+        return cls(
+            keys,
+            torch.cat([jt.values() for jt in jts]),
+            weights=weights,
+            lengths=torch.cat([jt.lengths() for jt in jts]),
+        )
 
     def keys(self) -> list[str]:
         return self._keys
@@ -274,13 +286,11 @@ class KeyedJaggedTensor(_JaggedAccessors):
         try:
             i = self._keys.index(key)
         except ValueError:
-            raise KeyError(f"{key!r} is not a key of this KeyedJaggedTensor "
-                           f"(keys: {self._keys})") from None
+            raise KeyError(f"{key!r} is not a key of this KeyedJaggedTensor (keys: {self._keys})") from None
         start, end = self.offset_per_key()[i], self.offset_per_key()[i + 1]
         n = self._stride
         w = None if self._weights is None else self._weights[start:end]
-        return JaggedTensor(self._values[start:end], weights=w,
-                            lengths=self._lengths[i * n:(i + 1) * n])
+        return JaggedTensor(self._values[start:end], weights=w, lengths=self._lengths[i * n : (i + 1) * n])
 
     def to_dict(self) -> dict[str, JaggedTensor]:
         return {k: self[k] for k in self._keys}
@@ -299,8 +309,13 @@ class KeyedJaggedTensor(_JaggedAccessors):
         """The same data as a torchrec.KeyedJaggedTensor (imports torchrec)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor as TorchrecKJT
 
-        return TorchrecKJT(keys=self._keys, values=self._values, weights=self._weights,
-                           lengths=self._lengths, stride=self._stride)
+        return TorchrecKJT(
+            keys=self._keys,
+            values=self._values,
+            weights=self._weights,
+            lengths=self._lengths,
+            stride=self._stride,
+        )
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k!r}: {[b.tolist() for b in self[k].to_dense()]}" for k in self._keys)
@@ -322,8 +337,10 @@ class KeyedTensor:
         if not 0 <= key_dim < max(values.dim(), 1):
             raise ValueError(f"KeyedTensor: key_dim={key_dim} but values has {values.dim()} dims")
         if values.shape[key_dim] != sum(length_per_key):
-            raise ValueError(f"KeyedTensor: values has {values.shape[key_dim]} entries along dim "
-                             f"{key_dim} but length_per_key sums to {sum(length_per_key)}")
+            raise ValueError(
+                f"KeyedTensor: values has {values.shape[key_dim]} entries along dim "
+                f"{key_dim} but length_per_key sums to {sum(length_per_key)}"
+            )
         self._keys = keys
         self._length_per_key = length_per_key
         self._values = values
@@ -355,29 +372,34 @@ class KeyedTensor:
         try:
             i = self._keys.index(key)
         except ValueError:
-            raise KeyError(f"{key!r} is not a key of this KeyedTensor "
-                           f"(keys: {self._keys})") from None
-        return self._values.narrow(self._key_dim, self.offset_per_key()[i],
-                                   self._length_per_key[i])
+            raise KeyError(f"{key!r} is not a key of this KeyedTensor (keys: {self._keys})") from None
+        return self._values.narrow(self._key_dim, self.offset_per_key()[i], self._length_per_key[i])
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         parts = torch.split(self._values, self._length_per_key, dim=self._key_dim)
         return dict(zip(self._keys, parts, strict=True))
 
     def to(self, device, non_blocking: bool = False) -> KeyedTensor:
-        return KeyedTensor(self._keys, self._length_per_key,
-                           self._values.to(device, non_blocking=non_blocking), self._key_dim)
+        return KeyedTensor(
+            self._keys,
+            self._length_per_key,
+            self._values.to(device, non_blocking=non_blocking),
+            self._key_dim,
+        )
 
     def to_torchrec(self):
         """The same data as a torchrec.KeyedTensor (imports torchrec)."""
         from torchrec.sparse.jagged_tensor import KeyedTensor as TorchrecKT
 
-        return TorchrecKT(keys=self._keys, length_per_key=self._length_per_key,
-                          values=self._values, key_dim=self._key_dim)
+        return TorchrecKT(
+            keys=self._keys, length_per_key=self._length_per_key, values=self._values, key_dim=self._key_dim
+        )
 
     def __repr__(self) -> str:
-        return (f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, "
-                f"values={tuple(self._values.shape)})")
+        return (
+            f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, "
+            f"values={tuple(self._values.shape)})"
+        )
 
 
 def as_kjt(obj) -> KeyedJaggedTensor:
@@ -388,13 +410,16 @@ def as_kjt(obj) -> KeyedJaggedTensor:
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(obj).__name__}")
     vbe = getattr(obj, "variable_stride_per_key", None)
     if callable(vbe) and vbe():
-        raise ValueError("KeyedJaggedTensor with a variable batch size per key (TorchRec VBE) is "
-                         "not supported: every key needs the same batch size")
+        raise ValueError(
+            "KeyedJaggedTensor with a variable batch size per key (TorchRec VBE) is "
+            "not supported: every key needs the same batch size"
+        )
     get_w = getattr(obj, "weights_or_none", None)
     weights = get_w() if callable(get_w) else None
     stride = obj.stride() if callable(getattr(obj, "stride", None)) else None
-    return KeyedJaggedTensor(list(obj.keys()), obj.values(), weights=weights,
-                             lengths=obj.lengths(), stride=stride)
+    return KeyedJaggedTensor(
+        list(obj.keys()), obj.values(), weights=weights, lengths=obj.lengths(), stride=stride
+    )
 
 
 def as_kt(obj) -> KeyedTensor:
@@ -404,5 +429,6 @@ def as_kt(obj) -> KeyedTensor:
     if not all(callable(getattr(obj, m, None)) for m in ("keys", "values", "length_per_key")):
         raise TypeError(f"expected a KeyedTensor, got {type(obj).__name__}")
     kd = getattr(obj, "key_dim", None)
-    return KeyedTensor(list(obj.keys()), list(obj.length_per_key()), obj.values(),
-                       kd() if callable(kd) else 1)
+    return KeyedTensor(
+        list(obj.keys()), list(obj.length_per_key()), obj.values(), kd() if callable(kd) else 1
+    )

@@ -99,11 +99,13 @@ def _entry(name: str, entry, world_size: int) -> tuple[str, int | None]:
             return "row_wise", None
         if kind == "table_wise":
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-                raise ValueError(f"plan for table {name!r}: rank {rank!r} is out of range for "
-                                 f"{world_size} ranks")
+                raise ValueError(
+                    f"plan for table {name!r}: rank {rank!r} is out of range for {world_size} ranks"
+                )
             return "table_wise", rank
-    raise ValueError(f"plan for table {name!r}: expected 'table_wise', 'row_wise' or "
-                     f"{{'table_wise': rank}}, got {entry!r}")
+    raise ValueError(
+        f"plan for table {name!r}: expected 'table_wise', 'row_wise' or {{'table_wise': rank}}, got {entry!r}"
+    )
 
 
 def make_plan(tables, plan="table_wise", world_size: int = 1) -> ShardingPlan:
@@ -185,5 +187,6 @@ def make_plan(tables, plan="table_wise", world_size: int = 1) -> ShardingPlan:
         local.append(tuple(out))
 
     all_shards = tuple(sh for n in names for sh in shards[n])
-    return ShardingPlan(W, tuple(tables), {n: entries[n][0] for n in names}, all_shards,
-                        tuple(slots), tuple(local))
+    return ShardingPlan(
+        W, tuple(tables), {n: entries[n][0] for n in names}, all_shards, tuple(slots), tuple(local)
+    )

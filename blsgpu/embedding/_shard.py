@@ -42,9 +42,11 @@ class LocalShard(nn.Module):
         if self.quantized and src.dtype == torch.uint8:
             d += 8  # fused 8-bit rows: D codes, fp32 scale, fp32 bias
         if rows == (config.num_embeddings, d):
-            src = src[self.row_start:self.row_end]
+            src = src[self.row_start : self.row_end]
         elif rows != (self.row_end - self.row_start, d):
-            raise ValueError(f"{key}: shape {rows} is neither the table's "
-                             f"{(config.num_embeddings, d)} nor this rank's shard "
-                             f"{(self.row_end - self.row_start, d)}")
+            raise ValueError(
+                f"{key}: shape {rows} is neither the table's "
+                f"{(config.num_embeddings, d)} nor this rank's shard "
+                f"{(self.row_end - self.row_start, d)}"
+            )
         self.load(src)

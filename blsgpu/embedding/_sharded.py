@@ -34,6 +34,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from blsgpu._trace import span
 from blsgpu.embedding._collection import check_features, init_weight
 from blsgpu.embedding._config import as_configs
+from blsgpu.embedding._input_dist import bucket_row_wise, ids_as_weights, weights_as_ids
 from blsgpu.embedding._jagged import KeyedJaggedTensor, KeyedTensor, as_kjt, offsets_of, to_device
 from blsgpu.embedding._plan import make_plan
 from blsgpu.embedding._shard import LocalShard
@@ -75,10 +76,21 @@ class ShardedEmbeddingBagCollection(nn.Module):
             seed=seed) would (each rank draws the whole table once to slice its rows).
     """
 
-    def __init__(self, tables, plan="table_wise", group=None, bound: int = 4, device=None,
-                 comm_dtype: torch.dtype | None = None, *, is_weighted: bool = False,
-                 dtype: torch.dtype = torch.float32, seed: int | None = None,
-                 timeout=None, _init: bool = True):
+    def __init__(
+        self,
+        tables,
+        plan="table_wise",
+        group=None,
+        bound: int = 4,
+        device=None,
+        comm_dtype: torch.dtype | None = None,
+        *,
+        is_weighted: bool = False,
+        dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+        timeout=None,
+        _init: bool = True,
+    ):
         super().__init__()
         configs = as_configs(tables)
         if comm_dtype is None:
@@ -91,8 +103,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         if quantized:
             dtype = torch.float32  # drawn in float, then quantized row-wise
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised: call "
-                               "dist.init_process_group first (or use blsgpu.run_world)")
+            raise RuntimeError(
+                "torch.distributed is not initialised: call "
+                "dist.init_process_group first (or use blsgpu.run_world)"
+            )
         self._group = group
         self._rank = dist.get_rank(group)
         W = dist.get_world_size(group)
@@ -114,7 +128,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     if not _init:
                         w = torch.zeros(sh.rows, t.embedding_dim, dtype=dtype, device=self._device)
                     elif seed is not None:
-                        w = init_weight(t, i, seed, dtype)[sh.row_start:sh.row_end]
+                        w = init_weight(t, i, seed, dtype)[sh.row_start : sh.row_end]
                         w = w.to(self._device).clone()
                     else:
                         bound_ = (1.0 / t.num_embeddings) ** 0.5
@@ -146,18 +160,21 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 s = slots[ls.slot]
                 add = s.kind == "row_wise"
                 last = moves[-1] if moves else None
-                if last and last[1] == ls.col and last[2] + last[1] - last[0] == s.col \
-                        and last[3] == add:
+                if last and last[1] == ls.col and last[2] + last[1] - last[0] == s.col and last[3] == add:
                     last[1] += s.dim
                 else:
                     moves.append([ls.col, ls.col + s.dim, s.col, add])
             self._moves.append([tuple(m) for m in moves])
         self._any_row_wise = any(s.kind == "row_wise" for s in slots)
-        self._mean_rw = [(j, s.col, s.dim) for j, s in enumerate(slots)
-                         if s.kind == "row_wise" and s.pooling == "mean"]
+        self._mean_rw = [
+            (j, s.col, s.dim) for j, s in enumerate(slots) if s.kind == "row_wise" and s.pooling == "mean"
+        ]
         # Ids (and lengths, and N) fit int32 unless a table has 2^31 rows or more.
-        self._id_dtype = torch.int32 if max((t.num_embeddings for t in configs), default=0) \
-            <= torch.iinfo(torch.int32).max else torch.int64
+        self._id_dtype = (
+            torch.int32
+            if max((t.num_embeddings for t in configs), default=0) <= torch.iinfo(torch.int32).max
+            else torch.int64
+        )
 
         # Channels are collective: the same ones, in the same order, on every rank.
         kw = dict(group=group, bound=bound, device=self._device, timeout=timeout)
@@ -168,8 +185,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
         transport = self._ch_ids.transport
         staging = transport.staging(self._device)
         if staging is not None:
-            warnings.warn(f"the sharded collection on {self._device} runs on {transport.name}: "
-                          f"{staging}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the sharded collection on {self._device} runs on {transport.name}: {staging}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------- public API
 
@@ -239,12 +259,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """Loads the unsharded collection's state (each rank slices its rows) or this rank's own
         shards. Tables this rank does not hold are skipped."""
         names = {f"embedding_bags.{t.name}.weight": t for t in self._tables}
-        missing = [k for k, t in names.items() if t.name in self.embedding_bags
-                   and k not in state_dict]
+        missing = [k for k, t in names.items() if t.name in self.embedding_bags and k not in state_dict]
         unexpected = [k for k in state_dict if k not in names]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys "
-                               f"{unexpected}")
+            raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         with torch.no_grad():
             for key, t in names.items():
                 if t.name not in self.embedding_bags or key not in state_dict:
@@ -268,36 +286,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         values = kjt.values().to(self._id_dtype)
         weights = kjt.weights() if self._is_weighted else None
         if weights is not None:
-            weights = _weights_as_ids(weights, self._id_dtype)
+            weights = weights_as_ids(weights, self._id_dtype)
         opk = kjt.offset_per_key()
         slots = self.plan.slots
-        # Row-wise features: ids bucketed by owner (stable, so bag order survives), shifted to
-        # local rows; per owner the per-bag counts and the id range. Counted with index_add_
-        # (bincount reads its input's range on the host) and every slot's id count per owner read
-        # on the host in one go.
-        buckets: dict[int, tuple] = {}
-        row_wise = sorted({ls.slot for local in self.plan.local for ls in local
-                           if slots[ls.slot].kind == "row_wise"})
-        if row_wise:
-            found = []
-            for j in row_wise:
-                s, ki = slots[j], key_index[j]
-                ids = values[opk[ki]:opk[ki + 1]]
-                owner = torch.div(ids, s.block, rounding_mode="floor")
-                bag = torch.repeat_interleave(torch.arange(n, device=ids.device),
-                                              lengths[ki * n:(ki + 1) * n], output_size=ids.numel())
-                counts = torch.zeros(self._W * n, dtype=torch.int64, device=ids.device)
-                counts.index_add_(0, owner.long() * n + bag, torch.ones_like(bag))
-                found.append((j, ki, s, ids, owner, counts.view(self._W, n)))
-            per_owner = torch.stack([c.sum(1) for *_, c in found]).tolist()
-            for (j, ki, s, ids, owner, counts), sums in zip(found, per_owner, strict=True):
-                starts = [0]
-                for c in sums:
-                    starts.append(starts[-1] + c)
-                perm = torch.argsort(owner, stable=True)
-                local_ids = ids[perm] - owner[perm] * s.block
-                w = None if weights is None else weights[opk[ki]:opk[ki + 1]][perm]
-                buckets[j] = (counts.to(self._id_dtype), local_ids, w, starts)
+        buckets = bucket_row_wise(self.plan, key_index, values, lengths, weights, opk, n, self._id_dtype)
 
         heads: list[int] = []  # per destination: N, then the id count of each of its slots
         parts: list[tuple[int, list[torch.Tensor]]] = []  # (head length, tensors) per destination
@@ -313,16 +305,16 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 if slots[j].kind == "row_wise":
                     counts, local_ids, w, starts = buckets[j]
                     len_p.append(counts[r])
-                    id_p.append(local_ids[starts[r]:starts[r + 1]])
+                    id_p.append(local_ids[starts[r] : starts[r + 1]])
                     cnt.append(starts[r + 1] - starts[r])
                     if w is not None:
-                        w_p.append(w[starts[r]:starts[r + 1]])
+                        w_p.append(w[starts[r] : starts[r + 1]])
                 else:
-                    len_p.append(lengths[ki * n:(ki + 1) * n])
-                    id_p.append(values[opk[ki]:opk[ki + 1]])
+                    len_p.append(lengths[ki * n : (ki + 1) * n])
+                    id_p.append(values[opk[ki] : opk[ki + 1]])
                     cnt.append(opk[ki + 1] - opk[ki])
                     if weights is not None:
-                        w_p.append(weights[opk[ki]:opk[ki + 1]])
+                        w_p.append(weights[opk[ki] : opk[ki + 1]])
             heads += [n, *cnt]
             parts.append((1 + len(local), [*len_p, *id_p, *w_p]))
             ids_splits.append(1 + len(local) * (1 + n) + sum(cnt) * (2 if weights is not None else 1))
@@ -355,13 +347,13 @@ class ShardedEmbeddingBagCollection(nn.Module):
             weighted = self._is_weighted
             starts = offsets(rsplits)
             # Every source's head [N, id count per slot], read on the host in one go.
-            head = torch.cat([recv[st:st + 1 + S] for st in starts[:-1]]).view(W, 1 + S).tolist()
+            head = torch.cat([recv[st : st + 1 + S] for st in starts[:-1]]).view(W, 1 + S).tolist()
             ns = [h[0] for h in head]
             cnt = [[head[p][1 + s] for p in range(W)] for s in range(S)]  # [S][W]
             lens, id_lo = [], []
             for p in range(W):
                 lo = starts[p] + 1 + S
-                lens.append(recv[lo:lo + S * ns[p]].view(S, ns[p]))
+                lens.append(recv[lo : lo + S * ns[p]].view(S, ns[p]))
                 id_lo.append(lo + S * ns[p])
             lengths = torch.cat(lens, 1)  # [S, sum(ns)]: slot-major, then source rank, then sample
             # Reorder ids from (source, slot) to (slot, source) so that the bags of one slot are
@@ -369,22 +361,32 @@ class ShardedEmbeddingBagCollection(nn.Module):
             n_tot = sum(ns)
             # per source, per slot: first id in recv
             id_start = [[id_lo[p] + a for a in offsets(cnt[s][p] for s in range(S))] for p in range(W)]
-            ids = torch.cat([recv[id_start[p][s]:id_start[p][s] + cnt[s][p]]
-                             for s in range(S) for p in range(W)])
+            ids = torch.cat(
+                [recv[id_start[p][s] : id_start[p][s] + cnt[s][p]] for s in range(S) for p in range(W)]
+            )
             if ids.numel() > torch.iinfo(torch.int32).max:  # int32 offsets would overflow
                 ids = ids.long()
             weights = None
             if weighted:  # each source's weights follow its ids
                 n_ids = [sum(cnt[s][p] for s in range(S)) for p in range(W)]
-                weights = _ids_as_weights(torch.cat(
-                    [recv[id_start[p][s] + n_ids[p]:id_start[p][s] + n_ids[p] + cnt[s][p]]
-                     for s in range(S) for p in range(W)]))
+                weights = ids_as_weights(
+                    torch.cat(
+                        [
+                            recv[id_start[p][s] + n_ids[p] : id_start[p][s] + n_ids[p] + cnt[s][p]]
+                            for s in range(S)
+                            for p in range(W)
+                        ]
+                    )
+                )
             slot_ids = offsets(sum(c) for c in cnt)
             bag_offsets = offsets_of(lengths.view(-1), ids.dtype)
             send = self._ch_out.send_buffer((n_tot * D,), self._comm_dtype)
             dev = self._device
-            out = send.view(n_tot, D) if send.device == dev else torch.empty(
-                n_tot, D, dtype=self._comm_dtype, device=dev)
+            out = (
+                send.view(n_tot, D)
+                if send.device == dev
+                else torch.empty(n_tot, D, dtype=self._comm_dtype, device=dev)
+            )
             with span("lookup", self._ch_out.name, b.h_ids.iteration):
                 self._pool(ids, bag_offsets, weights, slot_ids, n_tot, out)
             if out.data_ptr() != send.data_ptr():
@@ -395,15 +397,22 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def _pool(self, ids, offsets, weights, slot_ids, n_tot, out) -> None:
         """The fused lookup of every local slot run, straight into `out` (the send buffer)."""
         for s0, s1, pooling in self._runs:
-            tables = [self.embedding_bags[self.plan.slots[ls.slot].table].table()
-                      for ls in self._local[s0:s1]]
+            tables = [
+                self.embedding_bags[self.plan.slots[ls.slot].table].table() for ls in self._local[s0:s1]
+            ]
             c0 = self._local[s0].col
             c1 = self._local[s1 - 1].col + self.plan.slots[self._local[s1 - 1].slot].dim
             i0, i1 = slot_ids[s0], slot_ids[s1]
-            offs = offsets[s0 * n_tot:s1 * n_tot + 1]
-            pooled_lookup(tables, ids[i0:i1], offs - i0 if i0 else offs,
-                          per_sample_weights=None if weights is None else weights[i0:i1],
-                          pooling=pooling, out=out[:, c0:c1], validate=False)
+            offs = offsets[s0 * n_tot : s1 * n_tot + 1]
+            pooled_lookup(
+                tables,
+                ids[i0:i1],
+                offs - i0 if i0 else offs,
+                per_sample_weights=None if weights is None else weights[i0:i1],
+                pooling=pooling,
+                out=out[:, c0:c1],
+                validate=False,
+            )
 
     def _assemble(self, b: _Batch) -> KeyedTensor:
         recv, _ = b.h_out.wait()
@@ -417,11 +426,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
         for r in range(self._W):
             d = self._local_dim[r]
             if d:
-                block = recv[at[r]:at[r + 1]].view(n, d)
+                block = recv[at[r] : at[r + 1]].view(n, d)
                 if block.device != out.device:
                     block = block.to(out.device)
                 for l0, l1, c0, add in self._moves[r]:
-                    dst = out[:, c0:c0 + l1 - l0]
+                    dst = out[:, c0 : c0 + l1 - l0]
                     if add:
                         dst.add_(block[:, l0:l1])  # in fp32, as the comm dtype promotes
                     else:
@@ -430,27 +439,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
             lengths = b.kjt.lengths()
             for j, col, dim in self._mean_rw:
                 ki = b.key_index[j]
-                lj = lengths[ki * n:(ki + 1) * n].clamp(min=1).to(out.dtype).unsqueeze(1)
-                out[:, col:col + dim] /= lj
+                lj = lengths[ki * n : (ki + 1) * n].clamp(min=1).to(out.dtype).unsqueeze(1)
+                out[:, col : col + dim] /= lj
         return KeyedTensor([s.name for s in slots], [s.dim for s in slots], out)
 
 
-def _weights_as_ids(weights: torch.Tensor, id_dtype: torch.dtype) -> torch.Tensor:
-    """fp32 weights as the message's integers, bit for bit (via fp64 in an int64 message)."""
-    weights = weights.to(torch.float32)
-    if id_dtype == torch.int32:
-        return weights.view(torch.int32)
-    return weights.to(torch.float64).view(torch.int64)
-
-
-def _ids_as_weights(bits: torch.Tensor) -> torch.Tensor:
-    if bits.dtype == torch.int32:
-        return bits.view(torch.float32)
-    return bits.view(torch.float64).to(torch.float32)
-
-
-def shard(ebc, plan="table_wise", group=None, bound: int = 4, **kwargs
-          ) -> ShardedEmbeddingBagCollection:
+def shard(ebc, plan="table_wise", group=None, bound: int = 4, **kwargs) -> ShardedEmbeddingBagCollection:
     """Shards an unsharded EmbeddingBagCollection (blsgpu's or TorchRec's), weights included.
 
     Collective: every rank of the group calls it with the same collection. kwargs go to

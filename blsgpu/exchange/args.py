@@ -27,9 +27,7 @@ def check_options(bound: Any, timeout: timedelta | float | None, inline_bytes: A
         timeout = _env.default_timeout()
     timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     if not 0 < timeout_s <= _env.MAX_TIMEOUT_S:  # also refuses nan and inf
-        raise ValueError(
-            f"timeout must be positive and at most {_env.MAX_TIMEOUT_S:.0e} s, got {timeout!r}"
-        )
+        raise ValueError(f"timeout must be positive and at most {_env.MAX_TIMEOUT_S:.0e} s, got {timeout!r}")
     if inline_bytes is not None and (
         isinstance(inline_bytes, bool) or not isinstance(inline_bytes, int) or inline_bytes < 0
     ):
@@ -40,8 +38,10 @@ def check_options(bound: Any, timeout: timedelta | float | None, inline_bytes: A
 def as_splits(splits: Any, world_size: int, what: str) -> list[int]:
     """`splits` as a list of world_size non-negative Python ints, or TypeError / ValueError."""
     # Fast path: a list (or tuple) of W non-negative Python ints, as most callers pass.
-    if (type(splits) is list or type(splits) is tuple) and len(splits) == world_size and all(
-        type(s) is int for s in splits
+    if (
+        (type(splits) is list or type(splits) is tuple)
+        and len(splits) == world_size
+        and all(type(s) is int for s in splits)
     ):
         if not splits or (min(splits) >= 0 and sum(splits) <= _INT64_MAX):
             return list(splits)

@@ -131,7 +131,9 @@ class BoundedLagAllToAll(Posting, Progress):
         except PeerFailure as e:
             raise PeerError(
                 f"BLS channel {name or 'new'!r}: peer {e.peer} failed during channel creation: {e}",
-                peer=e.peer, channel=name or "new", iteration=-1,
+                peer=e.peer,
+                channel=name or "new",
+                iteration=-1,
             ) from e
         tr = self.transport
         self.rank = tr.rank
@@ -186,12 +188,15 @@ class BoundedLagAllToAll(Posting, Progress):
         # the host for headers (docs/design.md, "The GPU path").
         self._ordered = tr.stream_ordered
         if self._ordered and tr.caller_may_receive:
-            raise ValueError(f"transport {tr.name!r}: a stream-ordered transport is driven by the "
-                             f"progress thread alone (caller_may_receive must be False)")
+            raise ValueError(
+                f"transport {tr.name!r}: a stream-ordered transport is driven by the "
+                f"progress thread alone (caller_may_receive must be False)"
+            )
         self._queue: queue.SimpleQueue[Iteration | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._progress_ordered if self._ordered else self._progress,
-            name=f"blsgpu-{self.name}-r{self.rank}", daemon=True
+            name=f"blsgpu-{self.name}-r{self.rank}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -224,12 +229,7 @@ class BoundedLagAllToAll(Posting, Progress):
         nbytes = math.prod(shape) * dtype.itemsize
         return self._slot(self._next_k, nbytes).typed(dtype, shape)
 
-    def exchange(
-        self,
-        send: torch.Tensor,
-        send_splits: Any,
-        recv_splits: Any = None,
-    ) -> ExchangeHandle:
+    def exchange(self, send: torch.Tensor, send_splits: Any, recv_splits: Any = None) -> ExchangeHandle:
         """Post the next iteration: rows send[sum(send_splits[:p]) : ...] go to rank p.
 
         Non-blocking: it returns once the messages are posted, and `send` may be reused at once.
@@ -292,12 +292,13 @@ class BoundedLagAllToAll(Posting, Progress):
                 note = " (the failing peer could not be told apart)"
             # The transport says what happened where it knows; else its message's first line does.
             text = str(exc)
-            cause = (getattr(exc, "reason", None)
-                     or (text.splitlines()[0] if text else type(exc).__name__))
+            cause = getattr(exc, "reason", None) or (text.splitlines()[0] if text else type(exc).__name__)
             err = PeerError(
                 f"BLS channel {self.name!r} (rank {self.rank}): peer {peer} failed during iteration "
                 f"{k} ({what}): {cause}{note}",
-                peer=peer, channel=self.name, iteration=k,
+                peer=peer,
+                channel=self.name,
+                iteration=k,
             )
             self._broken = err
             return err
@@ -306,8 +307,9 @@ class BoundedLagAllToAll(Posting, Progress):
         if self._closed:
             return
         self._closed = True
-        pending = abandon and any(not it.finished or it.data_work is not None
-                                  for it in self._records.values())
+        pending = abandon and any(
+            not it.finished or it.data_work is not None for it in self._records.values()
+        )
         self._queue.put(None)
         if pending:
             # Cancel what is still posted on this channel's own connections: nothing else shares

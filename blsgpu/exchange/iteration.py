@@ -29,9 +29,17 @@ class Iteration:
     gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
     msg_args: tuple | None = None  # stream-ordered: the MESSAGE alltoall the progress thread posts
 
-    def __init__(self, k: int, slot: torch.Tensor, buf: Buffer, head: np.ndarray,
-                 send_splits: list[int], recv_splits: list[int] | None, row_bytes: int,
-                 out_device: torch.device):
+    def __init__(
+        self,
+        k: int,
+        slot: torch.Tensor,
+        buf: Buffer,
+        head: np.ndarray,
+        send_splits: list[int],
+        recv_splits: list[int] | None,
+        row_bytes: int,
+        out_device: torch.device,
+    ):
         self.k = k
         self.slot = slot  # [n, *trailing], contiguous, on the transport's device
         self.buf = buf  # the send slot's buffer

@@ -115,8 +115,9 @@ def header_row(channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...]) -
     """A rank's header row for rows of (dtype, trailing dims); the per-iteration fields are 0 (and
     the expected split -1: not known)."""
     dims = list(trailing) + [0] * (MAX_TRAILING_DIMS - len(trailing))
-    return np.array([_MAGIC, channel_id, 0, DTYPE_CODE[dtype], len(trailing), *dims, 0, 0, -1, 0, 0],
-                    dtype=np.int64)
+    return np.array(
+        [_MAGIC, channel_id, 0, DTYPE_CODE[dtype], len(trailing), *dims, 0, 0, -1, 0, 0], dtype=np.int64
+    )
 
 
 def dtype_of(row: np.ndarray) -> torch.dtype | None:
@@ -135,9 +136,17 @@ def row_bytes_of(row: np.ndarray) -> int:
     return (dt.itemsize if dt is not None else 1) * math.prod(trailing_of(row))
 
 
-def header_problems(me: int, slot: torch.Tensor, head: np.ndarray, hdr: np.ndarray, off: bool,
-                    rows: list[int], expect: list[int], send_splits: list[int],
-                    recv_splits: list[int] | None) -> list[str]:
+def header_problems(
+    me: int,
+    slot: torch.Tensor,
+    head: np.ndarray,
+    hdr: np.ndarray,
+    off: bool,
+    rows: list[int],
+    expect: list[int],
+    send_splits: list[int],
+    recv_splits: list[int] | None,
+) -> list[str]:
     """What the peers' headers `hdr` of an iteration contradict (empty: nothing).
 
     `off`: some peer's dtype or trailing dims differ from `head`, this rank's header row; `rows`:
@@ -149,19 +158,27 @@ def header_problems(me: int, slot: torch.Tensor, head: np.ndarray, hdr: np.ndarr
         for q in np.flatnonzero(differ).tolist():
             problems.append(
                 f"rank {q + (q >= me)} sends {dtype_of(hdr[q])} rows of shape {trailing_of(hdr[q])} "
-                f"but rank {me} exchanges {slot.dtype} rows of shape {list(slot.shape[1:])}")
+                f"but rank {me} exchanges {slot.dtype} rows of shape {list(slot.shape[1:])}"
+            )
     if recv_splits is not None and recv_splits != rows:
-        problems += [f"recv_splits[{p}]={known} on rank {me} but rank {p} sends {rows[p]} rows"
-                     for p, known in enumerate(recv_splits) if known != rows[p]]
+        problems += [
+            f"recv_splits[{p}]={known} on rank {me} but rank {p} sends {rows[p]} rows"
+            for p, known in enumerate(recv_splits)
+            if known != rows[p]
+        ]
     if expect != send_splits and max(expect) >= 0:
-        problems += [f"rank {p} expects {e} rows from rank {me} (its recv_splits) but rank "
-                     f"{me} sends send_splits[{p}]={send_splits[p]}"
-                     for p, e in enumerate(expect) if 0 <= e != send_splits[p]]
+        problems += [
+            f"rank {p} expects {e} rows from rank {me} (its recv_splits) but rank "
+            f"{me} sends send_splits[{p}]={send_splits[p]}"
+            for p, e in enumerate(expect)
+            if 0 <= e != send_splits[p]
+        ]
     return problems
 
 
-def gather(out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray,
-           lo: int, row_bytes: int) -> None:
+def gather(
+    out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray, lo: int, row_bytes: int
+) -> None:
     """Every peer's inline payload (rows of `table`, behind the headers) and this rank's own rows
     (`own` from byte `lo`) into `out`, in rank order."""
     H = HEADER_BYTES

@@ -65,8 +65,9 @@ class Posting:
                     f"send_splits[{me}]={send_splits[me]} rows to itself"
                 )
         elif self._known:
-            raise ValueError(f"channel {self.name!r} was created with known_splits=True: "
-                             f"every exchange passes recv_splits")
+            raise ValueError(
+                f"channel {self.name!r} was created with known_splits=True: every exchange passes recv_splits"
+            )
         tr = self.transport
         device = send.device
         if device != self._send_device:  # a device not seen before: ask the transport once
@@ -74,8 +75,9 @@ class Posting:
             staging = tr.staging(device)
             if staging is not None and not self._warned_staging:
                 self._warned_staging = True
-                warnings.warn(f"channel {self.name!r} runs on {tr.name}: {staging}",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"channel {self.name!r} runs on {tr.name}: {staging}", RuntimeWarning, stacklevel=3
+                )
         k = self._next_k
         self._check_bound(k)
         buf, slot = self._fill_slot(k, send)
@@ -141,13 +143,22 @@ class Posting:
             if spill:
                 tr.slot_written(k)  # where the caller's stream finished writing the slot
             if W > 1 and not self._known:
-                it.msg_args = (in_buf.torch(self._msg_in_bytes), self._msg_out_sizes,
-                               out_buf.torch(total), in_sizes)
+                it.msg_args = (
+                    in_buf.torch(self._msg_in_bytes),
+                    self._msg_out_sizes,
+                    out_buf.torch(total),
+                    in_sizes,
+                )
         elif W > 1:
             try:
-                it.msg_work = tr.alltoall(MESSAGE, k, in_buf.torch(self._msg_in_bytes),
-                                          self._msg_out_sizes,
-                                          out_buf.torch(total), in_sizes)
+                it.msg_work = tr.alltoall(
+                    MESSAGE,
+                    k,
+                    in_buf.torch(self._msg_in_bytes),
+                    self._msg_out_sizes,
+                    out_buf.torch(total),
+                    in_sizes,
+                )
             except Exception as e:  # the transport refuses to post: the channel is gone
                 raise self._fail(k, "posting", e) from e
         self._bytes_sent += sum(nbs_p)
@@ -188,8 +199,7 @@ class Posting:
         """This rank's header row for rows of (dtype, trailing dims); per-iteration fields 0."""
         head = self._heads.get((dtype, trailing))
         if head is None:
-            head = self._heads[(dtype, trailing)] = header_row(self.transport.channel_id, dtype,
-                                                               trailing)
+            head = self._heads[(dtype, trailing)] = header_row(self.transport.channel_id, dtype, trailing)
         return head
 
     def _check_bound(self, k: int) -> None:
@@ -200,4 +210,3 @@ class Posting:
                 f"with bound B={self.bound}; wait() iteration {self._next_wait} before posting "
                 f"iteration {k}"
             )
-

@@ -128,8 +128,12 @@ class Progress:
 
     def _decide(self, it: Iteration) -> None:
         self._await_messages(it)
-        if (threading.current_thread() is self._thread and self._gather_late
-                and not it.spill and not self._received(it.k)[1][:, H_SPILL].any()):
+        if (
+            threading.current_thread() is self._thread
+            and self._gather_late
+            and not it.spill
+            and not self._received(it.k)[1][:, H_SPILL].any()
+        ):
             # No data alltoall in k: nothing peers wait for. Reading the headers and gathering the
             # payloads is left to the caller's wait(), with no hand-off.
             it.gather_late = True
@@ -176,13 +180,13 @@ class Progress:
         if spill:
             self._spilled = True
         expect.insert(me, -1)
-        problems = header_problems(me, slot, head, hdr, off, rows, expect, it.send_splits,
-                                   it.recv_splits)
+        problems = header_problems(me, slot, head, hdr, off, rows, expect, it.send_splits, it.recv_splits)
         if problems:
             # Complete the iteration so every rank stays in step, then say what disagreed.
             if spill:
-                sizes = [rows[p] * (row_bytes_of(hdr[p - (p > me)]) if p != me else row_bytes)
-                         for p in range(W)]
+                sizes = [
+                    rows[p] * (row_bytes_of(hdr[p - (p > me)]) if p != me else row_bytes) for p in range(W)
+                ]
                 scratch = tr.empty((sum(sizes),), torch.uint8)
                 self._counters.gate(k, self.bound)
                 it.data_work = self._post_data(it, scratch, sizes)
@@ -218,8 +222,9 @@ class Progress:
         nbytes = sum(it.send_splits) * it.row_bytes
         inp = it.buf.torch(nbytes) if nbytes else EMPTY
         try:
-            return self.transport.alltoall(DATA, it.k, out, out_sizes, inp,
-                                           [s * it.row_bytes for s in it.send_splits])
+            return self.transport.alltoall(
+                DATA, it.k, out, out_sizes, inp, [s * it.row_bytes for s in it.send_splits]
+            )
         except Exception as e:
             raise self._fail(it.k, "posting the data", e) from e
 
@@ -253,9 +258,7 @@ class Progress:
             self._process(it)
         # Every transport wait inside is bounded by the timeout; this is a safety net.
         if not it.finished and not self._await(it, 2 * self.timeout_s + 10.0):
-            it.error = BLSError(
-                f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed"
-            )
+            it.error = BLSError(f"channel {self.name!r} (rank {self.rank}): iteration {it.k} never completed")
             self._broken = it.error
         if it.gather_late:
             it.gather_late = False
@@ -285,4 +288,3 @@ class Progress:
                 it.result = (out.to(it.out_device), rows)
         elif it.error is not None and not isinstance(it.error, ValueError):
             self._broken = it.error
-

@@ -64,9 +64,7 @@ def check_index_args(num_tables, indices, offsets, psw, pooling, out, device) ->
         if not isinstance(psw, torch.Tensor) or psw.dim() != 1 or not psw.is_floating_point():
             raise ValueError("per_sample_weights must be a 1-D float tensor")
         if psw.numel() != indices.numel():
-            raise ValueError(
-                f"per_sample_weights has {psw.numel()} weights for {indices.numel()} indices"
-            )
+            raise ValueError(f"per_sample_weights has {psw.numel()} weights for {indices.numel()} indices")
         if psw.device != device:
             raise ValueError(f"per_sample_weights is on {psw.device}, the tables on {device}")
     num_offsets = offsets.numel()
@@ -75,9 +73,7 @@ def check_index_args(num_tables, indices, offsets, psw, pooling, out, device) ->
     elif num_offsets >= 1 and (num_offsets - 1) % num_tables == 0:
         n = (num_offsets - 1) // num_tables
     else:
-        raise ValueError(
-            f"offsets must have T*N + 1 entries for T={num_tables} tables; got {num_offsets}"
-        )
+        raise ValueError(f"offsets must have T*N + 1 entries for T={num_tables} tables; got {num_offsets}")
     if num_offsets != num_tables * n + 1:
         raise ValueError(
             f"offsets must have T*N + 1 = {num_tables * n + 1} entries (T={num_tables}, N={n} from "
@@ -149,9 +145,7 @@ def check_offsets(indices, offsets, num_tables, n) -> list[int]:
             f"offsets[{i + 1}] = {int(off[i + 1])}"
         )
     if last != indices.numel():
-        raise ValueError(
-            f"offsets must end at len(indices) = {indices.numel()}, got offsets[-1] = {last}"
-        )
+        raise ValueError(f"offsets must end at len(indices) = {indices.numel()}, got offsets[-1] = {last}")
     return bounds if n > 0 else [0] * (num_tables + 1)
 
 

@@ -86,8 +86,10 @@ class QuantizedTable:
     def _qparams(self) -> torch.Tensor:
         # A copy, not .contiguous(): a one-row slice is contiguous already but keeps a storage
         # offset that a float32 view refuses when D is not a multiple of 4.
-        return self.data[:, self.embedding_dim :].clone(memory_format=torch.contiguous_format).view(
-            torch.float32
+        return (
+            self.data[:, self.embedding_dim :]
+            .clone(memory_format=torch.contiguous_format)
+            .view(torch.float32)
         )
 
     @property

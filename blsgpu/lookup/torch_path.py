@@ -55,9 +55,7 @@ def _quantized_bag(table: QuantizedTable, ids, offs, weights, mean) -> torch.Ten
         weights = weights.float()
     if _QUANTIZED_BAG is not None and not table.data.is_cuda:
         # FBGEMM's fused 8-bit CPU kernel; it only sums, so mean divides afterwards.
-        pooled = _QUANTIZED_BAG(
-            table.data.contiguous(), ids, offs, False, 0, False, weights, None, True
-        )
+        pooled = _QUANTIZED_BAG(table.data.contiguous(), ids, offs, False, 0, False, weights, None, True)
     else:
         # Generic path: gather the fused rows, dequantize them, then pool with embedding_bag over
         # positions 0..nnz-1 (a segment sum).

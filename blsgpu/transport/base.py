@@ -28,6 +28,7 @@ another channel. Transports that only have point-to-point messages (NCCL through
 the in-process one, local.py) get the alltoall from PointToPoint below. This module also holds what
 they share: channel ids per group, the group's store, and naming the peer behind a failure.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,8 +68,15 @@ class Transport(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
     def staging(self, device: torch.device) -> str | None: ...
     def slot_written(self, k: int) -> None: ...
-    def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
-                 inp: torch.Tensor, in_sizes: list[int]) -> Any: ...
+    def alltoall(
+        self,
+        kind: int,
+        k: int,
+        out: torch.Tensor,
+        out_sizes: list[int],
+        inp: torch.Tensor,
+        in_sizes: list[int],
+    ) -> Any: ...
     def wait_all(self, work: Any, timeout_s: float) -> None: ...
     def order_all(self, work: Any, timeout_s: float) -> None: ...
     def is_done(self, work: Any) -> bool: ...
@@ -81,9 +89,11 @@ def host_staging(own: torch.device, device: torch.device) -> str | None:
     """Why a transport whose buffers are on `own` stages send tensors on `device` through host
     memory every iteration, or None: CUDA tensors on a host transport."""
     if device.type == "cuda" and own.type != "cuda":
-        return ("its CUDA tensors are staged through host memory every iteration (the host waits "
-                "for the copy). Create it with device='cuda' for the GPU path (transport 'auto' "
-                "then picks NCCL).")
+        return (
+            "its CUDA tensors are staged through host memory every iteration (the host waits "
+            "for the copy). Create it with device='cuda' for the GPU path (transport 'auto' "
+            "then picks NCCL)."
+        )
     return None
 
 
@@ -122,8 +132,9 @@ def group_store(pg: Any) -> Any:
     return c10d._world.pg_map[pg][1]
 
 
-def blame_through_store(store: Any, rank: int, world_size: int, k: int, grace_s: float,
-                        shared: Any = None, window_s: float = 0.0) -> tuple[list[int], bool]:
+def blame_through_store(
+    store: Any, rank: int, world_size: int, k: int, grace_s: float, shared: Any = None, window_s: float = 0.0
+) -> tuple[list[int], bool]:
     """The peers that did not report a failure within `grace_s`.
 
     A collective's error does not say which rank let it down. Every rank whose exchange fails says
@@ -149,8 +160,9 @@ def blame_through_store(store: Any, rank: int, world_size: int, k: int, grace_s:
             if store.check([f"failed/{p}"]):
                 return True
             key = f"blsgpu/failed/{p}"
-            return (shared is not None and shared.check([key])
-                    and abs(float(shared.get(key)) - now) <= window_s)
+            return (
+                shared is not None and shared.check([key]) and abs(float(shared.get(key)) - now) <= window_s
+            )
 
         deadline = time.monotonic() + grace_s
         missing = peers
@@ -196,8 +208,15 @@ class PointToPoint:
     def staging(self, device: torch.device) -> str | None:
         return host_staging(self.device, device)
 
-    def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
-                 inp: torch.Tensor, in_sizes: list[int]) -> Batch:
+    def alltoall(
+        self,
+        kind: int,
+        k: int,
+        out: torch.Tensor,
+        out_sizes: list[int],
+        inp: torch.Tensor,
+        in_sizes: list[int],
+    ) -> Batch:
         batch = Batch()
         o_out = offsets(out_sizes)
         o_in = offsets(in_sizes)

@@ -80,8 +80,9 @@ class GlooTransport:
             timeout = timedelta(seconds=timeout_s)
             # Connecting is collective: every rank of the group builds the same two, in order.
             self._groups = [
-                dist.ProcessGroupGloo(dist.PrefixStore(kind, self._store), self.rank,
-                                      self.world_size, timeout)
+                dist.ProcessGroupGloo(
+                    dist.PrefixStore(kind, self._store), self.rank, self.world_size, timeout
+                )
                 for kind in ("message", "data")
             ]
 
@@ -93,12 +94,16 @@ class GlooTransport:
         try:
             self._store.wait(keys, timedelta(seconds=timeout_s))
         except Exception as e:
-            missing = [p for p in range(self.world_size)
-                       if p != self.rank and not self._store.check([f"joined/{p}"])]
+            missing = [
+                p for p in range(self.world_size) if p != self.rank and not self._store.check([f"joined/{p}"])
+            ]
             raise PeerFailure(
                 f"rank(s) {missing or '?'} did not create channel {self.channel_id} of the group "
                 f"within {timeout_s:.1f} s (a rank is silent, dead, or creates its channels in "
-                f"another order)", missing[0] if missing else -1, PeerFailure.TIMED_OUT) from e
+                f"another order)",
+                missing[0] if missing else -1,
+                PeerFailure.TIMED_OUT,
+            ) from e
 
     def connect(self, timeout_s: float) -> None:
         """Connected already: the groups connect when they are built, in __init__."""
@@ -128,8 +133,15 @@ class GlooTransport:
     def slot_written(k: int) -> None:
         """Host memory: the slot is written when exchange() returns."""
 
-    def alltoall(self, kind: int, k: int, out: torch.Tensor, out_sizes: list[int],
-                 inp: torch.Tensor, in_sizes: list[int]) -> Any:
+    def alltoall(
+        self,
+        kind: int,
+        k: int,
+        out: torch.Tensor,
+        out_sizes: list[int],
+        inp: torch.Tensor,
+        in_sizes: list[int],
+    ) -> Any:
         if not self._groups:  # a world of one: the message to itself is all there is
             n = in_sizes[0]
             out[:n].copy_(inp[:n])
@@ -153,8 +165,9 @@ class GlooTransport:
         return work.is_completed()
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
-        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
-                                   self._shared, self._timeout_s + grace_s)
+        return blame_through_store(
+            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s + grace_s
+        )
 
     def close(self) -> None:
         self._groups = []  # every work completed: the groups go quietly

@@ -75,12 +75,14 @@ class _Fabric:
                 if peer in self.left:
                     raise LinkError(
                         f"connection closed: rank {peer} left the local world ({self.left[peer]})",
-                        peer, LinkError.CLOSED,
+                        peer,
+                        LinkError.CLOSED,
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LinkError(f"timed out after {timeout_s:.1f} s waiting for {what}", peer,
-                                    LinkError.TIMED_OUT)
+                    raise LinkError(
+                        f"timed out after {timeout_s:.1f} s waiting for {what}", peer, LinkError.TIMED_OUT
+                    )
                 self.cond.wait(left)
             return table.pop(key)
 
@@ -189,8 +191,11 @@ class LocalTransport(PointToPoint):
         for p in range(self.world_size):
             if p != me:
                 self.fabric.put((ch, "agree", n, me, p), int(value))
-        got = [self.fabric.take((ch, "agree", n, p, me), p, self._timeout_s)
-               for p in range(self.world_size) if p != me]
+        got = [
+            self.fabric.take((ch, "agree", n, p, me), p, self._timeout_s)
+            for p in range(self.world_size)
+            if p != me
+        ]
         return min([int(value), *got])
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -247,12 +252,13 @@ class LocalTransport(PointToPoint):
         deadline = time.monotonic() + self._timeout_s
         taken = []
         for w in recvs:
-            src, src_gate = self.fabric.take((ch, DATA, k, w.peer, me), w.peer,
-                                             deadline - time.monotonic())
+            src, src_gate = self.fabric.take((ch, DATA, k, w.peer, me), w.peer, deadline - time.monotonic())
             if src.numel() != w.buf.numel():
                 raise LinkError(
                     f"rank {w.peer} sent {src.numel()} bytes for iteration {k} but rank {me} "
-                    f"receives {w.buf.numel()}", w.peer)
+                    f"receives {w.buf.numel()}",
+                    w.peer,
+                )
             if gpu:
                 self.stream.wait_event(src_gate)
                 with torch.cuda.stream(self.stream):
@@ -280,8 +286,12 @@ class LocalTransport(PointToPoint):
             from blsgpu.counters.device import host_wait  # GPU only
 
             if not host_wait(event, timeout_s):
-                raise LinkError(f"timed out after {timeout_s:.1f} s on the copy of iteration "
-                                f"{work.k} with rank {work.peer}", work.peer, LinkError.TIMED_OUT)
+                raise LinkError(
+                    f"timed out after {timeout_s:.1f} s on the copy of iteration "
+                    f"{work.k} with rank {work.peer}",
+                    work.peer,
+                    LinkError.TIMED_OUT,
+                )
 
     def test(self, work: _Work) -> bool:
         """Whether wait(work) would return at once."""
@@ -410,6 +420,7 @@ def run_local(
     if errors and not return_exceptions:
         first = next(r for r in fabric.order if r in errors)
         e = errors[first]
-        raise RankError(f"rank {first} raised {type(e).__name__}: {e}", rank=first,
-                        remote_type=type(e).__name__) from e
+        raise RankError(
+            f"rank {first} raised {type(e).__name__}: {e}", rank=first, remote_type=type(e).__name__
+        ) from e
     return [errors.get(r, results[r]) for r in range(world_size)]

@@ -47,6 +47,7 @@ from blsgpu.transport.base import HEADER, PointToPoint, _next_channel_id, blame_
 from blsgpu.transport.nccl_lib import import_nccl, make_comm
 from blsgpu.transport.sizes import offsets
 from blsgpu.transport.torch_cuda import TorchCuda
+from blsgpu.transport.watchdog import Watchdog
 
 
 @dataclass(eq=False)
@@ -65,18 +66,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-_WATCH_TICK_S = 0.1  # how often the watchdog looks (at most; a tenth of the timeout if shorter)
 _ABORT_GRACE_S = 5.0  # how long abort waits for a thread inside an NCCL call before aborting anyway
-
-
-class _Watched:
-    """A group the watchdog follows: `start` completes when the stream reached it, `end` when it
-    completed; `since` is when the watchdog first saw `start` done."""
-
-    __slots__ = ("start", "end", "comm", "k", "since")
-
-    def __init__(self, start: Any, end: Any, comm: str, k: int):
-        self.start, self.end, self.comm, self.k, self.since = start, end, comm, k, None
 
 
 class NcclTransport(PointToPoint):
@@ -106,15 +96,33 @@ class NcclTransport(PointToPoint):
         channel_id = _next_channel_id(pg)
         store = group_store(group)
         prefix = f"blsgpu/nccl/{channel_id}"
-        comms = [make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
-                 for what in ("header", "data")]
-        self._setup(nccl, TorchCuda(device), rank, world_size, channel_id, *comms,
-                    store=dist.PrefixStore(f"{prefix}/", store))
+        comms = [
+            make_comm(nccl, store, f"{prefix}/{what}", rank, world_size, device.index)
+            for what in ("header", "data")
+        ]
+        self._setup(
+            nccl,
+            TorchCuda(device),
+            rank,
+            world_size,
+            channel_id,
+            *comms,
+            store=dist.PrefixStore(f"{prefix}/", store),
+        )
         self._shared = store  # failures reported group-wide (see blame_through_store)
 
     @classmethod
-    def from_parts(cls, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
-                   header_comm: Any, data_comm: Any, store: Any = None) -> NcclTransport:
+    def from_parts(
+        cls,
+        nccl: Any,
+        cuda: Any,
+        rank: int,
+        world_size: int,
+        channel_id: int,
+        header_comm: Any,
+        data_comm: Any,
+        store: Any = None,
+    ) -> NcclTransport:
         """A transport over given communicators and CUDA adapter (tests drive it with fakes).
         `store` (the channel's keys in a store the ranks share) carries agreements and names the
         silent peers of a failure; None: no agreement (agree_min gives 0), failures unnamed."""
@@ -122,8 +130,17 @@ class NcclTransport(PointToPoint):
         self._setup(nccl, cuda, rank, world_size, channel_id, header_comm, data_comm, store)
         return self
 
-    def _setup(self, nccl: Any, cuda: Any, rank: int, world_size: int, channel_id: int,
-               header_comm: Any, data_comm: Any, store: Any = None) -> None:
+    def _setup(
+        self,
+        nccl: Any,
+        cuda: Any,
+        rank: int,
+        world_size: int,
+        channel_id: int,
+        header_comm: Any,
+        data_comm: Any,
+        store: Any = None,
+    ) -> None:
         self._nccl = nccl
         self._cuda = cuda
         self.device = cuda.device
@@ -147,10 +164,7 @@ class NcclTransport(PointToPoint):
         self._fail_lock = threading.Lock()
         # (communicator, kind, k) of the latest groups, in issue order ("connect" at creation).
         self.issued: collections.deque = collections.deque(maxlen=256)
-        self._watched: collections.deque[_Watched] = collections.deque()
-        self._watch_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watchdog: threading.Thread | None = None
+        self.watchdog = Watchdog(self._timeout_s, self._late, f"blsgpu-nccl{channel_id}-watchdog-r{rank}")
 
     # -- what the engine calls ---------------------------------------------------------------
 
@@ -163,13 +177,19 @@ class NcclTransport(PointToPoint):
         """
         self._timeout_s = timeout_s
         cuda, w = self._cuda, self.world_size
-        for comm, stream, what in ((self.header_comm, self.header_stream, "header"),
-                                   (self.data_comm, self.data_stream, "data")):
+        for comm, stream, what in (
+            (self.header_comm, self.header_stream, "header"),
+            (self.data_comm, self.data_stream, "data"),
+        ):
             with cuda.use(stream):
                 out, into = cuda.empty((w,), torch.uint8), cuda.empty((w,), torch.uint8)
             self.issued.append((what, "connect", -1))
-            self._group(comm, stream, [(p, out[p : p + 1]) for p in range(w)],
-                        [(p, into[p : p + 1]) for p in range(w)])
+            self._group(
+                comm,
+                stream,
+                [(p, out[p : p + 1]) for p in range(w)],
+                [(p, into[p : p + 1]) for p in range(w)],
+            )
             if not cuda.host_wait(cuda.record(stream), timeout_s):
                 err = TimeoutError(
                     f"NCCL could not connect all {w} ranks within {timeout_s:.1f} s "
@@ -177,9 +197,8 @@ class NcclTransport(PointToPoint):
                 )
                 self._abort(err)
                 raise err
-        self._watchdog = threading.Thread(target=self._watch_loop, daemon=True,
-                                          name=f"blsgpu-nccl{self.channel_id}-watchdog-r{self.rank}")
-        self._watchdog.start()
+        self.watchdog.timeout_s = timeout_s
+        self.watchdog.start()
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` over the ranks (collective, at channel creation), through the
@@ -196,13 +215,15 @@ class NcclTransport(PointToPoint):
             self._store.wait(keys, timedelta(seconds=self._timeout_s))
         except Exception as e:
             missing = [p for p, key in enumerate(keys) if not self._store.check([key])]
-            raise PeerFailure(f"rank(s) {missing} did not agree on the channel's options within "
-                              f"{self._timeout_s:.1f} s", missing[0] if missing else None,
-                              reason=PeerFailure.TIMED_OUT) from e
+            raise PeerFailure(
+                f"rank(s) {missing} did not agree on the channel's options within {self._timeout_s:.1f} s",
+                missing[0] if missing else None,
+                reason=PeerFailure.TIMED_OUT,
+            ) from e
         return min(int(self._store.get(key)) for key in keys)
 
     def make_counters(self, world_size: int, rank: int, timeout_s: float) -> Any:
-        self._timeout_s = timeout_s
+        self._timeout_s = self.watchdog.timeout_s = timeout_s
         self._counters = self._cuda.counters(world_size, rank, self.data_stream, timeout_s)
         return self._counters
 
@@ -269,7 +290,7 @@ class NcclTransport(PointToPoint):
         if in_bytes:
             cuda.copy_async(host_in, dev_in, stream)
         ev = cuda.record(stream)
-        self._watch(start, ev, "header", k)
+        self.watchdog.watch(start, ev, "header", k)
         for w in works:
             w.event, w.keep = ev, (dev_out, dev_in, host_out)
 
@@ -287,7 +308,7 @@ class NcclTransport(PointToPoint):
             cuda.record_stream(buf, stream)  # the caller's slot is read on this stream
         ev = cuda.record(stream)
         if start is not None:
-            self._watch(start, ev, "data", k)
+            self.watchdog.watch(start, ev, "data", k)
         for w in works:
             w.event = ev
 
@@ -353,42 +374,12 @@ class NcclTransport(PointToPoint):
 
     # -- the watchdog and failures -------------------------------------------------------------
 
-    def _watch(self, start: Any, end: Any, comm: str, k: int) -> None:
-        with self._watch_lock:
-            self._watched.append(_Watched(start, end, comm, k))
-
-    def _watch_loop(self) -> None:
-        tick = min(_WATCH_TICK_S, max(self._timeout_s / 10, 0.005))
-        while not self._stop.wait(tick):
-            if self._error is not None:
-                return
-            self.watch_once()
-
-    def watch_once(self) -> None:
-        """One look at every group in flight: fail the channel if one that its stream reached has
-        not completed within the timeout (a group still behind its gate or an earlier group is not
-        late: the consumer or an earlier group is, and that one is watched)."""
-        with self._watch_lock:
-            watched = list(self._watched)
-        now = time.monotonic()
-        late = None
-        finished = 0
-        for w in watched:
-            if w.end.query():
-                finished += 1
-                w.since = -1.0
-                continue
-            if w.since is None:
-                if w.start.query():
-                    w.since = now
-            elif now - w.since > self._timeout_s and late is None:
-                late = w
-        if finished:
-            with self._watch_lock:
-                self._watched = collections.deque(w for w in self._watched if w.since != -1.0)
-        if late is not None and self._error is None:
+    def _late(self, comm: str, k: int) -> None:
+        """The watchdog saw a group of iteration k late: fail the channel (the engine raises the
+        error at its next call)."""
+        if self._error is None:
             try:
-                self._timed_out(late.comm, late.k, self._timeout_s)
+                self._timed_out(comm, k, self._timeout_s)
             except Exception:
                 pass  # the channel's error is set: the engine raises it at its next call
 
@@ -404,21 +395,27 @@ class NcclTransport(PointToPoint):
             counts = ""
             if self._counters is not None and hasattr(self._counters, "device_counts"):
                 counts = f"; device counts {self._counters.device_counts()}"
-            who = (f"rank(s) {silent} did not report it" if sure and silent
-                   else "the failing peer could not be told apart")
+            who = (
+                f"rank(s) {silent} did not report it"
+                if sure and silent
+                else "the failing peer could not be told apart"
+            )
             err = PeerFailure(
                 f"timed out after {timeout_s:.1f} s: the NCCL {what} group of iteration {k} did "
                 f"not complete ({who}; a peer is silent or dead; the communicators were aborted; "
-                f"last groups issued {list(self.issued)[-4:]}{counts})", peer,
-                reason=PeerFailure.TIMED_OUT)
+                f"last groups issued {list(self.issued)[-4:]}{counts})",
+                peer,
+                reason=PeerFailure.TIMED_OUT,
+            )
             self._abort(err)
             return err
 
     def _blame_store(self, k: int, grace_s: float) -> tuple[list[int], bool]:
         """The peers that did not report a failure of this channel within `grace_s`, as the gloo
         transport finds them."""
-        return blame_through_store(self._store, self.rank, self.world_size, k, grace_s,
-                                   self._shared, self._timeout_s + grace_s)
+        return blame_through_store(
+            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s + grace_s
+        )
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         peer = getattr(exc, "peer", None)
@@ -443,7 +440,7 @@ class NcclTransport(PointToPoint):
         """
         if self._error is None:
             self._error = err
-        self._stop.set()
+        self.watchdog.stop()
         got = self._lock.acquire(timeout=_ABORT_GRACE_S)
         try:
             if self._aborted:
@@ -462,10 +459,7 @@ class NcclTransport(PointToPoint):
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        dog = self._watchdog
-        if dog is not None and dog is not threading.current_thread():
-            dog.join(timeout=1.0)
+        self.watchdog.stop(join_s=1.0)
         if self._error is not None:
             return  # aborted already
         for stream in (self.header_stream, self.data_stream):

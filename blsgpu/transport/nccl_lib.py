@@ -41,8 +41,7 @@ def import_nccl() -> Any:
         if not getattr(nccl, "available", True):
             raise ImportError(f"this CuPy was built without NCCL; install: {INSTALL_HINT}")
         cupy_version = nccl.get_version()  # loads libnccl if CuPy defers it
-        _nccl_check = libnccl_mismatch(torch_libs, loaded_libnccl(), torch_nccl_version(),
-                                       cupy_version)
+        _nccl_check = libnccl_mismatch(torch_libs, loaded_libnccl(), torch_nccl_version(), cupy_version)
         if _nccl_check is not None:
             warnings.warn(_nccl_check, RuntimeWarning, stacklevel=3)
         _nccl_module = nccl
@@ -102,10 +101,7 @@ def nccl_version_str(version: Any) -> str:
 
 
 def libnccl_mismatch(
-    torch_libs: list[str],
-    cupy_libs: list[str],
-    torch_version: Any = None,
-    cupy_version: Any = None,
+    torch_libs: list[str], cupy_libs: list[str], torch_version: Any = None, cupy_version: Any = None
 ) -> str | None:
     """A message naming both libraries when CuPy and torch use different libnccl builds, else None.
 
@@ -115,20 +111,28 @@ def libnccl_mismatch(
         torch_version, cupy_version: the NCCL versions each reports (code or tuple).
     """
     tv, cv = nccl_version_str(torch_version), nccl_version_str(cupy_version)
-    fix = ("One libnccl per process: point CuPy at torch's (e.g. preload it with LD_PRELOAD, or "
-           "install the nvidia-nccl wheel that torch requires) so both use the same build.")
+    fix = (
+        "One libnccl per process: point CuPy at torch's (e.g. preload it with LD_PRELOAD, or "
+        "install the nvidia-nccl wheel that torch requires) so both use the same build."
+    )
     if len(torch_libs) > 1:
-        return (f"two libnccl builds are loaded: {torch_libs[0]} and {torch_libs[1]} "
-                f"(torch reports NCCL {tv}, CuPy NCCL {cv}). {fix}")
+        return (
+            f"two libnccl builds are loaded: {torch_libs[0]} and {torch_libs[1]} "
+            f"(torch reports NCCL {tv}, CuPy NCCL {cv}). {fix}"
+        )
     extra = [p for p in cupy_libs if p not in torch_libs]
     if torch_libs and extra:
-        return (f"CuPy loaded {extra[0]} (NCCL {cv}) but torch uses {torch_libs[0]} (NCCL {tv}): "
-                f"two libnccl builds in one process. {fix}")
+        return (
+            f"CuPy loaded {extra[0]} (NCCL {cv}) but torch uses {torch_libs[0]} (NCCL {tv}): "
+            f"two libnccl builds in one process. {fix}"
+        )
     if "unknown" not in (tv, cv) and tv != cv:
         mine = cupy_libs[0] if cupy_libs else "a libnccl not found in /proc/self/maps"
         theirs = torch_libs[0] if torch_libs else "NCCL linked into torch itself"
-        return (f"torch uses NCCL {tv} ({theirs}) but CuPy uses NCCL {cv} ({mine}): two libnccl "
-                f"builds in one process. {fix}")
+        return (
+            f"torch uses NCCL {tv} ({theirs}) but CuPy uses NCCL {cv} ({mine}): two libnccl "
+            f"builds in one process. {fix}"
+        )
     return None
 
 
@@ -189,4 +193,3 @@ def make_comm(nccl: Any, store: Any, key: str, rank: int, world_size: int, index
         uid = uid_from_bytes(store.get(key))
     with cupy.cuda.Device(index):
         return nccl.NcclCommunicator(world_size, uid, rank)
-
