@@ -1,9 +1,14 @@
-"""Shared fixtures and markers: GPU tests skip with a reason where the hardware is missing."""
+"""Shared fixtures and markers: GPU tests skip with a reason where the hardware is missing; the
+`world` fixture runs a test once per transport (tests/_contract.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import _fake_nccl
 import pytest
 import torch
+from _contract import WORLDS
 
 
 def _gpu_count() -> int:
@@ -28,3 +33,26 @@ def pytest_collection_modifyitems(config, items):
 def seed() -> int:
     torch.manual_seed(1234)
     return 1234
+
+
+@pytest.fixture
+def fake_nccl(monkeypatch):
+    """Channels built with transport='nccl' inside run_local get NcclTransport over a fake CUDA
+    and NCCL; (the fake NCCL, the transports built per rank)."""
+    return _fake_nccl.install(monkeypatch)
+
+
+@pytest.fixture(params=[
+    "gloo",
+    "local",
+    "local-streams",
+    "nccl-fakes",
+    pytest.param("nccl-gpu", marks=pytest.mark.gpu),
+])
+def world(request):
+    """A World of tests/_contract.py: gloo processes, in-process threads (host copies, or the
+    stream-ordered path over emulated streams), NCCL over fakes, NCCL on GPUs where present."""
+    w = WORLDS[request.param]
+    if request.param == "nccl-fakes":
+        w = dataclasses.replace(w, fakes=request.getfixturevalue("fake_nccl"))
+    return w

@@ -1,5 +1,6 @@
 """Channels over a process's life: abandoned ones leave the group healthy, ids never run out,
-inputs that would be misread are refused before anything is sent."""
+inputs that would be misread are refused before anything is sent. (Liveness, polling included, is
+the contract's: tests/test_contract.py.)"""
 
 from __future__ import annotations
 
@@ -113,22 +114,3 @@ def test_a_rank_that_never_creates_the_channel_is_named():
         peer, channel, msg, elapsed = results[r]
         assert (peer, channel) == (2, "late-peer") and "channel creation" in msg, msg
         assert 0.9 < elapsed < 3.0
-
-
-def _poll_body(rank, w, bound):
-    with BoundedLagAllToAll(bound=bound, timeout=30) as a2a:
-        got = []
-        for k in range(5):
-            h = a2a.exchange(torch.full((w,), float(10 * k + rank)), [1] * w)
-            deadline = time.monotonic() + 10
-            while not h.done():  # nobody waits: polling alone must bring it to completion
-                assert time.monotonic() < deadline, f"iteration {k} never became done"
-                time.sleep(0.001)
-            got.append(h.wait()[0].tolist())
-        return got
-
-
-@pytest.mark.parametrize("bound", [0, 2])
-def test_polling_done_completes_an_iteration_nobody_waits_for(bound):
-    for got in run_world(2, _poll_body, bound, timeout_s=60):
-        assert got == [[10.0 * k, 10.0 * k + 1] for k in range(5)]

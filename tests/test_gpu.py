@@ -2,7 +2,8 @@
 caching-allocator safety, the single-GPU multi-rank mode under GPU-side delays, and multi-GPU runs.
 
 Marked `gpu` (one GPU) or `multigpu(n)`; tests/conftest.py skips them with a reason where the GPUs
-are missing. perf/gpu_check.sh runs them all on a GPU machine.
+are missing. perf/gpu_check.sh runs them all on a GPU machine. The contract itself runs on NCCL
+over GPUs in tests/test_contract.py (the "nccl-gpu" world, one GPU per rank).
 """
 
 from __future__ import annotations
@@ -12,58 +13,29 @@ import time
 import numpy as np
 import pytest
 import torch
+from _contract import reference, same_bits, send_of, split_matrix
 
 from blsgpu import BoundedLagAllToAll, run_world
 from blsgpu.bench.gpu_sleep import gpu_sleep
 from blsgpu.transport.local import run_local
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32]
-
-
-def _payload(seed: int, k: int, src: int, n: int, dtype: torch.dtype, width: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + src)
-    x = torch.randn((n, width), generator=g) * 1000
-    return x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
-
-
-def _splits(seed: int, k: int, w: int) -> np.ndarray:
-    g = np.random.default_rng([seed, k])
-    m = g.integers(0, 300, size=(w, w))
-    m[g.random((w, w)) < 0.25] = 0
-    return m
-
-
-def _reference(seed: int, k: int, rank: int, w: int, width: int) -> torch.Tensor:
-    dtype = DTYPES[k % len(DTYPES)]
-    m = _splits(seed, k, w)
-    parts = []
-    for src in range(w):
-        send = _payload(seed, k, src, int(m[src].sum()), dtype, width)
-        lo = int(m[src, :rank].sum())
-        parts.append(send[lo : lo + int(m[src, rank])])
-    return torch.cat(parts)
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+ROWS = 300  # rows per (source, destination) stay below this: messages of a GPU's size
 
 
 def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
-    """Pipelined: post k, wait k-B; every iteration's result checked against the reference."""
+    """Pipelined: post k, wait k-B; every iteration's result checked against the contract's
+    reference (tests/_contract.py) once the GPU is done."""
     bound = a2a.bound
     # Made up front: a copy from pageable memory in the loop would synchronize the host with the
     # stream every iteration and hide what stream ordering has to get right.
-    sends = [_payload(seed, k, rank, int(_splits(seed, k, w)[rank].sum()), DTYPES[k % len(DTYPES)],
-                      width).to(device) for k in range(iters)]
+    sends = [send_of(seed, k, rank, w, width, ROWS) for k in range(iters)]
+    sends = [(x.to(device), send_splits, recv_splits) for x, send_splits, recv_splits in sends]
     torch.cuda.current_stream().synchronize()
     pending, got = [], []
     for k in range(iters):
-        m = _splits(seed, k, w)
-        send = sends[k]
+        send, send_splits, recv_splits = sends[k]
         sends[k] = None
-        pending.append((k, a2a.exchange(send, m[rank].tolist(),
-                                        m[:, rank].tolist() if k % 2 else None)))
+        pending.append((k, a2a.exchange(send, send_splits, recv_splits if k % 2 else None)))
         del send  # freed at once: the ring copied it on this stream
         if len(pending) > bound:
             k0, h = pending.pop(0)
@@ -77,8 +49,9 @@ def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
     torch.cuda.current_stream().synchronize()
     bad = []
     for k0, recv, splits in got:
-        want = _reference(seed, k0, rank, w, width)
-        if splits != _splits(seed, k0, w)[:, rank].tolist() or not _bits_equal(recv.cpu(), want):
+        want = reference(seed, k0, rank, w, width, ROWS)
+        if splits != split_matrix(seed, k0, w, ROWS)[:, rank].tolist() or not same_bits(
+                recv.cpu(), want):
             bad.append(k0)
     return bad
 
@@ -385,24 +358,6 @@ def test_local_mode_device_lag_stays_within_the_bound(bound):
 
 # ------------------------------------------------------------------------------------------------
 # several GPUs, one process per rank
-
-
-def _multi_body(rank, w, bound, iters):
-    dev = torch.device("cuda", rank)
-    torch.cuda.set_device(dev)
-    with BoundedLagAllToAll(bound=bound, device=dev, transport="nccl") as a2a:
-        bad = _exact_loop(rank, w, a2a, iters, 23 + bound, 32, dev)
-        stats = a2a.stats()
-    return bad, stats
-
-
-@pytest.mark.multigpu(2)
-@pytest.mark.parametrize("bound", [0, 4])
-def test_nccl_two_gpus_exact(bound):
-    w = 2
-    for rank, (bad, stats) in enumerate(run_world(w, _multi_body, bound, 50, timeout_s=300)):
-        assert bad == [], f"rank {rank}: {bad[:10]}"
-        assert stats["transport"] == "nccl" and stats["max_lag"] <= bound + 1
 
 
 @pytest.mark.multigpu(2)

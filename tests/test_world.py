@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import blsgpu
 from blsgpu import PeerError
@@ -84,10 +87,9 @@ def test_gather_and_all_gather():
         assert at_root == ([[0], [1, 1], [2, 2, 2]] if r == 1 else None)
 
 
-def _dies_before_gather(rank, w):
+def _dies_before_gather(rank, w, pid_dir):
+    Path(pid_dir, f"{rank}.pid").write_text(str(os.getpid()))
     if rank == 0:
-        import os  # noqa: PLC0415
-
         os._exit(7)
     try:
         _world.all_gather_object("x", rank, timeout_s=1.0)
@@ -96,10 +98,49 @@ def _dies_before_gather(rank, w):
     return None
 
 
-def test_a_dead_rank_is_named_first_and_the_survivors_verdicts_follow():
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_dead_rank_is_named_first_and_the_survivors_verdicts_follow(tmp_path):
     with pytest.raises(RankError, match="rank 0 died with exit code 7") as info:
-        run_world(3, _dies_before_gather, timeout_s=60)
+        run_world(3, _dies_before_gather, str(tmp_path), timeout_s=60)
     assert "meanwhile on the other ranks" not in str(info.value)  # survivors returned normally
+    time.sleep(0.5)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 3
+    assert not [p for p in pids if _alive(p)], "run_world left processes behind"
+
+
+def _fail_on_rank_one(rank, w):
+    if rank == 1:
+        return 1 / 0
+    return rank
+
+
+def test_run_world_names_failing_rank():
+    with pytest.raises(RankError, match="rank 1 raised ZeroDivisionError"):
+        run_world(2, _fail_on_rank_one)
+
+
+def _one_fails_others_block(rank, w):
+    if rank == 1:
+        raise RuntimeError("boom")
+    dist.barrier()  # never completes: rank 1 is gone
+    return rank
+
+
+def test_run_world_fails_fast_after_grace():
+    t0 = time.monotonic()
+    results = run_world(2, _one_fails_others_block, grace_s=2.0, timeout_s=120,
+                        return_exceptions=True)
+    assert time.monotonic() - t0 < 20
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "boom"
+    assert isinstance(results[0], RankError) and "after another rank failed" in str(results[0])
 
 
 def _late_between_runs(rank, w, cfg):
