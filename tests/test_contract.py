@@ -22,22 +22,14 @@ from hypothesis import strategies as st
 from blsgpu import PeerError
 from blsgpu.errors import BoundError
 
-# Found when these cases first ran on the in-process transport (not run there until it is fixed):
-LOCAL_IDLE_RANK = (
-    "on the in-process transport's host path an iteration that brings a rank no bytes ([n, 0] "
-    "rows, or no rows from any peer) completes only once a later iteration arrives: the last one "
-    "never does, and wait() ends in 'iteration k never completed' after twice the timeout"
-)
-
 # ------------------------------------------------------------------------------------------------
 # exact
 
 
-@pytest.mark.parametrize("w,bound", [(1, 2), (2, 0), (2, 1), (2, 4), (3, 0), (3, 1), (3, 2),
-                                     (3, 4), (4, 0), (4, 1), (4, 4)])
+@pytest.mark.parametrize(
+    "w,bound", [(1, 2), (2, 0), (2, 1), (2, 4), (3, 0), (3, 1), (3, 2), (3, 4), (4, 0), (4, 1), (4, 4)]
+)
 def test_exact_against_a_synchronous_alltoall(world, w, bound):
-    if world.name == "local" and (w, bound) == (3, 0):  # at B=0 the idle rank's wait blocks all
-        pytest.xfail(f"known failure (not run): {LOCAL_IDLE_RANK}")
     check_exact(world, w, bound, iters=200, seed=17 + w * 10 + bound)
 
 
@@ -48,8 +40,9 @@ def _property_body(rank, w, bound, matrices, trailing):
         for k, m in enumerate(matrices):
             m = np.asarray(m)
             n = int(m[rank].sum())
-            send = (torch.arange(n * int(np.prod(trailing)), dtype=torch.int64) + 10**6 * rank
-                    + 10**9 * k).view(n, *trailing)
+            send = (
+                torch.arange(n * int(np.prod(trailing)), dtype=torch.int64) + 10**6 * rank + 10**9 * k
+            ).view(n, *trailing)
             handles.append(a2a.exchange(send.to(a2a.device), m[rank].tolist()))
             if len(handles) == bound + 1:
                 out.append(handles.pop(0).wait())
@@ -57,12 +50,13 @@ def _property_body(rank, w, bound, matrices, trailing):
     return [(r.tolist(), s) for r, s in out]
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(w=st.integers(2, 3), bound=st.integers(0, 3), data=st.data())
 def test_random_splits(world, w, bound, data):
-    if world.name == "local":
-        pytest.skip(f"known failure: {LOCAL_IDLE_RANK}")  # (xfail is no exception hypothesis passes on)
     iters = data.draw(st.integers(1, 8))
     cell = st.integers(0, 4)
     matrices = [
@@ -91,8 +85,7 @@ def _edge_shapes_body(rank, w):
     out = []
     with channel(bound=1, timeout=2.0) as a2a:
         for known in (None, [2] * w):
-            recv, splits = a2a.exchange(torch.empty(2 * w, 0, device=a2a.device), [2] * w,
-                                        known).wait()
+            recv, splits = a2a.exchange(torch.empty(2 * w, 0, device=a2a.device), [2] * w, known).wait()
             out.append((tuple(recv.shape), splits))
         # A wrong recv_splits must not size a buffer: ValueError on both sides, channel intact.
         huge = [2**40] * w
@@ -108,8 +101,6 @@ def _edge_shapes_body(rank, w):
 
 
 def test_zero_width_rows_and_absurd_recv_splits(world):
-    if world.name == "local":
-        pytest.xfail(LOCAL_IDLE_RANK)
     for got in world.run(2, _edge_shapes_body):
         assert got[0] == ((4, 0), [2, 2]) and got[1] == ((4, 0), [2, 2])
         assert got[2] is True, got[2]
@@ -216,8 +207,9 @@ def _dead_peer_body(rank, w, bound, die_at, timeout, out_dir):
 
 def test_a_dead_peer_is_named_on_every_survivor(world, tmp_path):
     w, bound, die_at, timeout = 3, 2, 6, 4.0
-    results = world.run(w, _dead_peer_body, bound, die_at, timeout, str(tmp_path),
-                        return_exceptions=True, timeout_s=60)
+    results = world.run(
+        w, _dead_peer_body, bound, die_at, timeout, str(tmp_path), return_exceptions=True, timeout_s=60
+    )
     died_at = float((tmp_path / "died").read_text())
     world.assert_died(results[w - 1])
     for r in range(w - 1):
@@ -277,7 +269,11 @@ def test_stats_count_what_happened(world):
     for rank, (before, after) in enumerate(world.run(w, _stats_body, iters)):
         assert (before["posted"], before["released"], before["arrived"]) == (0, 0, 0)
         assert (after["channel"], after["rank"], after["world_size"], after["bound"]) == (
-            "observed", rank, w, 1)
+            "observed",
+            rank,
+            w,
+            1,
+        )
         assert after["transport"] == world.transport
         assert after["posted"] == after["released"] == after["arrived"] == iters
         assert after["lag"] == 0 and 0 <= after["max_lag"] <= 2

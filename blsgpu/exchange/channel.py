@@ -128,6 +128,8 @@ class BoundedLagAllToAll(Posting, Progress):
         self.device = torch.device(device) if device is not None else None
         try:
             self.transport: Transport = make_transport(transport, group, self.device, self.timeout_s)
+            tr = self.transport
+            tr.connect(self.timeout_s)  # every pair connects now, within the timeout (or at first use)
         except PeerFailure as e:
             raise PeerError(
                 f"BLS channel {name or 'new'!r}: peer {e.peer} failed during channel creation: {e}",
@@ -135,11 +137,9 @@ class BoundedLagAllToAll(Posting, Progress):
                 channel=name or "new",
                 iteration=-1,
             ) from e
-        tr = self.transport
         self.rank = tr.rank
         self.world_size = tr.world_size
         self.name = name or f"bls{tr.channel_id}"
-        tr.connect(self.timeout_s)  # every pair connects now, within the timeout (or at first use)
         self._counters = tr.make_counters(self.world_size, self.rank, self.timeout_s)
         self._inline = self._agree_inline_bytes(inline_bytes)
         # Header-less iterations: stream-ordered transports only, and only if every rank asked.
@@ -182,6 +182,9 @@ class BoundedLagAllToAll(Posting, Progress):
         # complete in the transport's own threads, and a progress thread would only look at them.
         # From the first one on (or when this rank spills), iterations go to it when posted.
         self._spilled = False
+        # Where the caller's thread may not process an iteration itself, or the progress thread
+        # posts every alltoall, every iteration goes to the progress thread when posted.
+        self._handoff_always = not tr.caller_may_receive or not self._gather_late
         # Stream-ordered transports: one thread, the progress thread, posts every
         # alltoall of the channel (MESSAGE of k, then DATA of k, then MESSAGE of k+1, ...), so every
         # rank issues to its communicators in one global order and no caller thread ever waits on

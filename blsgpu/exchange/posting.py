@@ -165,7 +165,7 @@ class Posting:
         self._records[k] = it
         self._next_k = k + 1
         self._counters.post(k)
-        if self._eager and (spill or self._spilled or not self._gather_late):
+        if self._eager and (self._handoff_always or spill or self._spilled):
             it.queued = True
             self._queue.put(it)
         return it

@@ -191,9 +191,14 @@ class NcclTransport(PointToPoint):
                 [(p, into[p : p + 1]) for p in range(w)],
             )
             if not cuda.host_wait(cuda.record(stream), timeout_s):
-                err = TimeoutError(
-                    f"NCCL could not connect all {w} ranks within {timeout_s:.1f} s "
-                    f"(a rank did not create the channel, or the network is unreachable)"
+                # The ranks that never report this failure are the ones that never connected.
+                silent, sure = self._blame_store(-1, min(3.0, max(0.5, 0.25 * timeout_s)))
+                who = f"rank(s) {silent} did not" if sure and silent else "a rank did not"
+                err = PeerFailure(
+                    f"NCCL could not connect all {w} ranks within {timeout_s:.1f} s ({who} create "
+                    f"the channel, or the network is unreachable)",
+                    silent[0] if sure and silent else -1,
+                    reason=PeerFailure.TIMED_OUT,
                 )
                 self._abort(err)
                 raise err
