@@ -53,8 +53,7 @@ def send_of(seed: int, k: int, rank: int, w: int, width: int, rows: int = 7):
     """(send tensor, send_splits, recv_splits) of `rank` in iteration k."""
     dtype, trailing = variants(width)[k % (2 * len(DTYPES))]
     m = split_matrix(seed, k, w, rows)
-    return payload(seed, k, rank, int(m[rank].sum()), dtype, trailing), m[rank].tolist(), \
-        m[:, rank].tolist()
+    return payload(seed, k, rank, int(m[rank].sum()), dtype, trailing), m[rank].tolist(), m[:, rank].tolist()
 
 
 def reference(seed: int, k: int, rank: int, w: int, width: int, rows: int = 7) -> torch.Tensor:
@@ -70,13 +69,25 @@ def reference(seed: int, k: int, rank: int, w: int, width: int, rows: int = 7) -
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+        )
     )
 
 
-def drive(a2a, rank: int, w: int, iters: int, seed: int, width: int,
-          expected: Callable[[int], torch.Tensor], mean_delay_s: float) -> list[int]:
+def drive(
+    a2a,
+    rank: int,
+    w: int,
+    iters: int,
+    seed: int,
+    width: int,
+    expected: Callable[[int], torch.Tensor],
+    mean_delay_s: float,
+) -> list[int]:
     """Run `iters` exchanges with seeded delays, keeping a random 1..B+1 outstanding (half of them
     with known recv_splits, every fourth waited with blocking=True); return the iterations whose
     data or splits differ from expected(k)."""
@@ -163,19 +174,38 @@ class World:
         """The engine's stream-ordered path: device counters, header-less known_splits."""
         return self.transport == "nccl" or bool(self.options.get("emulate_streams"))
 
-    def run(self, world_size: int, body: Callable, *args: Any, timeout_s: float = 120.0,
-            return_exceptions: bool = False) -> list[Any]:
+    def run(
+        self,
+        world_size: int,
+        body: Callable,
+        *args: Any,
+        timeout_s: float = 120.0,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
         """body(rank, world_size, *args) on every rank; each rank's result (or exception)."""
         if self.cuda and torch.cuda.device_count() < world_size:
             pytest.skip(f"needs {world_size} CUDA GPUs; {torch.cuda.device_count()} visible")
         if not self.threads:
-            return run_world(world_size, _as_rank, self, body, *args, timeout_s=timeout_s,
-                             return_exceptions=return_exceptions)
+            return run_world(
+                world_size,
+                _as_rank,
+                self,
+                body,
+                *args,
+                timeout_s=timeout_s,
+                return_exceptions=return_exceptions,
+            )
         global _world
         _world = self
         try:
-            return run_local(world_size, body, *args, timeout_s=timeout_s,
-                             return_exceptions=return_exceptions, **self.options)
+            return run_local(
+                world_size,
+                body,
+                *args,
+                timeout_s=timeout_s,
+                return_exceptions=return_exceptions,
+                **self.options,
+            )
         finally:
             _world = None
 
@@ -190,8 +220,9 @@ class World:
 WORLDS = {
     "gloo": World("gloo", "gloo", threads=False),
     "local": World("local", "local", threads=True),
-    "local-streams": World("local-streams", "local", threads=True,
-                           options={"loopback": True, "emulate_streams": True}),
+    "local-streams": World(
+        "local-streams", "local", threads=True, options={"loopback": True, "emulate_streams": True}
+    ),
     "nccl-fakes": World("nccl-fakes", "nccl", threads=True),
     "nccl-gpu": World("nccl-gpu", "nccl", threads=False, cuda=True),
 }
@@ -271,7 +302,8 @@ def known_body(rank, w, bound, iters, seed, ask):
                 k0, h = pending.pop(0)
                 recv, splits = h.wait()
                 if splits != split_matrix(seed, k0, w)[:, rank].tolist() or not same_bits(
-                        recv.cpu(), reference(seed, k0, rank, w, width)):
+                    recv.cpu(), reference(seed, k0, rank, w, width)
+                ):
                     bad.append(k0)
             time.sleep(0.0005 * ((rank + k) % 3))
         for _, h in pending:

@@ -166,7 +166,7 @@ class _Request:
         self.out = None
 
 
-class All2All_Req(torch.autograd.Function):  # noqa: N801 (the reference's name)
+class All2All_Req(torch.autograd.Function):  # the reference's name
     """Posts the alltoall of this rank's pooled embeddings (for every rank's samples); no wait."""
 
     @staticmethod
@@ -182,7 +182,7 @@ class All2All_Req(torch.autograd.Function):  # noqa: N801 (the reference's name)
         return out  # filled by the wait
 
 
-class All2All_Wait(torch.autograd.Function):  # noqa: N801 (the reference's name)
+class All2All_Wait(torch.autograd.Function):  # the reference's name
     @staticmethod
     def forward(ctx, request, local_n, dim):
         request.req.wait()

@@ -92,8 +92,9 @@ class FakeCuda:
 
     def is_device(self, ptr: int, nbytes: int) -> bool:
         """Whether [ptr, ptr + nbytes) lies in "device" memory (what empty() allocated)."""
-        return any(t.data_ptr() <= ptr and ptr + nbytes <= t.data_ptr() + t.nbytes
-                   for t in self.device_memory)
+        return any(
+            t.data_ptr() <= ptr and ptr + nbytes <= t.data_ptr() + t.nbytes for t in self.device_memory
+        )
 
     def new_stream(self):
         return FakeStream()
@@ -146,8 +147,9 @@ class FakeCuda:
     def counters(self, world_size, rank, stream, timeout_s):
         # The gate's events are the fake's: release records on the caller's (host) stream, the
         # data stream waits for them.
-        return DeviceCounters(world_size, rank, torch.device("cpu"), stream, timeout_s, HostOps(),
-                              events=self)
+        return DeviceCounters(
+            world_size, rank, torch.device("cpu"), stream, timeout_s, HostOps(), events=self
+        )
 
 
 class FakeNccl:
@@ -165,10 +167,10 @@ class FakeNccl:
         self.threads: dict = defaultdict(list)  # rank -> (thread name, comm name) per group
         self.ops: dict = defaultdict(list)  # (comm name, rank) -> its groups' ops (for abort)
 
-    def groupStart(self):  # noqa: N802 (CuPy's names)
+    def groupStart(self):  # CuPy's names
         self.tls.calls = []
 
-    def groupEnd(self):  # noqa: N802
+    def groupEnd(self):
         calls, self.tls.calls = self.tls.calls, None
         if not calls:
             return
@@ -261,9 +263,15 @@ def install(monkeypatch) -> tuple[FakeNccl, dict]:
         counters[(w, rank)] += 1
         cuda = FakeCuda()
         t = _nccl.NcclTransport.from_parts(
-            nccl, cuda, rank, w, ch,
-            FakeComm(nccl, f"{ch}/header", rank, cuda), FakeComm(nccl, f"{ch}/data", rank, cuda),
-            store=torch.distributed.PrefixStore(f"w{w}ch{ch}/", store))
+            nccl,
+            cuda,
+            rank,
+            w,
+            ch,
+            FakeComm(nccl, f"{ch}/header", rank, cuda),
+            FakeComm(nccl, f"{ch}/data", rank, cuda),
+            store=torch.distributed.PrefixStore(f"w{w}ch{ch}/", store),
+        )
         built[rank].append(t)
         return t
 

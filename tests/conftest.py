@@ -24,9 +24,7 @@ def pytest_collection_modifyitems(config, items):
         if mark is not None:
             need = mark.args[0] if mark.args else 2
             if n < need:
-                item.add_marker(
-                    pytest.mark.skip(reason=f"needs {need} CUDA GPUs; {n} visible")
-                )
+                item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPUs; {n} visible"))
 
 
 @pytest.fixture
@@ -42,13 +40,9 @@ def fake_nccl(monkeypatch):
     return _fake_nccl.install(monkeypatch)
 
 
-@pytest.fixture(params=[
-    "gloo",
-    "local",
-    "local-streams",
-    "nccl-fakes",
-    pytest.param("nccl-gpu", marks=pytest.mark.gpu),
-])
+@pytest.fixture(
+    params=["gloo", "local", "local-streams", "nccl-fakes", pytest.param("nccl-gpu", marks=pytest.mark.gpu)]
+)
 def world(request):
     """A World of tests/_contract.py: gloo processes, in-process threads (host copies, or the
     stream-ordered path over emulated streams), NCCL over fakes, NCCL on GPUs where present."""

@@ -131,9 +131,9 @@ def _expected_a2a(rank: int, w: int) -> list[float]:
 
 
 def _citizen_body(rank, w):
-    import torch.distributed._functional_collectives as fc  # noqa: PLC0415
-    from torch._C._distributed_c10d import _resolve_process_group  # noqa: PLC0415
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    import torch.distributed._functional_collectives as fc
+    from torch._C._distributed_c10d import _resolve_process_group
+    from torch.distributed.device_mesh import init_device_mesh
 
     pg = dist.group.WORLD
     out = {}
@@ -262,8 +262,8 @@ def test_monitored_barrier(citizen):
 
 
 def _citizen_cuda_body(rank, w):
-    import torch.distributed._functional_collectives as fc  # noqa: PLC0415
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    import torch.distributed._functional_collectives as fc
+    from torch.distributed.device_mesh import init_device_mesh
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

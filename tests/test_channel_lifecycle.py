@@ -49,7 +49,7 @@ def test_abandoned_channel_leaves_the_group_and_new_channels_working():
 
 
 def _many_channels_body(rank, w):
-    from blsgpu.transport import base as _transport  # noqa: PLC0415
+    from blsgpu.transport import base as _transport
 
     # Far past the 8,192 channel ids one group used to have.
     _transport._channel_counts[_transport._group_key(None)] = itertools.count(1 << 20)

@@ -16,11 +16,39 @@ from blsgpu import cli
 from blsgpu.bench.memory import RANK_BASE_BYTES, memory_estimate
 from blsgpu.cli import types as cli_types
 
-SMALL = ["--world-size", "2", "--iterations", "6", "--warmup", "1", "--batch", "8", "--tables",
-         "2", "--rows", "40", "--arch-sparse-feature-size", "4", "--arch-mlp-top", "8-1",
-         "--delay", "exp:2"]
-RUN_KEYS = {"mode", "bound", "throughput_it_s", "p50_ms", "p99_ms", "masking", "speedup", "exact",
-            "simulated_throughput_it_s", "per_rank_iter_s", "transport"}
+SMALL = [
+    "--world-size",
+    "2",
+    "--iterations",
+    "6",
+    "--warmup",
+    "1",
+    "--batch",
+    "8",
+    "--tables",
+    "2",
+    "--rows",
+    "40",
+    "--arch-sparse-feature-size",
+    "4",
+    "--arch-mlp-top",
+    "8-1",
+    "--delay",
+    "exp:2",
+]
+RUN_KEYS = {
+    "mode",
+    "bound",
+    "throughput_it_s",
+    "p50_ms",
+    "p99_ms",
+    "masking",
+    "speedup",
+    "exact",
+    "simulated_throughput_it_s",
+    "per_rank_iter_s",
+    "transport",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +56,23 @@ def bench(tmp_path_factory):
     """One small `blsgpu bench` with every output; (return code, stdout, stderr, paths)."""
     out = tmp_path_factory.mktemp("bench")
     paths = {"json": out / "b.json", "plot": out / "b.png", "trace": out / "trace"}
-    argv = ["bench", *SMALL, "--bounds", "0,2", "--json", str(paths["json"]),
-            "--plot", str(paths["plot"]), "--trace", str(paths["trace"])]
+    argv = [
+        "bench",
+        *SMALL,
+        "--bounds",
+        "0,2",
+        "--json",
+        str(paths["json"]),
+        "--plot",
+        str(paths["plot"]),
+        "--trace",
+        str(paths["trace"]),
+    ]
     env = dict(os.environ)
     env.pop("RANK", None)
-    proc = subprocess.run([sys.executable, "-m", "blsgpu", *argv], capture_output=True, text=True,
-                          timeout=240, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blsgpu", *argv], capture_output=True, text=True, timeout=240, env=env
+    )
     return proc.returncode, proc.stdout, proc.stderr, paths
 
 
@@ -44,7 +83,7 @@ def test_bench_prints_the_table_and_progress(bench):
     head = next(i for i, ln in enumerate(lines) if ln.startswith("run "))
     for word in ("it/s", "samples/s", "p50 ms", "p99 ms", "masking", "speedup", "sim it/s", "exact"):
         assert word in lines[head]
-    rows = [ln.split() for ln in lines[head + 2: head + 5]]
+    rows = [ln.split() for ln in lines[head + 2 : head + 5]]
     assert [r[:2] for r in rows] == [["sync", "-"], ["bls", "0"], ["bls", "2"]]
     assert all(r[-1] == "yes" for r in rows)
     assert "identical bit for bit" in stdout
@@ -58,15 +97,17 @@ def test_bench_json_schema(bench):
     doc = json.loads(paths["json"].read_text())
     for key in ("config", "commit", "machine", "t_ideal_s", "runs"):
         assert key in doc
-    flags = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["bench"]
-             ._actions if a.dest != "help"}
+    flags = {
+        a.dest
+        for a in cli.build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+        if a.dest != "help"
+    }
     assert flags <= set(doc["config"]), flags - set(doc["config"])
     assert doc["config"]["world_size"] == 2 and doc["config"]["delay"] == "exp:2"
     assert doc["config"]["bounds"] == [0, 2]
     assert isinstance(doc["commit"], str) and doc["commit"]
     assert doc["machine"]["cores"] >= 1
-    assert [(r["mode"], r["bound"]) for r in doc["runs"]] == [("sync", None), ("bls", 0),
-                                                              ("bls", 2)]
+    assert [(r["mode"], r["bound"]) for r in doc["runs"]] == [("sync", None), ("bls", 0), ("bls", 2)]
     for r in doc["runs"]:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
         assert r["exact"] is True and r["transport"] == ["gloo"]
@@ -79,8 +120,13 @@ def test_bench_writes_plot_and_traces(bench):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in paths["trace"].iterdir()) == ["rank0.json", "rank1.json"]
     text = (paths["trace"] / "rank1.json").read_text()
-    for name in ("blsgpu.run[sync:0]", "blsgpu.run[bls2:0]", "blsgpu.post[ebc_ids",
-                 "blsgpu.wait[ebc_pooled", "blsgpu.delay[dlrm"):
+    for name in (
+        "blsgpu.run[sync:0]",
+        "blsgpu.run[bls2:0]",
+        "blsgpu.post[ebc_ids",
+        "blsgpu.wait[ebc_pooled",
+        "blsgpu.delay[dlrm",
+    ):
         assert name in text, name
 
 
@@ -98,9 +144,26 @@ def test_simulate_4096_ranks_quickly(tmp_path):
     path = tmp_path / "sim.json"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "blsgpu", "simulate", "--delay", "rotate:10", "--world-size",
-         "64,1024,4096", "--iterations", "200", "--bounds", "0,8", "--json", str(path)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "blsgpu",
+            "simulate",
+            "--delay",
+            "rotate:10",
+            "--world-size",
+            "64,1024,4096",
+            "--iterations",
+            "200",
+            "--bounds",
+            "0,8",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     assert elapsed < 60
@@ -123,8 +186,10 @@ def test_simulate_4096_ranks_quickly(tmp_path):
         (["bench", "--delay", "straggler:7:5"], "straggler rank 7 is not < world size 4"),
         (["run", "--world-size", "0"], "--world-size must be >= 1"),
         (["run", "--iterations", "ten"], "--iterations must be an integer"),
-        (["bench", "--arch-mlp-bot", "13-64-32", "--arch-sparse-feature-size", "16"],
-         "ends in 32 but --arch-sparse-feature-size is 16"),
+        (
+            ["bench", "--arch-mlp-bot", "13-64-32", "--arch-sparse-feature-size", "16"],
+            "ends in 32 but --arch-sparse-feature-size is 16",
+        ),
         (["bench", "--arch-mlp-bot", "12-16"], "must start with the 13 dense features"),
         (["bench", "--arch-mlp-top", "64-2"], "must end in 1"),
         (["bench", "--tables", "3", "--arch-embedding-size", "10-10"], "lists 2 tables"),
@@ -179,15 +244,36 @@ def test_bad_flags_give_clear_errors(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed",
+)
 def test_run_under_torchrun_gathers_once(tmp_path):
     path = tmp_path / "tr.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "blsgpu",
-         "run", *SMALL[2:], "--bound", "2", "--no-progress", "--json", str(path)],
-        capture_output=True, text=True, timeout=240, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "blsgpu",
+            "run",
+            *SMALL[2:],
+            "--bound",
+            "2",
+            "--no-progress",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 prints the table.
     assert proc.stdout.count("identical bit for bit") == 1

@@ -20,8 +20,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
-KERNEL_NAMES = ("blsgpu_wait_geq_kernel", "blsgpu_store_release_kernel", "blsgpu_add_release_kernel",
-                "blsgpu_sleep_ns_kernel")
+KERNEL_NAMES = (
+    "blsgpu_wait_geq_kernel",
+    "blsgpu_store_release_kernel",
+    "blsgpu_add_release_kernel",
+    "blsgpu_sleep_ns_kernel",
+)
 
 
 def _nvcc() -> str | None:
@@ -75,8 +79,12 @@ def test_builds_sm80_sm90_and_ptx(build):
 def test_library_exports_c_launchers(build):
     lib = ctypes.CDLL(str(_library(build[0])))
     assert lib.blsgpu_lag_counters_abi_version() == 1
-    for name in ("blsgpu_launch_wait_geq", "blsgpu_launch_store_release", "blsgpu_launch_add_release",
-                 "blsgpu_launch_sleep_ns"):
+    for name in (
+        "blsgpu_launch_wait_geq",
+        "blsgpu_launch_store_release",
+        "blsgpu_launch_add_release",
+        "blsgpu_launch_sleep_ns",
+    ):
         assert hasattr(lib, name), name
     if not Path("/dev/nvidiactl").exists():
         # No driver: a launch reports a CUDA error code instead of crashing the process.
@@ -105,7 +113,7 @@ def test_ptx_orders_memory_and_backs_off(tmp_path, scope):
     ):
         assert instruction in ptx, instruction
     for kernel in KERNEL_NAMES:
-        assert re.search(rf"\.entry {kernel}\(", ptx), f"{kernel} is not an extern \"C\" entry"
+        assert re.search(rf"\.entry {kernel}\(", ptx), f'{kernel} is not an extern "C" entry'
 
 
 def test_device_part_needs_no_headers():

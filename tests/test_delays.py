@@ -9,8 +9,7 @@ from blsgpu.bench.delays import DelayModel, sleep_schedule
 
 
 @pytest.mark.parametrize(
-    "spec",
-    ["none", "exp:5", "exp:0.25", "straggler:2:10", "rotate:20", "spikes:0.05:30", "skew:1.2"],
+    "spec", ["none", "exp:5", "exp:0.25", "straggler:2:10", "rotate:20", "spikes:0.05:30", "skew:1.2"]
 )
 def test_round_trip(spec):
     model = DelayModel.parse(spec)
@@ -109,9 +108,9 @@ def test_skew_persistent_and_zipf():
     assert np.all(s == s[:, :1])  # persistent: the same every iteration
     load = m.skew_load(4, seed=0)
     assert load.mean() == pytest.approx(1.0)
-    assert sorted(load, reverse=True) == pytest.approx(4 / (1 + 1 / 2 + 1 / 3 + 1 / 4) * np.array(
-        [1, 1 / 2, 1 / 3, 1 / 4]
-    ))
+    assert sorted(load, reverse=True) == pytest.approx(
+        4 / (1 + 1 / 2 + 1 / 3 + 1 / 4) * np.array([1, 1 / 2, 1 / 3, 1 / 4])
+    )
     assert np.allclose(s[:, 0], 0.01 * np.clip(load - 1, 0, None))
     assert (s[:, 0] > 0).sum() == 1  # at W = 4, alpha = 1 only the hottest rank is above average
     # alpha 0 is balanced; larger alpha is hotter

@@ -18,9 +18,19 @@ from blsgpu.dlrm import reference_predictions
 # Small: T=3 tables of different sizes on W=3 ranks (a rank owns one table each), seeded random
 # delays large enough that a fast rank really runs ahead of a slow one.
 CFG = BenchConfig(
-    world_size=3, bounds=(0, 1, 3), iterations=6, warmup=1, batch=8,
-    embedding_sizes=(50, 30, 70), mlp_bot=(13, 8, 4), mlp_top=(8, 1), delay="exp:3", seed=7,
-    pooling=2.0, keep_predictions=True, timeout_s=60.0,
+    world_size=3,
+    bounds=(0, 1, 3),
+    iterations=6,
+    warmup=1,
+    batch=8,
+    embedding_sizes=(50, 30, 70),
+    mlp_bot=(13, 8, 4),
+    mlp_top=(8, 1),
+    delay="exp:3",
+    seed=7,
+    pooling=2.0,
+    keep_predictions=True,
+    timeout_s=60.0,
 )
 
 
@@ -83,20 +93,37 @@ def test_busy_time_includes_the_rank_own_delay(world):
 
 def test_analyse_document(world):
     doc = analyse(CFG, world, flags={"command": "bench", "json": None})
-    for key in ("config", "commit", "machine", "t_ideal_s", "t_none_s", "comm_s", "base_ms",
-                "runs", "none_run", "exact"):
+    for key in (
+        "config",
+        "commit",
+        "machine",
+        "t_ideal_s",
+        "t_none_s",
+        "comm_s",
+        "base_ms",
+        "runs",
+        "none_run",
+        "exact",
+    ):
         assert key in doc
     assert doc["config"]["command"] == "bench"
     assert doc["config"]["bounds"] == CFG.bounds
     assert isinstance(doc["commit"], str) and doc["commit"]
     assert doc["exact"] is True
     runs = doc["runs"]
-    assert [(r["mode"], r["bound"]) for r in runs] == [("sync", None), ("bls", 0), ("bls", 1),
-                                                        ("bls", 3)]
+    assert [(r["mode"], r["bound"]) for r in runs] == [("sync", None), ("bls", 0), ("bls", 1), ("bls", 3)]
     K = CFG.iterations
     for r in runs:
-        for key in ("throughput_it_s", "p50_ms", "p99_ms", "speedup", "exact",
-                    "simulated_throughput_it_s", "predicted_throughput_it_s", "samples_per_s"):
+        for key in (
+            "throughput_it_s",
+            "p50_ms",
+            "p99_ms",
+            "speedup",
+            "exact",
+            "simulated_throughput_it_s",
+            "predicted_throughput_it_s",
+            "samples_per_s",
+        ):
             assert isinstance(r[key], (float, bool)), key
         assert "masking" in r
         assert math.isclose(r["throughput_it_s"], K / r["time_s"])
@@ -120,9 +147,23 @@ def _count_collectives(rank, world_size, cfgs):
     from blsgpu.bench import runner
 
     counts = []
-    names = ["barrier", "all_reduce", "all_gather", "all_gather_object", "all_to_all_single",
-             "all_to_all", "broadcast", "gather", "gather_object", "reduce", "send", "recv",
-             "isend", "irecv", "batch_isend_irecv"]
+    names = [
+        "barrier",
+        "all_reduce",
+        "all_gather",
+        "all_gather_object",
+        "all_to_all_single",
+        "all_to_all",
+        "broadcast",
+        "gather",
+        "gather_object",
+        "reduce",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
+    ]
     calls = [0]
     originals = {n: getattr(dist, n) for n in names}
 
@@ -130,6 +171,7 @@ def _count_collectives(rank, world_size, cfgs):
         def counted(*a, **k):
             calls[0] += 1
             return fn(*a, **k)
+
         return counted
 
     for n in names:
@@ -147,8 +189,17 @@ def _count_collectives(rank, world_size, cfgs):
 
 def test_no_collective_per_iteration_and_skew_calibration():
     # Collectives outside the engine's channels: a fixed number per run, none per iteration.
-    base = dict(world_size=2, bounds=(2,), warmup=0, batch=4, embedding_sizes=(20, 20),
-                mlp_bot=(13, 4), mlp_top=(4, 1), delay="skew:1.5", timeout_s=60.0)
+    base = dict(
+        world_size=2,
+        bounds=(2,),
+        warmup=0,
+        batch=4,
+        embedding_sizes=(20, 20),
+        mlp_bot=(13, 4),
+        mlp_top=(4, 1),
+        delay="skew:1.5",
+        timeout_s=60.0,
+    )
     cfgs = [BenchConfig(iterations=3, **base), BenchConfig(iterations=9, **base)]
     res = blsgpu.run_world(2, _count_collectives, cfgs, timeout_s=120)
     for rank_counts in res:

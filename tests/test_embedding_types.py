@@ -36,8 +36,9 @@ def _random_kjt(keys, rows, n, max_len, weighted, gen):
     lengths = torch.randint(0, max_len + 1, (len(keys) * n,), generator=gen)
     lengths[0] = 0  # always one empty bag
     per_key = lengths.view(len(keys), n).sum(1).tolist()
-    values = torch.cat([torch.randint(0, rows[k], (c,), generator=gen)
-                        for k, c in zip(keys, per_key, strict=True)])
+    values = torch.cat(
+        [torch.randint(0, rows[k], (c,), generator=gen) for k, c in zip(keys, per_key, strict=True)]
+    )
     w = torch.rand(values.numel(), generator=gen) if weighted else None
     return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=w)
 
@@ -79,11 +80,13 @@ def test_kjt_from_offsets_equals_from_lengths():
 
 
 def test_kjt_empty():
-    kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.zeros(0, dtype=torch.int64),
-                                              torch.zeros(0, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["a"], torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    )
     assert kjt.stride() == 0 and kjt.length_per_key() == [0]
-    kjt = KeyedJaggedTensor([], torch.zeros(0, dtype=torch.int64),
-                            lengths=torch.zeros(0, dtype=torch.int64), stride=4)
+    kjt = KeyedJaggedTensor(
+        [], torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64), stride=4
+    )
     assert kjt.stride() == 4 and kjt.to_dict() == {}
 
 
@@ -99,12 +102,13 @@ V = torch.tensor([1, 2, 3])
         (dict(offsets=torch.tensor([0, 2, 1, 3])), ValueError, "non-decreasing"),
         (dict(offsets=torch.tensor([0, 2])), ValueError, "end at 2 but there are 3"),
         (dict(offsets=torch.tensor([], dtype=torch.int64)), ValueError, "at least one"),
-        (dict(lengths=torch.tensor([1, 2]), offsets=torch.tensor([0, 2, 3])), ValueError,
-         "running sum"),
-        (dict(lengths=torch.tensor([1, 2]), weights=torch.ones(2)), ValueError,
-         "weights has 2 elements"),
-        (dict(lengths=torch.tensor([1, 2]), weights=torch.ones(3, dtype=torch.int64)), TypeError,
-         "floating-point"),
+        (dict(lengths=torch.tensor([1, 2]), offsets=torch.tensor([0, 2, 3])), ValueError, "running sum"),
+        (dict(lengths=torch.tensor([1, 2]), weights=torch.ones(2)), ValueError, "weights has 2 elements"),
+        (
+            dict(lengths=torch.tensor([1, 2]), weights=torch.ones(3, dtype=torch.int64)),
+            TypeError,
+            "floating-point",
+        ),
         (dict(lengths=torch.tensor([1, 1, 1])), ValueError, "not a multiple of 2 keys"),
         (dict(lengths=torch.tensor([1, 2]), stride=2), ValueError, "stride=2"),
         (dict(), ValueError, "needs lengths or offsets"),
@@ -177,14 +181,18 @@ def test_config_from_torchrec():
     tr = _torchrec()
     from torchrec.modules.embedding_configs import PoolingType
 
-    c = EmbeddingBagConfig.from_any(tr.EmbeddingBagConfig(
-        name="t", num_embeddings=5, embedding_dim=8, feature_names=["f", "g"],
-        pooling=PoolingType.MEAN))
+    c = EmbeddingBagConfig.from_any(
+        tr.EmbeddingBagConfig(
+            name="t", num_embeddings=5, embedding_dim=8, feature_names=["f", "g"], pooling=PoolingType.MEAN
+        )
+    )
     assert c == EmbeddingBagConfig("t", 5, 8, ["f", "g"], "mean")
     with pytest.raises(ValueError, match="pooling"):
-        EmbeddingBagConfig.from_any(tr.EmbeddingBagConfig(
-            name="t", num_embeddings=5, embedding_dim=8, feature_names=["f"],
-            pooling=PoolingType.NONE))
+        EmbeddingBagConfig.from_any(
+            tr.EmbeddingBagConfig(
+                name="t", num_embeddings=5, embedding_dim=8, feature_names=["f"], pooling=PoolingType.NONE
+            )
+        )
     with pytest.raises(TypeError, match="expected an EmbeddingBagConfig"):
         EmbeddingBagConfig.from_any(object())
 
@@ -204,14 +212,19 @@ def test_plan_table_wise_greedy():
     p = make_plan(TABLES, "table_wise", 2)
     # costs t0 800, t1 400, t3 48, t2 120: t0 -> 0, t1 -> 1, t2 -> 1, t3 -> 1.
     assert {s.table: s.rank for s in p.shards} == {"t0": 0, "t1": 1, "t2": 1, "t3": 1}
-    assert all((s.row_start, s.row_end) == (0, t.num_embeddings)
-               for s, t in zip(p.shards, TABLES, strict=True))
+    assert all(
+        (s.row_start, s.row_end) == (0, t.num_embeddings) for s, t in zip(p.shards, TABLES, strict=True)
+    )
     assert p == make_plan(TABLES, "table_wise", 2)  # deterministic
     assert [s.name for s in p.slots] == ["f0@t0", "f1", "f2", "f3", "f0@t3"]
     assert [s.col for s in p.slots] == [0, 8, 16, 24, 28]
     # Rank 1: sum lookups (f3, f0@t3) before mean lookups (f1, f2); columns follow that order.
     assert [(ls.slot, ls.pooling, ls.col) for ls in p.local[1]] == [
-        (3, "sum", 0), (4, "sum", 4), (1, "mean", 20), (2, "mean", 28)]
+        (3, "sum", 0),
+        (4, "sum", 4),
+        (1, "mean", 20),
+        (2, "mean", 28),
+    ]
     assert p.local_dim(0) == 8 and p.local_dim(1) == 36
     # More ranks than tables: some ranks get nothing, which is allowed.
     p8 = make_plan(TABLES, "table_wise", 8)
@@ -233,10 +246,10 @@ def test_plan_row_wise_blocks():
 
 
 def test_plan_dict():
-    p = make_plan(TABLES, {"t0": "row_wise", "t1": {"table_wise": 2}, "t2": "table_wise",
-                           "t3": {"table_wise": 0}}, 3)
-    assert p.kinds == {"t0": "row_wise", "t1": "table_wise", "t2": "table_wise",
-                       "t3": "table_wise"}
+    p = make_plan(
+        TABLES, {"t0": "row_wise", "t1": {"table_wise": 2}, "t2": "table_wise", "t3": {"table_wise": 0}}, 3
+    )
+    assert p.kinds == {"t0": "row_wise", "t1": "table_wise", "t2": "table_wise", "t3": "table_wise"}
     owner = {s.table: s.rank for s in p.shards if s.table != "t0"}
     # loads before greedy: r0 = 34*8 + 48 = 320, r1 = 272, r2 = 264 + 400 -> t2 goes to r1.
     assert owner == {"t1": 2, "t2": 1, "t3": 0}
@@ -245,13 +258,13 @@ def test_plan_dict():
 @pytest.mark.parametrize(
     "plan, match",
     [
-        ({"t0": "row_wise", "t1": "row_wise", "t2": "row_wise", "t3": "row_wise", "tx": "row_wise"},
-         "unknown tables"),
+        (
+            {"t0": "row_wise", "t1": "row_wise", "t2": "row_wise", "t3": "row_wise", "tx": "row_wise"},
+            "unknown tables",
+        ),
         ({"t0": "row_wise"}, "no entry for tables"),
-        ({"t0": {"table_wise": 2}, "t1": "row_wise", "t2": "row_wise", "t3": "row_wise"},
-         "out of range"),
-        ({"t0": "column_wise", "t1": "row_wise", "t2": "row_wise", "t3": "row_wise"},
-         "unknown kind"),
+        ({"t0": {"table_wise": 2}, "t1": "row_wise", "t2": "row_wise", "t3": "row_wise"}, "out of range"),
+        ({"t0": "column_wise", "t1": "row_wise", "t2": "row_wise", "t3": "row_wise"}, "unknown kind"),
         ("column_wise", "one of"),
     ],
 )
@@ -272,9 +285,9 @@ def _reference(ebc, kjt, weighted):
         for f in t.feature_names:
             jt = d[f]
             pw = jt.weights().double() if weighted else None
-            res = torch.nn.functional.embedding_bag(jt.values(), w, jt.offsets(), mode="sum",
-                                                    per_sample_weights=pw,
-                                                    include_last_offset=True)
+            res = torch.nn.functional.embedding_bag(
+                jt.values(), w, jt.offsets(), mode="sum", per_sample_weights=pw, include_last_offset=True
+            )
             if t.pooling == "mean":
                 res = res / jt.lengths().clamp(min=1).unsqueeze(1)
             cols.append(res)
@@ -291,8 +304,7 @@ def test_ebc_matches_reference(weighted):
     assert kt.keys() == ["f0@t0", "f1", "f2", "f3", "f0@t3"]
     assert kt.length_per_key() == [8, 8, 8, 4, 16]
     assert kt.values().dtype == torch.float32
-    torch.testing.assert_close(kt.values().double(), _reference(ebc, kjt, weighted),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kt.values().double(), _reference(ebc, kjt, weighted), atol=1e-6, rtol=1e-6)
     assert kt.values()[0, 24:28].abs().sum() == 0  # f3 is first key: bag 0 is empty
 
 
@@ -316,10 +328,12 @@ def test_ebc_seeded_init_and_state_dict_names():
     b = EmbeddingBagCollection(TABLES, seed=3)
     c = EmbeddingBagCollection(TABLES, seed=4)
     assert list(a.state_dict()) == [f"embedding_bags.{t.name}.weight" for t in TABLES]
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
-                                                   b.state_dict().values(), strict=True))
-    assert not torch.equal(a.state_dict()["embedding_bags.t0.weight"],
-                           c.state_dict()["embedding_bags.t0.weight"])
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert not torch.equal(
+        a.state_dict()["embedding_bags.t0.weight"], c.state_dict()["embedding_bags.t0.weight"]
+    )
     w = a.state_dict()["embedding_bags.t1.weight"]
     assert w.shape == (50, 8) and w.abs().max() <= (1 / 50) ** 0.5
 
@@ -331,11 +345,15 @@ def test_ebc_bad_input():
     def kjt(values, keys=("f0", "f1", "f2", "f3"), weights=True):
         v = torch.tensor(values)
         return KeyedJaggedTensor.from_lengths_sync(
-            list(keys), v, lengths, weights=torch.ones(len(values)) if weights else None)
+            list(keys), v, lengths, weights=torch.ones(len(values)) if weights else None
+        )
 
     with pytest.raises(ValueError, match=r"lacks features \['f3'\]"):
-        ebc(KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], torch.tensor([0, 0, 0]),
-                                                torch.tensor([1, 1, 1])))
+        ebc(
+            KeyedJaggedTensor.from_lengths_sync(
+                ["f0", "f1", "f2"], torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1])
+            )
+        )
     # f0 is looked up in t3 (3 rows) too, so its limit is 3.
     with pytest.raises(ValueError, match=r"feature 'f0': id 3 is out of range \[0, 3\)"):
         ebc(kjt([3, 0, 0, 0]))
@@ -352,8 +370,7 @@ def test_ebc_bad_input():
 def test_ebc_fp16_tables():
     gen = torch.Generator().manual_seed(2)
     ebc = EmbeddingBagCollection(TABLES, dtype=torch.float16, seed=1)
-    kjt = _random_kjt(["f0", "f1", "f2", "f3"], {"f0": 3, "f1": 50, "f2": 50, "f3": 30}, 4, 6,
-                      False, gen)
+    kjt = _random_kjt(["f0", "f1", "f2", "f3"], {"f0": 3, "f1": 50, "f2": 50, "f3": 30}, 4, 6, False, gen)
     out = ebc(kjt).values()
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _reference(ebc, kjt, False), atol=2e-3, rtol=2e-3)
@@ -386,12 +403,17 @@ def _torchrec_ebc(tables, ours, weighted):
     tr = _torchrec()
     from torchrec.modules.embedding_configs import PoolingType
 
-    configs = [tr.EmbeddingBagConfig(
-        name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-        feature_names=list(t.feature_names),
-        pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM) for t in tables]
-    theirs = tr.EmbeddingBagCollection(tables=configs, is_weighted=weighted,
-                                       device=torch.device("cpu"))
+    configs = [
+        tr.EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+        )
+        for t in tables
+    ]
+    theirs = tr.EmbeddingBagCollection(tables=configs, is_weighted=weighted, device=torch.device("cpu"))
     theirs.load_state_dict(ours.state_dict())  # same names, so this lines up
     return configs, theirs
 
@@ -400,8 +422,12 @@ def _torchrec_ebc(tables, ours, weighted):
 def test_ebc_equals_torchrec(weighted):
     # TorchRec's unsharded EBC runs nn.EmbeddingBag, which takes per-sample weights only with
     # sum pooling, so the weighted case uses sum tables (weighted mean is checked above).
-    tables = [t if not weighted else EmbeddingBagConfig(t.name, t.num_embeddings, t.embedding_dim,
-                                                        t.feature_names, "sum") for t in TABLES]
+    tables = [
+        t
+        if not weighted
+        else EmbeddingBagConfig(t.name, t.num_embeddings, t.embedding_dim, t.feature_names, "sum")
+        for t in TABLES
+    ]
     ours = EmbeddingBagCollection(tables, seed=5, is_weighted=weighted)
     configs, theirs = _torchrec_ebc(tables, ours, weighted)
     gen = torch.Generator().manual_seed(7)

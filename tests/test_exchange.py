@@ -246,8 +246,14 @@ def _backend_body(rank, w):
     dist.barrier()
     blocking = torch.empty(w)
     dist.all_to_all_single(blocking, torch.arange(w, dtype=torch.float32) + 10 * rank)
-    return ([o.tolist() for o in outs], t.item(), b.item(), [x.item() for x in gathered],
-            blocking.tolist(), dist.get_backend())
+    return (
+        [o.tolist() for o in outs],
+        t.item(),
+        b.item(),
+        [x.item() for x in gathered],
+        blocking.tolist(),
+        dist.get_backend(),
+    )
 
 
 def test_bls_backend_matches_gloo():
@@ -276,7 +282,7 @@ def test_channel_on_a_subgroup_and_a_rank_outside_it():
 
 
 def _backend_devices_body(rank, w):
-    from blsgpu.backend import _device_of  # noqa: PLC0415
+    from blsgpu.backend import _device_of
 
     pg = dist.distributed_c10d._get_default_group()
     errors = {}
@@ -284,8 +290,7 @@ def _backend_devices_body(rank, w):
         pg.channel_for(torch.device("meta"))
     errors["meta"] = str(e.value)
     with pytest.raises(ValueError) as e:
-        pg.all_to_all_single(torch.empty(2), torch.empty(2, device="meta"), [], [],
-                             dist.AllToAllOptions())
+        pg.all_to_all_single(torch.empty(2), torch.empty(2, device="meta"), [], [], dist.AllToAllOptions())
     errors["mixed"] = str(e.value)
     if not dist.is_nccl_available():  # a CPU build of torch: CUDA tensors get a clear error
         with pytest.raises(RuntimeError) as e:

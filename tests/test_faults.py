@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 def _install_fault(action: str, where: str, out_dir: Path) -> None:
     from blsgpu.bench import runner
-    from blsgpu.dlrm import data  # noqa: PLC0415
+    from blsgpu.dlrm import data
 
     sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
     state = {"barrier": None}
@@ -79,7 +79,7 @@ def _rank_main(argv: list[str]) -> None:
         os.close(f)
     if rank == int(victim):
         _install_fault(action, where, out)
-    from blsgpu import cli  # noqa: PLC0415
+    from blsgpu import cli
 
     verdict = {"rank": rank, "code": 1, "type": None, "peer": None, "message": ""}
     try:
@@ -142,12 +142,7 @@ def _kill_group(pid: int, sig=signal.SIGKILL) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    "action, victim, where",
-    [
-        ("kill", 2, "exchange"),
-        ("stop", 1, "exchange"),
-        ("stop", 0, "barrier"),
-    ],
+    "action, victim, where", [("kill", 2, "exchange"), ("stop", 1, "exchange"), ("stop", 0, "barrier")]
 )
 def test_survivors_name_the_failed_rank_and_nothing_is_left(action, victim, where, tmp_path):
     env = {
@@ -170,7 +165,7 @@ def test_survivors_name_the_failed_rank_and_nothing_is_left(action, victim, wher
         str(tmp_path),
         *CLI_ARGS,
     ]
-    log = open(tmp_path / "torchrun.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "torchrun.log", "w")
     launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     workers: dict[int, int] = {}
     exited: dict[int, float] = {}

@@ -50,8 +50,7 @@ def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
     bad = []
     for k0, recv, splits in got:
         want = reference(seed, k0, rank, w, width, ROWS)
-        if splits != split_matrix(seed, k0, w, ROWS)[:, rank].tolist() or not same_bits(
-                recv.cpu(), want):
+        if splits != split_matrix(seed, k0, w, ROWS)[:, rank].tolist() or not same_bits(recv.cpu(), want):
             bad.append(k0)
     return bad
 
@@ -61,9 +60,9 @@ def _exact_loop(rank, w, a2a, iters, seed, width, device, delay_s=None):
 
 
 def _nccl_w1_body(rank, w, bound, iters):
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
-    from blsgpu.transport import nccl_lib as _nccl  # noqa: PLC0415
+    from blsgpu.transport import nccl_lib as _nccl
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -162,7 +161,7 @@ def test_caching_allocator_never_reuses_buffers_nccl_still_uses():
 
 
 def _bls_backend_cuda_body(rank, w):
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -184,21 +183,25 @@ def _bls_backend_cuda_body(rank, w):
     dist.all_reduce(y)  # through torch's NCCL
     cpu = torch.ones(3)
     dist.all_reduce(cpu)  # CPU tensors still go through gloo
-    return (results, y.tolist(), cpu.tolist(), pg.channel_for(dev).stats()["transport"],
-            type(pg.inner_for(dev)).__name__)
+    return (
+        results,
+        y.tolist(),
+        cpu.tolist(),
+        pg.channel_for(dev).stats()["transport"],
+        type(pg.inner_for(dev)).__name__,
+    )
 
 
 @pytest.mark.gpu
 def test_bls_backend_sends_cuda_tensors_through_nccl():
-    results, y, cpu, transport, inner = run_world(1, _bls_backend_cuda_body, backend="bls",
-                                                  timeout_s=120)[0]
+    results, y, cpu, transport, inner = run_world(1, _bls_backend_cuda_body, backend="bls", timeout_s=120)[0]
     assert results == [True] * 6
     assert y == [2.0] * 4 and cpu == [1.0] * 3
     assert transport == "nccl" and inner == "ProcessGroupNCCL"
 
 
 def _gloo_with_cuda_tensors_body(rank, w):
-    import warnings  # noqa: PLC0415
+    import warnings
 
     x = torch.arange(6.0, device="cuda").view(3, 2)
     with warnings.catch_warnings(record=True) as caught:
@@ -218,7 +221,7 @@ def test_gloo_channel_with_cuda_tensors_is_exact_and_says_it_stages():
 
 @pytest.mark.gpu
 def test_comm_streams_are_their_own():
-    from blsgpu.counters.device import own_stream  # noqa: PLC0415
+    from blsgpu.counters.device import own_stream
 
     dev = torch.device("cuda", 0)
     pooled = {torch.cuda.Stream(dev).cuda_stream for _ in range(64)}  # torch's whole pool
@@ -255,7 +258,7 @@ def test_gpu_sleep_lasts_what_it_is_asked_whatever_the_clock():
 def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
     """The gate is an event recorded after the consumer's release: the comm stream does not pass
     it while the consumer stream is still busy before that release."""
-    from blsgpu.counters.device import DeviceCounters, stream_ops  # noqa: PLC0415
+    from blsgpu.counters.device import DeviceCounters, stream_ops
 
     dev = torch.device("cuda", 0)
     try:
@@ -282,8 +285,8 @@ def test_device_gate_holds_the_comm_stream_until_the_release(prefer):
 @pytest.mark.gpu
 def test_spin_kernel_wait_times_out_and_says_so():
     """The spin kernel (diagnostics only now) gives up after its timeout and flags it."""
-    from blsgpu import BLSError  # noqa: PLC0415
-    from blsgpu.counters.device import _RELEASED, _STATUS, DeviceCounters, stream_ops  # noqa: PLC0415
+    from blsgpu import BLSError
+    from blsgpu.counters.device import _RELEASED, _STATUS, DeviceCounters, stream_ops
 
     dev = torch.device("cuda", 0)
     comm = torch.cuda.Stream(dev)
@@ -362,7 +365,7 @@ def test_local_mode_device_lag_stays_within_the_bound(bound):
 
 @pytest.mark.multigpu(2)
 def test_triton_lookup_on_a_device_that_is_not_current():
-    from blsgpu import pooled_lookup  # noqa: PLC0415
+    from blsgpu import pooled_lookup
 
     torch.cuda.set_device(0)
     g = torch.Generator().manual_seed(3)
@@ -380,9 +383,9 @@ def test_triton_lookup_on_a_device_that_is_not_current():
 
 
 def _sharded_cuda_body(rank, w, plan, weighted):
-    import warnings  # noqa: PLC0415
+    import warnings
 
-    from blsgpu.embedding import (  # noqa: PLC0415
+    from blsgpu.embedding import (
         EmbeddingBagCollection,
         EmbeddingBagConfig,
         KeyedJaggedTensor,
@@ -391,19 +394,26 @@ def _sharded_cuda_body(rank, w, plan, weighted):
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    tables = [EmbeddingBagConfig("t0", 400, 16, ["f0"]),
-              EmbeddingBagConfig("t1", 230, 8, ["f1", "f2"], "mean")]
+    tables = [
+        EmbeddingBagConfig("t0", 400, 16, ["f0"]),
+        EmbeddingBagConfig("t1", 230, 8, ["f1", "f2"], "mean"),
+    ]
     ebc = EmbeddingBagCollection(tables, device=dev, seed=5, is_weighted=weighted)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a gloo fallback would warn
-        sebc = ShardedEmbeddingBagCollection(tables, plan, bound=2, device="cuda", seed=5,
-                                             is_weighted=weighted)
+        sebc = ShardedEmbeddingBagCollection(
+            tables, plan, bound=2, device="cuda", seed=5, is_weighted=weighted
+        )
     g = torch.Generator().manual_seed(9)
     batches = []
     for _ in range(6):
         lengths = torch.randint(0, 6, (3 * 32,), generator=g)
-        values = torch.cat([torch.randint(0, rows, (int(c),), generator=g) for rows, c in
-                            zip((400, 230, 230), lengths.view(3, 32).sum(1), strict=True)])
+        values = torch.cat(
+            [
+                torch.randint(0, rows, (int(c),), generator=g)
+                for rows, c in zip((400, 230, 230), lengths.view(3, 32).sum(1), strict=True)
+            ]
+        )
         wts = torch.rand(values.numel(), generator=g) if weighted else None
         batches.append(KeyedJaggedTensor(["f0", "f1", "f2"], values, wts, lengths=lengths))
     ref = [ebc(b.to(dev)).values() for b in batches]
@@ -420,8 +430,9 @@ def _sharded_cuda_body(rank, w, plan, weighted):
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan, weighted", [("table_wise", False), ("row_wise", True)])
 def test_sharded_collection_on_a_gpu(plan, weighted):
-    transport, where, worst, same = run_world(1, _sharded_cuda_body, plan, weighted,
-                                              backend="cpu:gloo,cuda:nccl", timeout_s=240)[0]
+    transport, where, worst, same = run_world(
+        1, _sharded_cuda_body, plan, weighted, backend="cpu:gloo,cuda:nccl", timeout_s=240
+    )[0]
     assert transport == "nccl" and where == "cuda"
     # The Triton kernel's block size follows the batch's mean bag length, so sharded and
     # unsharded may sum in different orders on a GPU: equal to rounding, not bit for bit.

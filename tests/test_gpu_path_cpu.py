@@ -30,8 +30,9 @@ HAS_CUPY = importlib.util.find_spec("cupy") is not None
 
 
 def _python(code: str, env: dict | None = None) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -108,16 +109,17 @@ def test_libnccl_mismatch_names_both_libraries():
 
 
 def test_loaded_libnccl_parses_maps_and_skips_plugins():
-    maps = "\n".join([
-        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6",
-        "7f02-7f03 r-xp 00000000 08:01 2 /site/nvidia/nccl/lib/libnccl.so.2",
-        "7f03-7f04 r--p 00001000 08:01 2 /site/nvidia/nccl/lib/libnccl.so.2",
-        "7f05-7f06 r-xp 00000000 08:01 3 /opt/x/libnccl.so.2.27.3 (deleted)",
-        "7f07-7f08 r-xp 00000000 08:01 4 /opt/x/libnccl-net.so",
-        "7f09-7f0a rw-p 00000000 00:00 0 ",
-    ])
-    assert nccl_lib.loaded_libnccl(maps) == ["/site/nvidia/nccl/lib/libnccl.so.2",
-                                             "/opt/x/libnccl.so.2.27.3"]
+    maps = "\n".join(
+        [
+            "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6",
+            "7f02-7f03 r-xp 00000000 08:01 2 /site/nvidia/nccl/lib/libnccl.so.2",
+            "7f03-7f04 r--p 00001000 08:01 2 /site/nvidia/nccl/lib/libnccl.so.2",
+            "7f05-7f06 r-xp 00000000 08:01 3 /opt/x/libnccl.so.2.27.3 (deleted)",
+            "7f07-7f08 r-xp 00000000 08:01 4 /opt/x/libnccl-net.so",
+            "7f09-7f0a rw-p 00000000 00:00 0 ",
+        ]
+    )
+    assert nccl_lib.loaded_libnccl(maps) == ["/site/nvidia/nccl/lib/libnccl.so.2", "/opt/x/libnccl.so.2.27.3"]
     assert nccl_lib.nccl_version_str(22703) == "2.27.3"
     assert nccl_lib.nccl_version_str(2708) == "2.7.8"
     assert nccl_lib.nccl_version_str((2, 21, 5)) == "2.21.5"
@@ -140,7 +142,7 @@ def test_unique_id_survives_the_store():
 
 
 def _profile_body(rank, w):
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
     # The channel closes inside the profile: close() waits for the last gloo sends, whose records
     # would otherwise complete in gloo's thread after the profiler stopped (that can crash torch).
@@ -175,14 +177,16 @@ print(json.dumps(calls))
 
 
 def test_nvtx_ranges_when_present_and_noop_when_absent_or_off():
-    import os  # noqa: PLC0415
+    import os
 
     assert json.loads(_python(_FAKE_NVTX)) == [["blsgpu.post[c:3]", "blsgpu"]]
     env = {**os.environ, "BLSGPU_NVTX": "0"}
     assert json.loads(_python(_FAKE_NVTX, env)) == []
-    absent = ("import sys; sys.modules['nvtx'] = None\n"
-              "from blsgpu import _trace\nwith _trace.span('wait', 'c', 1): pass\n"
-              "print(_trace._nvtx is None and not _trace._NVTX)")
+    absent = (
+        "import sys; sys.modules['nvtx'] = None\n"
+        "from blsgpu import _trace\nwith _trace.span('wait', 'c', 1): pass\n"
+        "print(_trace._nvtx is None and not _trace._NVTX)"
+    )
     assert _python(absent) == "True"
 
 
@@ -255,7 +259,7 @@ class _TimedEvent:
 
 
 def test_host_wait_returns_soon_after_the_event_and_does_not_spin():
-    from blsgpu.counters.device import host_wait  # noqa: PLC0415
+    from blsgpu.counters.device import host_wait
 
     quick = _TimedEvent(20e-6)
     t0 = time.monotonic()
@@ -268,7 +272,7 @@ def test_host_wait_returns_soon_after_the_event_and_does_not_spin():
 
 
 def test_counter_blocks_are_distinct_zeroed_and_never_reused():
-    from blsgpu.counters.device import _SLAB_BLOCKS, _counter_block  # noqa: PLC0415
+    from blsgpu.counters.device import _SLAB_BLOCKS, _counter_block
 
     blocks = [_counter_block(pinned=False) for _ in range(_SLAB_BLOCKS + 10)]  # spans two slabs
     addrs = {b.data_ptr() for b in blocks}
@@ -285,36 +289,36 @@ class _FakeDriver:
         self.stack: list[int] = []
         self.CUstream = self.CUdeviceptr = self.cuuint64_t = int
 
-    def cuDeviceGet(self, index):  # noqa: N802 (the driver's names)
+    def cuDeviceGet(self, index):  # the driver's names
         return 0, index
 
-    def cuDevicePrimaryCtxRetain(self, dev):  # noqa: N802
+    def cuDevicePrimaryCtxRetain(self, dev):
         return 0, 7  # the device's primary context
 
-    def cuCtxGetCurrent(self):  # noqa: N802
+    def cuCtxGetCurrent(self):
         return 0, self.stack[-1] if self.stack else self.current
 
-    def cuCtxPushCurrent(self, ctx):  # noqa: N802
+    def cuCtxPushCurrent(self, ctx):
         self.calls.append("push")
         self.stack.append(ctx)
         return (0,)
 
-    def cuCtxPopCurrent(self):  # noqa: N802
+    def cuCtxPopCurrent(self):
         self.calls.append("pop")
         return 0, self.stack.pop()
 
-    def cuStreamWriteValue64(self, stream, addr, value, flags):  # noqa: N802
+    def cuStreamWriteValue64(self, stream, addr, value, flags):
         self.calls.append(("write", self.cuCtxGetCurrent()[1], stream, addr, value, flags))
         return (701 if self.fail else 0,)
 
-    def cuGetErrorString(self, err):  # noqa: N802
+    def cuGetErrorString(self, err):
         return 0, b"an illegal instruction was encountered"
 
 
 def test_stream_mem_ops_leave_the_threads_current_context_alone():
-    from types import SimpleNamespace  # noqa: PLC0415
+    from types import SimpleNamespace
 
-    from blsgpu.counters.device import MemOps  # noqa: PLC0415
+    from blsgpu.counters.device import MemOps
 
     stream = SimpleNamespace(cuda_stream=1234)
     other = _FakeDriver(current=3)  # another device's context is current in this thread

@@ -32,11 +32,7 @@ import torch.nn.functional as F
 import blsgpu
 from blsgpu.lookup import QuantizedTable, column_offsets, pooled_lookup
 
-TOL = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (2e-3, 2e-2),
-    torch.bfloat16: (1.6e-2, 1.5e-1),
-}
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2), torch.bfloat16: (1.6e-2, 1.5e-1)}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SENTINEL = 7.0  # fills a send buffer around an `out` view: must survive untouched
 
@@ -46,57 +42,63 @@ SENTINEL = 7.0  # fills a send buffer around an `out` view: must survive untouch
 CASES = {
     "fp32_dims_sum": dict(tables=[("fp32", 40, d) for d in (1, 24, 64, 100, 128)], n=5, max_l=12),
     "fp32_dims_mean_i32": dict(
-        tables=[("fp32", 40, d) for d in (1, 24, 100)], n=4, max_l=9, pooling="mean",
-        idx="int32", off="int32",
+        tables=[("fp32", 40, d) for d in (1, 24, 100)], n=4, max_l=9, pooling="mean", idx="int32", off="int32"
     ),
     "fp32_psw_l100": dict(
-        tables=[("fp32", 300, 64), ("fp32", 50, 24)], n=3, max_l=100, psw=True, idx="int32",
+        tables=[("fp32", 300, 64), ("fp32", 50, 24)], n=3, max_l=100, psw=True, idx="int32"
     ),
     "fp16_out_fp16": dict(
-        tables=[("fp16", 60, 24), ("fp16", 60, 100)], n=4, max_l=30, out_dtype="fp16",
-        off="int32",
+        tables=[("fp16", 60, 24), ("fp16", 60, 100)], n=4, max_l=30, out_dtype="fp16", off="int32"
     ),
-    "fp16_mean_out_fp32": dict(
-        tables=[("fp16", 200, 128)], n=3, max_l=100, pooling="mean", out_dtype="fp32",
-    ),
+    "fp16_mean_out_fp32": dict(tables=[("fp16", 200, 128)], n=3, max_l=100, pooling="mean", out_dtype="fp32"),
     "fp16_psw_out_bf16": dict(
-        tables=[("fp16", 30, 64), ("fp16", 30, 1)], n=4, max_l=10, psw=True, out_dtype="bf16",
+        tables=[("fp16", 30, 64), ("fp16", 30, 1)], n=4, max_l=10, psw=True, out_dtype="bf16"
     ),
     "fp32_psw_mean_fbgemm": dict(
-        tables=[("fp32", 80, 24), ("fp32", 80, 100)], n=4, max_l=100, psw=True, pooling="mean",
+        tables=[("fp32", 80, 24), ("fp32", 80, 100)], n=4, max_l=100, psw=True, pooling="mean"
     ),
     "fp16_psw_mean_out_fp32": dict(
-        tables=[("fp16", 40, 64)], n=4, max_l=20, psw=True, pooling="mean", out_dtype="fp32",
-        idx="int32",
+        tables=[("fp16", 40, 64)], n=4, max_l=20, psw=True, pooling="mean", out_dtype="fp32", idx="int32"
     ),
     "int8_psw_mean_out_fp16": dict(
-        tables=[("int8", 40, 1), ("int8", 40, 64)], n=4, max_l=12, psw=True, pooling="mean",
-        out_dtype="fp16",
+        tables=[("int8", 40, 1), ("int8", 40, 64)], n=4, max_l=12, psw=True, pooling="mean", out_dtype="fp16"
     ),
     "bf16_sum": dict(tables=[("bf16", 50, 64), ("bf16", 50, 128)], n=4, max_l=20),
     "bf16_psw_out_fp32": dict(
-        tables=[("bf16", 50, 24)], n=5, max_l=16, psw=True, out_dtype="fp32", idx="int32",
+        tables=[("bf16", 50, 24)], n=5, max_l=16, psw=True, out_dtype="fp32", idx="int32"
     ),
     "int8_dims_sum": dict(tables=[("int8", 40, d) for d in (1, 24, 64, 100)], n=4, max_l=12),
     "int8_mean_out_fp16": dict(
-        tables=[("int8", 120, 128), ("int8", 30, 3)], n=3, max_l=100, pooling="mean",
-        out_dtype="fp16", idx="int32", off="int32",
+        tables=[("int8", 120, 128), ("int8", 30, 3)],
+        n=3,
+        max_l=100,
+        pooling="mean",
+        out_dtype="fp16",
+        idx="int32",
+        off="int32",
     ),
     "int8_psw_out_bf16": dict(
-        tables=[("int8", 50, 24), ("int8", 50, 100)], n=4, max_l=10, psw=True, out_dtype="bf16",
+        tables=[("int8", 50, 24), ("int8", 50, 100)], n=4, max_l=10, psw=True, out_dtype="bf16"
     ),
     "mixed_into_send_buffer": dict(
-        tables=[("fp32", 30, 24), ("int8", 30, 64), ("fp16", 30, 1), ("bf16", 30, 100)], n=4,
-        max_l=8, out_dtype="fp16", out_view=(3, 40, 5),
+        tables=[("fp32", 30, 24), ("int8", 30, 64), ("fp16", 30, 1), ("bf16", 30, 100)],
+        n=4,
+        max_l=8,
+        out_dtype="fp16",
+        out_view=(3, 40, 5),
     ),
     "mean_into_send_buffer_i32": dict(
-        tables=[("fp32", 30, 100), ("fp32", 30, 64)], n=3, max_l=7, pooling="mean",
-        out_view=(2, 7, 3), idx="int32", off="int32",
+        tables=[("fp32", 30, 100), ("fp32", 30, 64)],
+        n=3,
+        max_l=7,
+        pooling="mean",
+        out_view=(2, 7, 3),
+        idx="int32",
+        off="int32",
     ),
     "many_tables_one_group": dict(tables=[("fp32", 20, 24)] * 6, n=3, max_l=5, psw=True),
     "strided_rows_shared_storage": dict(
-        tables=[("fp32", 25, 24), ("fp32", 25, 24), ("int8", 25, 24)], n=4, max_l=6,
-        shared_storage=True,
+        tables=[("fp32", 25, 24), ("fp32", 25, 24), ("int8", 25, 24)], n=4, max_l=6, shared_storage=True
     ),
     "all_bags_empty": dict(tables=[("fp32", 10, 24), ("int8", 10, 64)], n=3, max_l=0),
     "zero_batch": dict(tables=[("fp32", 10, 24), ("fp16", 10, 8)], n=0, max_l=4),
@@ -180,8 +182,12 @@ def reference(kwargs: dict) -> torch.Tensor:
         a, b = int(offsets[t * n]), int(offsets[(t + 1) * n])
         offs = offsets[t * n : (t + 1) * n + 1] - a
         pooled = F.embedding_bag(
-            indices[a:b], w.double(), offs, mode="sum" if weighted_mean else kwargs["pooling"],
-            include_last_offset=True, per_sample_weights=None if psw is None else psw[a:b].double(),
+            indices[a:b],
+            w.double(),
+            offs,
+            mode="sum" if weighted_mean else kwargs["pooling"],
+            include_last_offset=True,
+            per_sample_weights=None if psw is None else psw[a:b].double(),
         )
         if weighted_mean:
             pooled = pooled / (offs[1:] - offs[:-1]).clamp(min=1).double()[:, None]
@@ -254,10 +260,7 @@ ERROR_CASES = {
         lambda: _bad_id(40, "fp16_psw_mean_out_fp32", 0),
         r"= 40 is out of range for table 0",
     ),
-    "id_too_large_int8": (
-        lambda: _bad_id(40, "int8_dims_sum", 2),
-        r"= 40 is out of range for table 2",
-    ),
+    "id_too_large_int8": (lambda: _bad_id(40, "int8_dims_sum", 2), r"= 40 is out of range for table 2"),
     "id_negative_int8_mean_i32": (
         lambda: _bad_id(-5, "int8_mean_out_fp16", 0),
         r"= -5 is out of range for table 0",
@@ -288,10 +291,7 @@ ERROR_CASES = {
         lambda: _with(out=_out(5, 317, dtype=torch.float16), out_dtype=lambda kw: torch.float32),
         r"out has dtype torch.float16",
     ),
-    "out_column_stride": (
-        lambda: _with(out=lambda kw: torch.empty(317, 5).t()),
-        r"unit column stride",
-    ),
+    "out_column_stride": (lambda: _with(out=lambda kw: torch.empty(317, 5).t()), r"unit column stride"),
     "out_rows_overlap": (
         lambda: _with(out=lambda kw: torch.empty(5 * 317 + 64).as_strided((5, 317), (64, 1))),
         r"out rows overlap \(row stride 64 < width 317\)",
@@ -367,7 +367,7 @@ def _worker(result_path: str) -> None:
         # A failing case is reported by its own test, not by the whole worker.
         try:
             results[key] = fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results[key] = (_WORKER_ERROR, f"{type(e).__name__}: {e}")
 
     def run_case(name, spec):
@@ -378,7 +378,7 @@ def _worker(result_path: str) -> None:
     def run_error_case(make):
         try:
             pooled_lookup(**make(), backend="triton")
-        except Exception as e:  # noqa: BLE001  (the parent asserts the type)
+        except Exception as e:  # the parent asserts the type
             return (type(e).__name__, str(e))
         return ("no error", "")
 
@@ -410,7 +410,10 @@ def interpreted():
         env = dict(os.environ, TRITON_INTERPRET="1")
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--interpret-worker", path],
-            env=env, capture_output=True, text=True, timeout=240,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         if proc.returncode != 0:
             pytest.fail(f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -490,9 +493,7 @@ def test_int64_addressing_past_2_31(backend):
     which, results = backend
     case = _big_stride_case()
     got = (
-        pooled_lookup(**case, backend="torch").clone()
-        if which == "torch"
-        else _result(results, "big_stride")
+        pooled_lookup(**case, backend="torch").clone() if which == "torch" else _result(results, "big_stride")
     )
     d = 16
     small, big = (t.dequantize().double() for t in case["tables"])
@@ -648,20 +649,26 @@ def test_kernel_compiles_to_vector_loads_for_sm90():
     }  # fmt: skip
     block_l, block_d, num_warps = kern.block_sizes(128, 20.0)
     constexprs = dict(
-        MEAN=False, HAS_PSW=False, QUANTIZED=False, QPARAMS_ALIGNED=False, ROW_ALIGN=8,
-        DIM_ALIGN=8, OUT_ALIGN=8, BLOCK_L=block_l, BLOCK_D=block_d,
+        MEAN=False,
+        HAS_PSW=False,
+        QUANTIZED=False,
+        QPARAMS_ALIGNED=False,
+        ROW_ALIGN=8,
+        DIM_ALIGN=8,
+        OUT_ALIGN=8,
+        BLOCK_L=block_l,
+        BLOCK_D=block_d,
     )
     signature.update({k: "constexpr" for k in constexprs})
     names = kern.pooled_gather_kernel.arg_names
     # Divisibility by 16 that Triton would infer at launch for aligned pointers and strides.
     attrs = {
-        (names.index(a),): [["tt.divisibility", 16]]
-        for a in ("weights_ptr", "out_ptr", "out_row_stride")
+        (names.index(a),): [["tt.divisibility", 16]] for a in ("weights_ptr", "out_ptr", "out_row_stride")
     }
     src = triton.compiler.ASTSource(kern.pooled_gather_kernel, signature, constexprs, attrs)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    except Exception as e:  # noqa: BLE001  (no ptxas / CUDA backend in this Triton build)
+    except Exception as e:  # no ptxas / CUDA backend in this Triton build
         pytest.skip(f"cannot compile for sm_90 here: {e}")
     ptx = compiled.asm["ptx"]
     assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "row gather is not vectorised"
@@ -694,7 +701,9 @@ def test_gpu_triton_matches_torch(name):
     torch.testing.assert_close(got.double().cpu(), reference(kw), rtol=rtol, atol=atol)
     torch.testing.assert_close(
         pooled_lookup(**{**moved, "out": None}, backend="torch").double().cpu(),
-        reference(kw), rtol=rtol, atol=atol,
+        reference(kw),
+        rtol=rtol,
+        atol=atol,
     )
 
 

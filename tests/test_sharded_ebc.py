@@ -38,8 +38,9 @@ def _batch(rank, k, weighted, n=None, keys=KEYS, rows=ROWS):
     if n:
         lengths[0] = 0
     per_key = lengths.view(len(keys), n).sum(1).tolist()
-    values = torch.cat([torch.randint(0, rows[f], (c,), generator=g)
-                        for f, c in zip(keys, per_key, strict=True)])
+    values = torch.cat(
+        [torch.randint(0, rows[f], (c,), generator=g) for f, c in zip(keys, per_key, strict=True)]
+    )
     w = torch.rand(values.numel(), generator=g) if weighted else None
     return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=w)
 
@@ -65,8 +66,7 @@ def _exact_body(rank, world, plan, iters, seed, id_dtype=None):
     for weighted in (False, True):
         ebc = EmbeddingBagCollection(TABLES, seed=seed, is_weighted=weighted)
         if weighted:  # the constructor with a seed draws the same tables as the unsharded module
-            sebc = ShardedEmbeddingBagCollection(TABLES, plan, bound=2, is_weighted=True,
-                                                 seed=seed)
+            sebc = ShardedEmbeddingBagCollection(TABLES, plan, bound=2, is_weighted=True, seed=seed)
         else:
             sebc = shard(ebc, plan=plan, bound=2)
         if id_dtype is not None:  # the int64 message a table of >= 2^31 rows would need
@@ -80,17 +80,27 @@ def _exact_body(rank, world, plan, iters, seed, id_dtype=None):
             fwd.append(sebc(b))
         pipe = list(sebc.pipeline(_delayed(batches, delays[::-1])))
         sebc.close()
-        same_keys = all(kt.keys() == ref[0].keys() and kt.length_per_key() ==
-                         ref[0].length_per_key() for kt in fwd + pipe)
-        out[weighted] = (same_keys, [(r.values(), f.values(), p.values())
-                                     for r, f, p in zip(ref, fwd, pipe, strict=True)])
+        same_keys = all(
+            kt.keys() == ref[0].keys() and kt.length_per_key() == ref[0].length_per_key() for kt in fwd + pipe
+        )
+        out[weighted] = (
+            same_keys,
+            [(r.values(), f.values(), p.values()) for r, f, p in zip(ref, fwd, pipe, strict=True)],
+        )
     return out
 
 
 @pytest.mark.parametrize(
     "world, plan",
-    [(2, "table_wise"), (3, "table_wise"), (4, "table_wise"),
-     (2, "row_wise"), (3, "row_wise"), (4, "row_wise"), (3, MIXED)],
+    [
+        (2, "table_wise"),
+        (3, "table_wise"),
+        (4, "table_wise"),
+        (2, "row_wise"),
+        (3, "row_wise"),
+        (4, "row_wise"),
+        (3, MIXED),
+    ],
 )
 def test_sharded_equals_unsharded(world, plan):
     results = run_world(world, _exact_body, plan, 5, 11 * world, timeout_s=120)
@@ -121,7 +131,7 @@ def test_int64_id_messages_equal_unsharded():
 
 
 def _profiled_body(rank, world):
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
     sebc = ShardedEmbeddingBagCollection(TABLES, "table_wise", bound=1, seed=3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -153,8 +163,9 @@ def _state_body(rank, world):
     held = {s.table: s for s in plan.shards_of(rank)}
     assert sorted(shards) == sorted(f"embedding_bags.{t}.weight" for t in held)
     for t, s in held.items():
-        assert torch.equal(shards[f"embedding_bags.{t}.weight"],
-                           full[f"embedding_bags.{t}.weight"][s.row_start:s.row_end])
+        assert torch.equal(
+            shards[f"embedding_bags.{t}.weight"], full[f"embedding_bags.{t}.weight"][s.row_start : s.row_end]
+        )
     # The unsharded state of another collection: each rank slices its rows.
     sebc.load_state_dict(b.state_dict())
     batch = _batch(rank, 0, False, n=3)
@@ -163,8 +174,10 @@ def _state_body(rank, world):
     sebc.load_state_dict(shards)
     same_as_a = torch.allclose(sebc(batch).values(), a(batch).values(), atol=1e-6)
     errors = []
-    for bad, strict in [({**full, "embedding_bags.t0.weight": torch.zeros(7, 8)}, True),
-                        ({**full, "nonsense": torch.zeros(1)}, True)]:
+    for bad, strict in [
+        ({**full, "embedding_bags.t0.weight": torch.zeros(7, 8)}, True),
+        ({**full, "nonsense": torch.zeros(1)}, True),
+    ]:
         try:
             sebc.load_state_dict(bad, strict=strict)
         except (ValueError, RuntimeError) as e:
@@ -194,8 +207,7 @@ def _lag_body(rank, world, bounds, iters, slow_s):
         stamps: list[float] = []
         delays = [slow_s if rank == 0 else 0.0] * iters
         got = list(sebc.pipeline(_delayed(batches, delays, stamps)))
-        ok = all(torch.equal(g.values(), ebc(b).values()) for g, b in zip(got, batches,
-                                                                          strict=True))
+        ok = all(torch.equal(g.values(), ebc(b).values()) for g, b in zip(got, batches, strict=True))
         out[B] = (stamps, sebc.stats(), ok)
         sebc.close()
     return out
@@ -224,10 +236,7 @@ def test_pipeline_fast_ranks_run_bound_plus_one_ahead():
 # ---------------------------------------------------------------- reduced precision
 
 
-PREC_TABLES = [
-    EmbeddingBagConfig("t0", 30, 64, ["f0"]),
-    EmbeddingBagConfig("t1", 20, 8, ["f1"], "mean"),
-]
+PREC_TABLES = [EmbeddingBagConfig("t0", 30, 64, ["f0"]), EmbeddingBagConfig("t1", 20, 8, ["f1"], "mean")]
 PREC_ROWS = {"f0": 30, "f1": 20}
 
 
@@ -236,20 +245,29 @@ def _precision_body(rank, world):
     batches = [_batch(rank, k, True, n=4, keys=["f0", "f1"], rows=PREC_ROWS) for k in range(3)]
     ref = [ebc(b).values() for b in batches]
     out = {}
-    for name, kw in [("fp32", {}), ("fp16", {"comm_dtype": torch.float16}),
-                     ("bf16", {"comm_dtype": torch.bfloat16}), ("int8", {"dtype": torch.int8})]:
+    for name, kw in [
+        ("fp32", {}),
+        ("fp16", {"comm_dtype": torch.float16}),
+        ("bf16", {"comm_dtype": torch.bfloat16}),
+        ("int8", {"dtype": torch.int8}),
+    ]:
         sebc = shard(ebc, plan="row_wise", **kw)
         got = [sebc(b).values() for b in batches]
         max_len = max(int(b.lengths().max()) for b in batches)
-        out[name] = (max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)),
-                     sebc.stats()["pooled"]["bytes_sent"], sebc.table_nbytes(), max_len)
+        out[name] = (
+            max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)),
+            sebc.stats()["pooled"]["bytes_sent"],
+            sebc.table_nbytes(),
+            max_len,
+        )
         if name == "int8":  # its state (fused 8-bit rows, same names) loads back as it was
             state = {k: v.clone() for k, v in sebc.state_dict().items()}
             sebc.load_state_dict(ebc.state_dict())  # float tables are quantized on load
             sebc.load_state_dict(state)
             out["int8_state"] = (
                 all(v.dtype == torch.uint8 for v in state.values()),
-                all(torch.equal(sebc(b).values(), g) for b, g in zip(batches, got, strict=True)))
+                all(torch.equal(sebc(b).values(), g) for b, g in zip(batches, got, strict=True)),
+            )
         sebc.close()
     return out
 
@@ -269,7 +287,7 @@ def test_comm_dtype_and_int8_tables():
         # Each id's row is off by at most half a quantization step, (max - min) / 510 per
         # element; init bound 1/sqrt(rows), weights in [0, 1): the sum of a bag of L ids is off
         # by at most L * (2 / sqrt(20)) / 510.
-        assert 0 < res["int8"][0] <= max_len * (2 / 20 ** 0.5) / 510, (rank, res["int8"])
+        assert 0 < res["int8"][0] <= max_len * (2 / 20**0.5) / 510, (rank, res["int8"])
         assert res["int8_state"] == (True, True)
 
 
@@ -306,14 +324,14 @@ def _bad_input_body(rank, world):
         v, n = good.values(), good.lengths()
         w = good.weights()
         bad = [
-            KeyedJaggedTensor(["f0", "f1", "f2", "f3"], v[:4], lengths=torch.ones(4,
-                                                                                 dtype=torch.long),
-                              weights=w[:4]),
+            KeyedJaggedTensor(
+                ["f0", "f1", "f2", "f3"], v[:4], lengths=torch.ones(4, dtype=torch.long), weights=w[:4]
+            ),
             KeyedJaggedTensor(KEYS, torch.full_like(v, 23), lengths=n, weights=w),
             KeyedJaggedTensor(KEYS, -torch.ones_like(v), lengths=n, weights=w),
             _Loose(KEYS, v, n + 1, w),
             _Loose(KEYS, v, n, w[:-1]),
-            _Loose(KEYS, v, torch.cat([n, n[:1]]), torch.cat([w, w[:n[0]]])),
+            _Loose(KEYS, v, torch.cat([n, n[:1]]), torch.cat([w, w[: n[0]]])),
             _Loose(KEYS, v, n, w, vbe=True),
             KeyedJaggedTensor(KEYS, v, lengths=n),
             {"f0": v},
@@ -331,9 +349,11 @@ def _bad_input_body(rank, world):
             messages.append(f"{type(e).__name__}: {e}")
     posted = sebc.stats()["ids"]["posted"]
     # Nothing went out, so the channels are still in step: a good batch goes through.
-    ok = torch.allclose(sebc(good).values(),
-                        EmbeddingBagCollection(TABLES, seed=5, is_weighted=True)(good).values(),
-                        atol=1e-6)
+    ok = torch.allclose(
+        sebc(good).values(),
+        EmbeddingBagCollection(TABLES, seed=5, is_weighted=True)(good).values(),
+        atol=1e-6,
+    )
     sebc.close()
     return messages, posted, ok
 
@@ -376,8 +396,7 @@ TR_ROWS = {"f0": 5, "f1": 23, "f2": 23, "f3": 5, "f4": 6}
 # - a plan mixing table-wise and row-wise tables (the table-wise outputs are wrong).
 TR_CASES = [
     ("table_wise", TR_TABLES, (False, True)),
-    ("row_wise", [*TR_TABLES[:2], EmbeddingBagConfig("t2", 5, 12, ["f3"]), TR_TABLES[3]],
-     (False,)),
+    ("row_wise", [*TR_TABLES[:2], EmbeddingBagConfig("t2", 5, 12, ["f3"]), TR_TABLES[3]], (False,)),
 ]
 
 
@@ -386,11 +405,7 @@ def _torchrec_body(rank, world, iters):
     import torchrec
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.sharding_plan import (
-        construct_module_sharding_plan,
-        row_wise,
-        table_wise,
-    )
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingPlan
     from torchrec.modules.embedding_configs import PoolingType
 
@@ -398,36 +413,54 @@ def _torchrec_body(rank, world, iters):
     for kind, tables, weightings in TR_CASES:
         keys = [f for t in tables for f in t.feature_names if f != "f0" or t.name == "t0"]
         for weighted in weightings:
-            configs = [torchrec.EmbeddingBagConfig(
-                name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                feature_names=list(t.feature_names),
-                pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM)
-                for t in tables]
+            configs = [
+                torchrec.EmbeddingBagConfig(
+                    name=t.name,
+                    num_embeddings=t.num_embeddings,
+                    embedding_dim=t.embedding_dim,
+                    feature_names=list(t.feature_names),
+                    pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+                )
+                for t in tables
+            ]
             torch.manual_seed(6)  # the same unsharded TorchRec tables on every rank
-            unsharded = torchrec.EmbeddingBagCollection(tables=configs, is_weighted=weighted,
-                                                        device=torch.device("cpu"))
+            unsharded = torchrec.EmbeddingBagCollection(
+                tables=configs, is_weighted=weighted, device=torch.device("cpu")
+            )
             # Same placement for both: table t on rank t % W, or row blocks.
-            plan = {t.name: "row_wise" if kind == "row_wise" else {"table_wise": i % world}
-                    for i, t in enumerate(tables)}
+            plan = {
+                t.name: "row_wise" if kind == "row_wise" else {"table_wise": i % world}
+                for i, t in enumerate(tables)
+            }
             ours = shard(unsharded, plan=plan, bound=2)  # TorchRec's module in, weights included
-            meta = torchrec.EmbeddingBagCollection(tables=configs, is_weighted=weighted,
-                                                   device=torch.device("meta"))
+            meta = torchrec.EmbeddingBagCollection(
+                tables=configs, is_weighted=weighted, device=torch.device("meta")
+            )
             sharder = EmbeddingBagCollectionSharder()
-            per_param = {n: row_wise() if e == "row_wise" else table_wise(rank=e["table_wise"])
-                         for n, e in plan.items()}
-            tr_plan = ShardingPlan({"": construct_module_sharding_plan(
-                meta, per_param_sharding=per_param, local_size=world, world_size=world,
-                device_type="cpu", sharder=sharder)})
-            dmp = DistributedModelParallel(meta, device=torch.device("cpu"), plan=tr_plan,
-                                           sharders=[sharder])
+            per_param = {
+                n: row_wise() if e == "row_wise" else table_wise(rank=e["table_wise"])
+                for n, e in plan.items()
+            }
+            tr_plan = ShardingPlan(
+                {
+                    "": construct_module_sharding_plan(
+                        meta,
+                        per_param_sharding=per_param,
+                        local_size=world,
+                        world_size=world,
+                        device_type="cpu",
+                        sharder=sharder,
+                    )
+                }
+            )
+            dmp = DistributedModelParallel(meta, device=torch.device("cpu"), plan=tr_plan, sharders=[sharder])
             full = unsharded.state_dict()
             with torch.no_grad():
                 for key, st in dmp.state_dict().items():
                     for sh in st.local_shards():
                         (r0, c0), (nr, nc) = sh.metadata.shard_offsets, sh.metadata.shard_sizes
-                        sh.tensor.copy_(full[key][r0:r0 + nr, c0:c0 + nc])
-            batches = [_batch(rank, k, weighted, n=3, keys=keys, rows=TR_ROWS)
-                       for k in range(iters)]
+                        sh.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
+            batches = [_batch(rank, k, weighted, n=3, keys=keys, rows=TR_ROWS) for k in range(iters)]
             theirs = []
             for b in batches:
                 kt = dmp(b.to_torchrec())
@@ -456,5 +489,4 @@ def test_equals_torchrec_sharded_forward():
                     where = f"{kind}, rank {rank}, batch {k}, weighted={weighted}, key {key}"
                     assert torch.equal(f[key], p[key]), where
                     # FBGEMM's kernels add in their own order: float tolerance.
-                    torch.testing.assert_close(f[key], t[key].detach(), atol=1e-6, rtol=1e-5,
-                                               msg=where)
+                    torch.testing.assert_close(f[key], t[key].detach(), atol=1e-6, rtol=1e-5, msg=where)

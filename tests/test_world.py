@@ -136,15 +136,14 @@ def _one_fails_others_block(rank, w):
 
 def test_run_world_fails_fast_after_grace():
     t0 = time.monotonic()
-    results = run_world(2, _one_fails_others_block, grace_s=2.0, timeout_s=120,
-                        return_exceptions=True)
+    results = run_world(2, _one_fails_others_block, grace_s=2.0, timeout_s=120, return_exceptions=True)
     assert time.monotonic() - t0 < 20
     assert isinstance(results[1], RuntimeError) and str(results[1]) == "boom"
     assert isinstance(results[0], RankError) and "after another rank failed" in str(results[0])
 
 
 def _late_between_runs(rank, w, cfg):
-    from blsgpu.bench import runner  # noqa: PLC0415
+    from blsgpu.bench import runner
 
     original = runner._barrier
 
@@ -163,7 +162,7 @@ def _late_between_runs(rank, w, cfg):
 
 
 def test_the_dlrm_runner_names_a_rank_silent_between_runs():
-    from blsgpu.bench.runner import BenchConfig  # noqa: PLC0415
+    from blsgpu.bench.runner import BenchConfig
 
     cfg = BenchConfig(
         world_size=2,
