@@ -386,6 +386,11 @@ if [ "${LAST_RC:-0}" != 0 ] && [ "$HAVE_GPU" = 1 ]; then
   pytest_stage local_mode_32 80 60 "local_mode" CUDA_DEVICE_MAX_CONNECTIONS=32
 fi
 
+# The contract cases on real NCCL (tests/test_contract.py, world "nccl-gpu"): on one GPU the W=1
+# cases run, the others skip (they need a GPU per rank). Last: it runs on what is left of the budget.
+stage contract_w1 90 1 "$PY" -m pytest tests/test_contract.py -m gpu -k "nccl-gpu" -v -rs \
+  -p no:cacheprovider --timeout 60 --junitxml="$OUTDIR/pytest_contract_w1.xml"
+
 # --------------------------------------------------------------------------------------- extras
 if [ -n "${GPU_CHECK_EXTRAS:-}" ]; then
   stage extras_lookup 90 1 "$PY" -m pytest tests/test_lookup.py -m gpu -q -rs -p no:cacheprovider \
