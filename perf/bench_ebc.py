@@ -60,7 +60,6 @@ import torch.distributed as dist
 
 import blsgpu
 from blsgpu.bench.delays import DelayModel
-from blsgpu.bench.record import provenance, write_report
 
 NAME = "bench_ebc"
 REF = "torchrec-dmp"
@@ -361,19 +360,9 @@ def main(argv=None) -> int:
         "loadavg_1m",
     )
     print(json.dumps({k: summary[k] for k in keys}, default=str))
-    prov = provenance(backend="gloo", threads_per_rank=1)
     cfg["world_sizes"] = args.world_sizes
-    if ec.sources() != sources:
-        print("warning: blsgpu sources changed during the run", file=sys.stderr)
-        summary["sources_changed"] = True
-    write_report(
-        args.out,
-        NAME,
-        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit, "sources": sources},
-        ec.records(NAME, cfg, rows, prov, REF),
-        rows,
-        None if args.no_plot else lambda path: _plot(cfg, rows, path),
-    )
+    plot = None if args.no_plot else lambda path: _plot(cfg, rows, path)
+    ec.report(args.out, NAME, "gloo", cfg, rows, summary, sources, REF, plot)
     return 0 if summary["checked"] and summary["forward_equals_pipeline"] else 1
 
 

@@ -63,7 +63,6 @@ import torch.distributed as dist
 
 import blsgpu
 from blsgpu.bench.delays import DelayModel
-from blsgpu.bench.record import provenance, write_report
 
 NAME = "bench_torchrec"
 REF = "gloo-forward"
@@ -245,19 +244,9 @@ def main(argv=None) -> int:
     summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     _print_table(rows)
     print(json.dumps({k: summary[k] for k in ("bls_vs_gloo", "checked", "loadavg_1m")}, default=str))
-    prov = provenance(backend="bls+gloo", threads_per_rank=1)
     cfg["world_sizes"] = args.world_sizes
-    if ec.sources() != sources:
-        print("warning: blsgpu sources changed during the run", file=sys.stderr)
-        summary["sources_changed"] = True
-    write_report(
-        args.out,
-        NAME,
-        {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit, "sources": sources},
-        ec.records(NAME, cfg, rows, prov, REF),
-        rows,
-        None if args.no_plot else lambda path: _plot(cfg, rows, path),
-    )
+    plot = None if args.no_plot else lambda path: _plot(cfg, rows, path)
+    ec.report(args.out, NAME, "bls+gloo", cfg, rows, summary, sources, REF, plot)
     return 0 if summary["checked"] else 1
 
 

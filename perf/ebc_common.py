@@ -24,6 +24,7 @@ import hashlib
 import math
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 import blsgpu
 from blsgpu.bench.delays import DelayModel
-from blsgpu.bench.record import Record
+from blsgpu.bench.record import Record, provenance, write_report
 
 # The figures of a row that go into its record, and their units; "ratio" and "ceiling" are its
 # ratios to the reference provider.
@@ -353,6 +354,29 @@ def sources() -> dict:
             h.update(f.read_bytes())
         out[pkg] = h.hexdigest()[:12]
     return out
+
+
+def report(
+    out,
+    name: str,
+    backend: str,
+    cfg: dict,
+    rows: list[dict],
+    summary: dict,
+    sources_at_start: dict,
+    ref: str,
+    plot,
+) -> None:
+    """Writes the run's JSON (summary, config, provenance, records, rows) and its plot (`plot(path)`,
+    None: no plot); says so when the blsgpu sources changed while it ran."""
+    prov = provenance(backend=backend, threads_per_rank=1)
+    if sources() != sources_at_start:
+        print("warning: blsgpu sources changed during the run", file=sys.stderr)
+        summary["sources_changed"] = True
+    doc = {**summary, "config": cfg, "machine": prov.machine, "commit": prov.commit}
+    write_report(
+        out, name, {**doc, "sources": sources_at_start}, records(name, cfg, rows, prov, ref), rows, plot
+    )
 
 
 def plot_bars(rows: list[dict], path: Path, key: str, ylabel: str, title: str, hlines=()) -> None:
