@@ -338,6 +338,10 @@ EOF
 pytest_stage counters 60 30 "gate or spin_kernel or comm_streams or gpu_sleep"
 pytest_stage engine_w1 150 60 \
   "world_size_one or hand_off or caching_allocator or bls_backend or gloo_channel or sharded_collection"
+# The contract cases on real NCCL (tests/test_contract.py, world "nccl-gpu"): on one GPU the W=1
+# cases run, the others skip (they need a GPU per rank).
+stage contract_w1 60 1 "$PY" -m pytest tests/test_contract.py -m gpu -k "nccl-gpu" -v -rs \
+  -p no:cacheprovider --timeout 30 --junitxml="$OUTDIR/pytest_contract_w1.xml"
 
 # ------------------------------------------------------------------------------------ host_cost
 stage host_cost 75 1 env GPU_CHECK_WORK="$WORK" "$PY" - <<'EOF'
@@ -385,11 +389,6 @@ if [ "${LAST_RC:-0}" != 0 ] && [ "$HAVE_GPU" = 1 ]; then
   log "local_mode failed (rc=$LAST_RC): once more with CUDA_DEVICE_MAX_CONNECTIONS=32"
   pytest_stage local_mode_32 80 60 "local_mode" CUDA_DEVICE_MAX_CONNECTIONS=32
 fi
-
-# The contract cases on real NCCL (tests/test_contract.py, world "nccl-gpu"): on one GPU the W=1
-# cases run, the others skip (they need a GPU per rank). Last: it runs on what is left of the budget.
-stage contract_w1 90 1 "$PY" -m pytest tests/test_contract.py -m gpu -k "nccl-gpu" -v -rs \
-  -p no:cacheprovider --timeout 60 --junitxml="$OUTDIR/pytest_contract_w1.xml"
 
 # --------------------------------------------------------------------------------------- extras
 if [ -n "${GPU_CHECK_EXTRAS:-}" ]; then
