@@ -51,10 +51,10 @@ def _chained_silent_body(rank, w):
     # Rank 2 is silent. Rank 1 waits on channel "a" for it; rank 0 waits on channel "b" for rank 1,
     # which only posts there once "a" moved. Each survivor sees two peers missing from its own
     # channel, and only the other survivor's report on the other channel tells them apart.
-    a = BoundedLagAllToAll(bound=0, timeout=2.0, name="a")
-    b = BoundedLagAllToAll(bound=0, timeout=2.0, name="b")
+    a = BoundedLagAllToAll(bound=0, timeout=4.0, name="a")
+    b = BoundedLagAllToAll(bound=0, timeout=4.0, name="b")
     if rank == 2:
-        time.sleep(6)
+        time.sleep(10)  # past both timeouts and the blame grace (1 s)
         return "slept"
     try:
         ha = a.exchange(torch.ones(w), [1] * w)
