@@ -48,6 +48,7 @@ from blsgpu.exchange.message import DTYPE_CODE, HEADER_BYTES, Buffer
 from blsgpu.exchange.posting import Posting
 from blsgpu.exchange.progress import Progress
 from blsgpu.transport import Transport, make_transport
+from blsgpu.transport.base import blame_grace
 
 # Per-peer payloads up to this many bytes ride behind the header (one alltoall per iteration) on
 # transports that allow a receive longer than what arrives.
@@ -284,7 +285,7 @@ class BoundedLagAllToAll(Posting, Progress):
         with self._fail_lock:
             if self._broken is not None:
                 return self._broken
-            grace = min(3.0, max(0.5, 0.25 * self.timeout_s))
+            grace = blame_grace(self.timeout_s)
             peers, sure = self.transport.blame(k, exc, grace)
             others = [p for p in range(self.world_size) if p != self.rank]
             peer = peers[0] if peers else (others[0] if others else self.rank)

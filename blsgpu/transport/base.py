@@ -111,7 +111,7 @@ def _group_key(group: Any) -> Any:
     return ("name", name) if name else ("object", id(pg))
 
 
-def _next_channel_id(group: Any) -> int:
+def next_channel_id(group: Any) -> int:
     """The group's next channel number: the same on every rank without a message, since channels
     are created collectively in the same order. Never reused, never exhausted."""
     counter = _channel_counts.setdefault(_group_key(group), itertools.count())
@@ -132,8 +132,14 @@ def group_store(pg: Any) -> Any:
     return c10d._world.pg_map[pg][1]
 
 
+def blame_grace(timeout_s: float) -> float:
+    """How long a failing rank waits for its peers' failure reports: a quarter of the channel's
+    timeout, between 0.5 s and 3 s."""
+    return min(3.0, max(0.5, 0.25 * timeout_s))
+
+
 def blame_through_store(
-    store: Any, rank: int, world_size: int, k: int, grace_s: float, shared: Any = None, window_s: float = 0.0
+    store: Any, rank: int, world_size: int, k: int, grace_s: float, shared: Any = None, timeout_s: float = 0.0
 ) -> tuple[list[int], bool]:
     """The peers that did not report a failure within `grace_s`.
 
@@ -143,7 +149,8 @@ def blame_through_store(
     channel of the same group, behind the same dead peer (it waits for data that this rank will
     only send once this channel moves), and reports its failure there. So each report is also
     written to `shared` (the group's own store) with its wall-clock time, and a report there
-    within `window_s` of this one counts as well; an older one belongs to an earlier failure.
+    within the channel's timeout plus the grace of this one counts as well (a rank blocked behind
+    the same peer timed out at most that far apart); an older one belongs to an earlier failure.
     Returns (silent peers, True), or (every peer, False) when there is no store or it did not
     answer.
     """
@@ -152,6 +159,7 @@ def blame_through_store(
         return peers, False
     try:
         now = time.time()
+        window_s = timeout_s + grace_s
         store.set(f"failed/{rank}", str(k))
         if shared is not None:
             shared.set(f"blsgpu/failed/{rank}", f"{now:.3f}")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from blsgpu.counters.host import HostCounters
 from blsgpu.errors import PeerFailure
-from blsgpu.transport.base import _next_channel_id, blame_through_store, group_store, host_staging
+from blsgpu.transport.base import blame_through_store, group_store, host_staging, next_channel_id
 
 
 def gloo_backend_of(group: Any):
@@ -69,7 +69,7 @@ class GlooTransport:
         base = gloo_backend_of(group)
         self.rank = base.rank()
         self.world_size = base.size()
-        self.channel_id = _next_channel_id(group)
+        self.channel_id = next_channel_id(group)
         self._base = base
         self._shared = group_store(group)
         self._timeout_s = timeout_s
@@ -166,7 +166,7 @@ class GlooTransport:
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         return blame_through_store(
-            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s + grace_s
+            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s
         )
 
     def close(self) -> None:

@@ -43,7 +43,14 @@ import torch
 import torch.distributed as dist
 
 from blsgpu.errors import PeerFailure
-from blsgpu.transport.base import HEADER, PointToPoint, _next_channel_id, blame_through_store, group_store
+from blsgpu.transport.base import (
+    HEADER,
+    PointToPoint,
+    blame_grace,
+    blame_through_store,
+    group_store,
+    next_channel_id,
+)
 from blsgpu.transport.nccl_lib import import_nccl, make_comm
 from blsgpu.transport.sizes import offsets
 from blsgpu.transport.torch_cuda import TorchCuda
@@ -93,7 +100,7 @@ class NcclTransport(PointToPoint):
             )
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         pg = group if group is not None else dist.distributed_c10d._get_default_group()
-        channel_id = _next_channel_id(pg)
+        channel_id = next_channel_id(pg)
         store = group_store(group)
         prefix = f"blsgpu/nccl/{channel_id}"
         comms = [
@@ -192,7 +199,7 @@ class NcclTransport(PointToPoint):
             )
             if not cuda.host_wait(cuda.record(stream), timeout_s):
                 # The ranks that never report this failure are the ones that never connected.
-                silent, sure = self._blame_store(-1, min(3.0, max(0.5, 0.25 * timeout_s)))
+                silent, sure = self._blame_store(-1, blame_grace(timeout_s))
                 who = f"rank(s) {silent} did not" if sure and silent else "a rank did not"
                 err = PeerFailure(
                     f"NCCL could not connect all {w} ranks within {timeout_s:.1f} s ({who} create "
@@ -394,7 +401,7 @@ class NcclTransport(PointToPoint):
         with self._fail_lock:
             if self._error is not None:
                 return self._error  # type: ignore[return-value]
-            grace = min(3.0, max(0.5, 0.25 * self._timeout_s))
+            grace = blame_grace(self._timeout_s)
             silent, sure = self._blame_store(k, grace)
             peer = silent[0] if sure and silent else None
             counts = ""
@@ -419,7 +426,7 @@ class NcclTransport(PointToPoint):
         """The peers that did not report a failure of this channel within `grace_s`, as the gloo
         transport finds them."""
         return blame_through_store(
-            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s + grace_s
+            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s
         )
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
