@@ -350,3 +350,70 @@ def test_import_registers_the_bls_backend():
     # test_gpu_path_cpu.py; this process has imported Triton for other tests.)
     assert "bls" in dist.Backend.backend_list
     assert blsgpu.BoundedLagAllToAll is BoundedLagAllToAll
+
+
+def _send_kinds_body(rank, w):
+    # Host tensors that are posted from their own bytes (no send slot) and those that are not
+    # (non-contiguous, conjugate view): every one arrives exactly, and the caller may overwrite
+    # its send tensor as soon as exchange() returns.
+    # Rows of 4 float32, 2048 per peer: every case but "small" is large enough to skip the slot.
+    base = torch.arange(8192 * w, dtype=torch.float32).reshape(2048 * w, 4) + 10**5 * rank
+    cases = {
+        "plain": base.clone(),
+        "small": base[: 4 * w].clone(),
+        "bfloat16": base.to(torch.bfloat16),
+        "requires_grad": base.clone().requires_grad_(True),
+        "non_contiguous": base.t().contiguous().t(),
+        "conjugate": torch.complex(base, -base).conj(),
+        "bool": base > 10**5 * rank + 5,
+    }
+    got = {}
+    with BoundedLagAllToAll(bound=2, timeout=30) as a2a:
+        for name, send in cases.items():
+            expect = send.detach().resolve_conj().clone()
+            handle = a2a.exchange(send, [send.shape[0] // w] * w)
+            direct = a2a._records[handle.iteration].buf is None
+            with torch.no_grad():
+                send.zero_() if send.dtype != torch.bool else send.fill_(False)
+            recv, _ = handle.wait()
+            got[name] = (recv.clone(), expect, direct)
+    return got
+
+
+def test_every_kind_of_host_send_tensor_arrives_exactly():
+    results = run_world(2, _send_kinds_body)
+    w = len(results)
+    for rank, got in enumerate(results):
+        for name, (recv, _, direct) in got.items():
+            sent = [results[src][name][1] for src in range(w)]
+            n = sent[0].shape[0] // w
+            want = torch.cat([s[n * rank : n * rank + n] for s in sent])
+            assert same_bits(recv, want), f"rank {rank}, {name}"
+            # Large plain contiguous host tensors skip the send slot; the others are copied into it.
+            assert direct == (name not in ("small", "non_contiguous", "conjugate")), name
+
+
+def _peer_spills_body(rank, w):
+    # Rank 0's payload fits the inline capacity, rank 1's does not: every rank then sends in the
+    # data alltoall, and rank 0, which posted straight from its tensor, rebuilds its send slot
+    # from the message it posted.
+    rows = 1024 if rank == 0 else 4096  # of 16 bytes: 16 KiB per peer fits, 64 KiB does not
+    with BoundedLagAllToAll(bound=1, timeout=30, inline_bytes=32 << 10) as a2a:
+        outs, direct = [], []
+        for k in range(3):
+            send = torch.arange(rows * w * 4, dtype=torch.float32).reshape(rows * w, 4) + 10**6 * rank + k
+            handle = a2a.exchange(send, [rows] * w)
+            direct.append(a2a._records[handle.iteration].buf is None)
+            send.fill_(-1.0)  # the caller reuses its tensor at once
+            outs.append(handle.wait()[0].clone())
+        return outs, direct
+
+
+def test_a_peer_spilling_makes_a_direct_post_rebuild_its_send_slot():
+    (outs0, direct0), (outs1, direct1) = run_world(2, _peer_spills_body)
+    assert direct0 == [True] * 3 and direct1 == [False] * 3
+    for k in range(3):
+        sent0 = torch.arange(2048 * 4, dtype=torch.float32).reshape(2048, 4) + k
+        sent1 = torch.arange(8192 * 4, dtype=torch.float32).reshape(8192, 4) + 10**6 + k
+        assert torch.equal(outs0[k], torch.cat([sent0[:1024], sent1[:4096]]))
+        assert torch.equal(outs1[k], torch.cat([sent0[1024:], sent1[4096:]]))

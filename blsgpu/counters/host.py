@@ -58,12 +58,13 @@ class HostCounters:
         """Every peer's header for iteration k arrived; `released[p]` is what peer p reported.
 
         Headers may be read out of order (a caller's late gather of k after the progress thread
-        read k+1), so both only ever grow.
+        read k+1): the latest iteration's news wins (a peer's release count never shrinks from
+        one of its headers to the next).
         """
         with self.lock:
             if k + 1 > self._peer_posted_min:
                 self._peer_posted_min = k + 1
-            self.peer_released = list(map(max, self.peer_released, released))
+                self.peer_released = released
 
     def snapshot(self) -> dict:
         """The counts at one instant, as a channel's stats() reports them."""

@@ -2,8 +2,9 @@
 
 Iteration k on a rank costs at most two alltoalls of the transport, never a message per peer:
 
-  exchange(k)  checks its arguments, copies `send` into slot k % (B+1) of the send ring (no copy
-               when the caller filled `send_buffer()`) and posts the MESSAGE alltoall of k: one
+  exchange(k)  checks its arguments, copies `send` into slot k % (B+1) of the send ring (on a host
+               transport, a large payload goes from `send` straight into the message instead),
+               and posts the MESSAGE alltoall of k: one
                fixed-size header per peer (split, dtype, trailing dims, the receiver's expected
                split, the sender's release count) and, where the transport allows it, the payload
                behind it when it fits the channel's inline capacity. It never waits for peers.
@@ -37,14 +38,13 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 
 from blsgpu._trace import span
 from blsgpu.errors import PeerError, PeerFailure
 from blsgpu.exchange.args import check_options
 from blsgpu.exchange.iteration import Iteration
-from blsgpu.exchange.message import DTYPE_CODE, HEADER_BYTES, Buffer
+from blsgpu.exchange.message import DTYPE_CODE, HEADER_BYTES, Buffer, Rows
 from blsgpu.exchange.posting import Posting
 from blsgpu.exchange.progress import Progress
 from blsgpu.transport import Transport, make_transport
@@ -157,9 +157,11 @@ class BoundedLagAllToAll(Posting, Progress):
         self._msg_in_bytes = (W - 1) * self._stride
         n = bound + 1
         self._slots = [Buffer() for _ in range(n)]  # send ring, on the transport's device
-        self._msg_in = [Buffer() for _ in range(n)]  # host
+        self._msg_in = [Buffer() for _ in range(n)]  # host, one size: untouched pages cost nothing
+        for b in self._msg_in:
+            b.host(self._msg_in_bytes)
         self._msg_out = [Buffer() for _ in range(n)]  # host
-        self._heads: dict[tuple, np.ndarray] = {}  # (dtype, trailing) -> this rank's header row
+        self._kinds: dict[tuple, Rows] = {}  # (dtype, trailing dims) -> what the engine derives of them
         self._records: dict[int, Iteration] = {}
         self._next_k = 0
         self._next_wait = 0
@@ -183,6 +185,9 @@ class BoundedLagAllToAll(Posting, Progress):
         # complete in the transport's own threads, and a progress thread would only look at them.
         # From the first one on (or when this rank spills), iterations go to it when posted.
         self._spilled = False
+        # Host transports whose caller may receive post inline payloads straight from the caller's
+        # tensor into the message: no send slot unless some rank spills.
+        self._direct = not tr.stream_ordered and tr.caller_may_receive and tr.device.type == "cpu"
         # Where the caller's thread may not process an iteration itself, or the progress thread
         # posts every alltoall, every iteration goes to the progress thread when posted.
         self._handoff_always = not tr.caller_may_receive or not self._gather_late

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blsgpu.exchange.message import Buffer
+from blsgpu.exchange.message import Buffer, Rows
 
 
 class Iteration:
@@ -28,23 +28,20 @@ class Iteration:
     prev: Iteration | None = None  # processed before this one, on every rank alike
     gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
     msg_args: tuple | None = None  # stream-ordered: the MESSAGE alltoall the progress thread posts
+    own: np.ndarray | None = None  # this rank's own rows (host bytes), where it gathers inline payloads
 
     def __init__(
         self,
         k: int,
-        slot: torch.Tensor,
-        buf: Buffer,
-        head: np.ndarray,
+        kind: Rows,
+        buf: Buffer | None,
         send_splits: list[int],
         recv_splits: list[int] | None,
-        row_bytes: int,
         out_device: torch.device,
     ):
         self.k = k
-        self.slot = slot  # [n, *trailing], contiguous, on the transport's device
-        self.buf = buf  # the send slot's buffer
-        self.head = head  # this rank's header row for the iteration's dtype and trailing dims
+        self.kind = kind  # dtype and trailing dims of the rows
+        self.buf = buf  # the send slot, or None: posted from the caller's bytes (see `own`)
         self.send_splits = send_splits
         self.recv_splits = recv_splits
-        self.row_bytes = row_bytes
         self.out_device = out_device

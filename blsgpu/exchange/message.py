@@ -19,12 +19,13 @@ MAX_TRAILING_DIMS = 6
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
 _MAGIC = 0x424C5331  # "BLS1"
-# Header fields (int64). The first H_FIXED must equal what the receiver expects of the iteration
-# (magic, channel, iteration, dtype, trailing dims): one comparison checks them all.
-H_MAGIC, H_CHANNEL, H_ITER, H_DTYPE, H_NDIM = 0, 1, 2, 3, 4
-H_DIMS = 5  # .. 5 + MAX_TRAILING_DIMS
+# Header fields (int64). The first H_FIXED are alike in every header of a kind of rows on a channel
+# (magic, channel, dtype, trailing dims): one byte comparison checks them all. The rest change per
+# iteration and are read with one tolist() (iteration, rows, released, expected rows, spill).
+H_MAGIC, H_CHANNEL, H_DTYPE, H_NDIM = 0, 1, 2, 3
+H_DIMS = 4  # .. 4 + MAX_TRAILING_DIMS
 H_FIXED = H_DIMS + MAX_TRAILING_DIMS
-H_ROWS, H_RELEASED, H_EXPECT, H_SPILL = 11, 12, 13, 14
+H_ITER, H_ROWS, H_RELEASED, H_EXPECT, H_SPILL = 10, 11, 12, 13, 14
 
 DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
@@ -116,8 +117,23 @@ def header_row(channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...]) -
     the expected split -1: not known)."""
     dims = list(trailing) + [0] * (MAX_TRAILING_DIMS - len(trailing))
     return np.array(
-        [_MAGIC, channel_id, 0, DTYPE_CODE[dtype], len(trailing), *dims, 0, 0, -1, 0, 0], dtype=np.int64
+        [_MAGIC, channel_id, DTYPE_CODE[dtype], len(trailing), *dims, 0, 0, 0, -1, 0, 0], dtype=np.int64
     )
+
+
+class Rows:
+    """One kind of rows a channel exchanges (dtype, trailing dims), with what the engine derives
+    from it once: bytes per row, this rank's header row, and the fixed header bytes every peer's
+    header must carry (checked with one comparison)."""
+
+    __slots__ = ("dtype", "trailing", "row_bytes", "head", "want")
+
+    def __init__(self, channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...], peers: int):
+        self.dtype = dtype
+        self.trailing = trailing
+        self.row_bytes = dtype.itemsize * math.prod(trailing)
+        self.head = header_row(channel_id, dtype, trailing)
+        self.want = self.head[:H_FIXED].tobytes() * peers
 
 
 def dtype_of(row: np.ndarray) -> torch.dtype | None:
@@ -138,8 +154,7 @@ def row_bytes_of(row: np.ndarray) -> int:
 
 def header_problems(
     me: int,
-    slot: torch.Tensor,
-    head: np.ndarray,
+    kind: Rows,
     hdr: np.ndarray,
     off: bool,
     rows: list[int],
@@ -149,16 +164,16 @@ def header_problems(
 ) -> list[str]:
     """What the peers' headers `hdr` of an iteration contradict (empty: nothing).
 
-    `off`: some peer's dtype or trailing dims differ from `head`, this rank's header row; `rows`:
+    `off`: some peer's dtype or trailing dims differ from `kind`, this rank's rows; `rows`:
     what each rank sends this one; `expect`: what each expects from this one (-1: not said).
     """
     problems: list[str] = []
     if off:
-        differ = (hdr[:, H_DTYPE:H_FIXED] != head[H_DTYPE:H_FIXED]).any(axis=1)
+        differ = (hdr[:, H_DTYPE:H_FIXED] != kind.head[H_DTYPE:H_FIXED]).any(axis=1)
         for q in np.flatnonzero(differ).tolist():
             problems.append(
                 f"rank {q + (q >= me)} sends {dtype_of(hdr[q])} rows of shape {trailing_of(hdr[q])} "
-                f"but rank {me} exchanges {slot.dtype} rows of shape {list(slot.shape[1:])}"
+                f"but rank {me} exchanges {kind.dtype} rows of shape {list(kind.trailing)}"
             )
     if recv_splits is not None and recv_splits != rows:
         problems += [
@@ -177,18 +192,29 @@ def header_problems(
 
 
 def gather(
-    out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray, lo: int, row_bytes: int
+    out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray, row_bytes: int
 ) -> None:
     """Every peer's inline payload (rows of `table`, behind the headers) and this rank's own rows
-    (`own` from byte `lo`) into `out`, in rank order."""
+    (the bytes `own`) into `out`, in rank order."""
     H = HEADER_BYTES
-    n_me = rows[me] * row_bytes
-    if len(set(rows)) == 1:  # balanced: three block copies (nb > 0: the caller gathers no empty result)
-        nb = n_me
-        out[: me * nb].reshape(me, nb)[:] = table[:me, H : H + nb]
-        out[me * nb : (me + 1) * nb] = own[lo : lo + nb]
-        out[(me + 1) * nb :].reshape(-1, nb)[:] = table[me:, H : H + nb]
+    W = len(rows)
+    if rows.count(rows[0]) == W:  # balanced: up to three block copies (nb > 0: the result is not empty)
+        nb = rows[0] * row_bytes
+        if me:
+            out[: me * nb].reshape(me, nb)[:] = table[:me, H : H + nb]
+        out[me * nb : (me + 1) * nb] = own
+        if me < W - 1:
+            out[(me + 1) * nb :].reshape(W - 1 - me, nb)[:] = table[me:, H : H + nb]
         return
     pieces = [table[q, H : H + r * row_bytes] for q, r in enumerate(rows[:me] + rows[me + 1 :])]
-    pieces.insert(me, own[lo : lo + n_me])
+    pieces.insert(me, own)
     np.concatenate(pieces, out=out)
+
+
+def host_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous host tensor as a flat uint8 numpy view (no copy)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16: view its bits
+        t = t.view(torch.int16)
+    return t.numpy().reshape(-1).view(np.uint8)

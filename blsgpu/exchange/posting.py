@@ -4,7 +4,6 @@ header (and inline payload) and posts the MESSAGE alltoall of the iteration. It 
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -26,37 +25,29 @@ from blsgpu.exchange.message import (
     MAX_TRAILING_DIMS,
     NO_BYTES,
     Buffer,
-    header_row,
+    Rows,
+    host_bytes,
 )
 from blsgpu.transport.base import MESSAGE
 from blsgpu.transport.sizes import offsets
+
+# Payloads from this size on go from the caller's tensor straight into the message; smaller ones
+# are copied into the send slot first (one torch copy costs less than viewing the caller's bytes).
+_DIRECT_MIN_BYTES = 16 << 10
 
 
 class Posting:
     """The posting half of BoundedLagAllToAll (channel.py), whose __init__ sets the state used here."""
 
     def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> Iteration:
-        self._check_usable()
-        if not isinstance(send, torch.Tensor):
-            raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
-        if send.layout != torch.strided:
-            raise TypeError(f"send must be a dense (strided) tensor, got layout {send.layout}")
-        if send.is_meta:
-            raise ValueError("send is on the meta device: it has no data to exchange")
-        if send.dim() < 1:
-            raise ValueError("send must have at least one dimension (rows are split along dim 0)")
-        if send.dim() - 1 > MAX_TRAILING_DIMS:
-            raise ValueError(
-                f"send has {send.dim() - 1} trailing dims; at most {MAX_TRAILING_DIMS} supported"
-            )
-        if send.dtype not in DTYPE_CODE:
-            raise TypeError(f"send dtype {send.dtype} is not supported by the exchange")
+        if self._closed or self._broken is not None:
+            self._check_usable()
+        kind = self._kind_of(send)
         W, me = self.world_size, self.rank
         send_splits = as_splits(send_splits, W, "send_splits")
-        if sum(send_splits) != send.shape[0]:
-            raise ValueError(
-                f"send_splits sum to {sum(send_splits)} but send has {send.shape[0]} rows (dim 0)"
-            )
+        n = send.shape[0]
+        if sum(send_splits) != n:
+            raise ValueError(f"send_splits sum to {sum(send_splits)} but send has {n} rows (dim 0)")
         if recv_splits is not None:
             recv_splits = as_splits(recv_splits, W, "recv_splits")
             if recv_splits[me] != send_splits[me]:
@@ -68,100 +59,53 @@ class Posting:
             raise ValueError(
                 f"channel {self.name!r} was created with known_splits=True: every exchange passes recv_splits"
             )
-        tr = self.transport
         device = send.device
         if device != self._send_device:  # a device not seen before: ask the transport once
-            self._send_device = device
-            staging = tr.staging(device)
-            if staging is not None and not self._warned_staging:
-                self._warned_staging = True
-                warnings.warn(
-                    f"channel {self.name!r} runs on {tr.name}: {staging}", RuntimeWarning, stacklevel=3
-                )
+            self._new_send_device(device)
         k = self._next_k
-        self._check_bound(k)
-        buf, slot = self._fill_slot(k, send)
-        trailing = send.shape[1:]
-        row_bytes = send.element_size() * math.prod(trailing)
-        out_device = self.device if self.device is not None else device
-        head = self._head(send.dtype, trailing)
-        it = Iteration(k, slot, buf, head, send_splits, recv_splits, row_bytes, out_device)
-        it.prev = self._records.get(k - 1)
-
-        # Per peer (this rank left out): rows and bytes. Unless some payload is too large to inline
-        # (then this rank sends every payload in the data alltoall), each rides behind its header.
+        if k - self._next_wait > self.bound:
+            self._check_bound(k)  # raises BoundError
+        rb = kind.row_bytes
+        # Per peer (this rank left out): rows. Unless some payload is too large to inline (then
+        # this rank sends every payload in the data alltoall), each rides behind its header.
         rows_p = send_splits[:me] + send_splits[me + 1 :]
-        nbs_p = [s * row_bytes for s in rows_p]
         cap = self._inline
         if cap:
-            spill = bool(nbs_p) and max(nbs_p) > cap
+            spill = bool(rows_p) and max(rows_p) * rb > cap
         else:  # every payload, this rank's own rows too, travels in the data alltoall
-            spill = row_bytes > 0 and any(send_splits)
-        it.spill = spill
-        H, i = HEADER_BYTES, k % (self.bound + 1)
-        sizes_p = [H] * (W - 1) if spill else [H + nb for nb in nbs_p]
-        total = sum(sizes_p)
-        out_buf = self._msg_out[i]
-        msg = out_buf.host(total)
-        uniform = spill or not nbs_p or nbs_p.count(nbs_p[0]) == W - 1
-        if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
-            step = sizes_p[0] if sizes_p else H
-            table = msg[:total].reshape(W - 1, step)
-            hdr = table[:, :H].view(np.int64)
+            spill = rb > 0 and n > 0
+        out_device = self.device if self.device is not None else device
+        direct = self._direct and not spill and n * rb >= _DIRECT_MIN_BYTES
+        src = _bytes_or_none(send) if direct else None
+        if src is not None:
+            ring = self._slots[k % (self.bound + 1)]
+            if send.untyped_storage().data_ptr() == ring.ptr:
+                _check_ring_view(send, ring)
+            # The message is the only copy of the payload: no send slot (a peer's spill, which
+            # needs one, has it rebuilt from the message: Progress._slot_of).
+            it = Iteration(k, kind, None, send_splits, recv_splits, out_device)
         else:
-            hdr = np.empty((W - 1, HEADER_LEN), dtype=np.int64)
-        row = head.copy()
-        row[H_ITER] = k
-        row[H_RELEASED] = self._counters.released
-        row[H_SPILL] = spill
-        hdr[:] = row
-        hdr[:, H_ROWS] = rows_p
-        if recv_splits is not None:
-            hdr[:, H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
-        if not spill and total > H * (W - 1):
-            src = buf.np  # host bytes of the slot (inline payloads: a host transport)
-            if uniform:
-                nb = nbs_p[0]
-                table[:me, H:] = src[: me * nb].reshape(me, nb)
-                after = me * nb + send_splits[me] * row_bytes  # peers after this rank's own rows
-                table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
-            else:
-                nbs = [s * row_bytes for s in send_splits]
-                starts = offsets(nbs)
-                chunks = np.split(src[: starts[-1]], starts[1:-1])
-                del chunks[me]
-                parts: list[np.ndarray] = [NO_BYTES] * (2 * (W - 1))
-                parts[0::2] = hdr.view(np.uint8)
-                parts[1::2] = chunks
-                np.concatenate(parts, out=msg[:total])
-        in_sizes = sizes_p[:me] + [0] + sizes_p[me:]
-        in_buf = self._msg_in[i]
-        in_buf.host(self._msg_in_bytes)
+            buf, _ = self._fill_slot(k, send)
+            it = Iteration(k, kind, buf, send_splits, recv_splits, out_device)
+        it.spill = spill
+        it.prev = self._records.get(k - 1)
+        i = k % (self.bound + 1)
+        total = self._write_message(it, i, rows_p, src)
         if self._ordered:
             # Stream-ordered: the progress thread posts every alltoall of the channel,
             # in one order on every rank; here only the slot's readiness is marked.
             if spill:
-                tr.slot_written(k)  # where the caller's stream finished writing the slot
+                self.transport.slot_written(k)  # where the caller's stream finished writing the slot
             if W > 1 and not self._known:
-                it.msg_args = (
-                    in_buf.torch(self._msg_in_bytes),
-                    self._msg_out_sizes,
-                    out_buf.torch(total),
-                    in_sizes,
-                )
+                it.msg_args = self._message_args(i, total, spill, rows_p, rb)
         elif W > 1:
             try:
-                it.msg_work = tr.alltoall(
-                    MESSAGE,
-                    k,
-                    in_buf.torch(self._msg_in_bytes),
-                    self._msg_out_sizes,
-                    out_buf.torch(total),
-                    in_sizes,
+                it.msg_work = self.transport.alltoall(
+                    MESSAGE, k, *self._message_args(i, total, spill, rows_p, rb)
                 )
             except Exception as e:  # the transport refuses to post: the channel is gone
                 raise self._fail(k, "posting", e) from e
-        self._bytes_sent += sum(nbs_p)
+        self._bytes_sent += (n - send_splits[me]) * rb
         self._records[k] = it
         self._next_k = k + 1
         self._counters.post(k)
@@ -170,18 +114,126 @@ class Posting:
             self._queue.put(it)
         return it
 
+    def _write_message(self, it: Iteration, i: int, rows_p: list[int], src: np.ndarray | None) -> int:
+        """Fill message buffer i with every peer's header and, unless the iteration spills, its
+        payload; returns the bytes to post. The payload comes from `src`, the caller's send
+        bytes, whose own rows are kept behind the messages (the caller may reuse `send` at once),
+        or else from the iteration's send slot."""
+        W, me, H = self.world_size, self.rank, HEADER_BYTES
+        kind, send_splits, recv_splits = it.kind, it.send_splits, it.recv_splits
+        rb = kind.row_bytes
+        spill = it.spill
+        uniform = spill or not rows_p or rows_p.count(rows_p[0]) == W - 1
+        nb = rows_p[0] * rb if rows_p and not spill else 0  # per peer, when uniform
+        total = (H + nb) * (W - 1) if uniform else H * (W - 1) + sum(rows_p) * rb
+        n_me = 0 if spill else send_splits[me] * rb
+        keep = src is not None
+        if not keep and it.buf is not None:
+            src = it.buf.np  # host bytes of the slot (None on a device transport: nothing inline)
+        buf = self._msg_out[i]
+        msg = buf.host(total + (n_me if keep else 0))
+        if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
+            tables = buf.views  # {nb: (table, headers)}: most iterations repeat an earlier layout
+            if tables is None:
+                tables = buf.views = {}
+            views = tables.get(nb)
+            if views is None:
+                if len(tables) >= 32:
+                    tables.clear()
+                table = msg[:total].reshape(W - 1, H + nb)
+                views = tables[nb] = (table, table[:, :H].view(np.int64))
+            table, hdr = views
+        else:
+            hdr = np.empty((W - 1, HEADER_LEN), dtype=np.int64)
+        row = kind.head.copy()  # scalars into one row, then the row into every header
+        row[H_ITER] = it.k
+        row[H_RELEASED] = self._counters.released
+        row[H_SPILL] = spill
+        hdr[:] = row
+        hdr[:, H_ROWS] = rows_p
+        if recv_splits is not None:
+            hdr[:, H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
+        if src is not None and not spill:
+            lo = sum(send_splits[:me]) * rb  # this rank's own rows in the send bytes
+            if total > H * (W - 1):
+                if uniform:
+                    table[:me, H:] = src[: me * nb].reshape(me, nb)
+                    after = lo + n_me  # peers after this rank's own rows
+                    table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
+                else:
+                    chunks = np.split(
+                        src[: sum(send_splits) * rb], offsets([s * rb for s in send_splits])[1:-1]
+                    )
+                    del chunks[me]
+                    parts: list[np.ndarray] = [NO_BYTES] * (2 * (W - 1))
+                    parts[0::2] = hdr.view(np.uint8)
+                    parts[1::2] = chunks
+                    np.concatenate(parts, out=msg[:total])
+            if keep:
+                own = it.own = msg[total : total + n_me]
+                own[:] = src[lo : lo + n_me]
+            else:
+                it.own = src[lo : lo + n_me]
+        return total
+
+    def _message_args(self, i: int, total: int, spill: bool, rows_p: list[int], rb: int) -> tuple:
+        """(out, out_sizes, inp, in_sizes) of the MESSAGE alltoall from message buffer i."""
+        me, H = self.rank, HEADER_BYTES
+        sizes_p = [H] * (self.world_size - 1) if spill else [H + r * rb for r in rows_p]
+        sizes_p.insert(me, 0)
+        return (
+            self._msg_in[i].torch(self._msg_in_bytes),
+            self._msg_out_sizes,
+            self._msg_out[i].torch(total),
+            sizes_p,
+        )
+
+    def _new_send_device(self, device: torch.device) -> None:
+        self._send_device = device
+        staging = self.transport.staging(device)
+        if staging is not None and not self._warned_staging:
+            self._warned_staging = True
+            warnings.warn(
+                f"channel {self.name!r} runs on {self.transport.name}: {staging}",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
+    def _kind_of(self, send: Any) -> Rows:
+        """What kind of rows `send` holds (cached per dtype and trailing dims), or the reason it
+        cannot be sent."""
+        if not isinstance(send, torch.Tensor):
+            raise TypeError(f"send must be a torch.Tensor, got {type(send).__name__}")
+        if send.layout != torch.strided:
+            raise TypeError(f"send must be a dense (strided) tensor, got layout {send.layout}")
+        if send.is_meta:
+            raise ValueError("send is on the meta device: it has no data to exchange")
+        shape = send.shape
+        if not shape:
+            raise ValueError("send must have at least one dimension (rows are split along dim 0)")
+        key = (send.dtype, shape[1:])
+        kind = self._kinds.get(key)
+        if kind is not None:
+            return kind
+        if len(shape) - 1 > MAX_TRAILING_DIMS:
+            raise ValueError(
+                f"send has {len(shape) - 1} trailing dims; at most {MAX_TRAILING_DIMS} supported"
+            )
+        if send.dtype not in DTYPE_CODE:
+            raise TypeError(f"send dtype {send.dtype} is not supported by the exchange")
+        kind = self._kinds[key] = Rows(
+            self.transport.channel_id, send.dtype, tuple(shape[1:]), self.world_size - 1
+        )
+        return kind
+
     def _fill_slot(self, k: int, send: torch.Tensor) -> tuple[Buffer, torch.Tensor]:
         nbytes = send.numel() * send.element_size()
         buf = self._slot(k, nbytes)
         if not nbytes:
             return buf, send.new_empty(send.shape, device=buf.t.device)
         if send.untyped_storage().data_ptr() == buf.ptr:
-            if send.is_contiguous() and send.data_ptr() == buf.ptr:
-                return buf, send  # filled in place through send_buffer()
-            raise ValueError(
-                "send is a view into the channel's send buffer that does not start at it (or is "
-                "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
-            )
+            _check_ring_view(send, buf)
+            return buf, send  # filled in place through send_buffer()
         slot = buf.typed(send.dtype, send.shape)
         slot.copy_(send)
         return buf, slot
@@ -195,13 +247,6 @@ class Posting:
             buf.grow(nbytes, self.transport.empty)
         return buf
 
-    def _head(self, dtype: torch.dtype, trailing: tuple[int, ...]) -> np.ndarray:
-        """This rank's header row for rows of (dtype, trailing dims); per-iteration fields 0."""
-        head = self._heads.get((dtype, trailing))
-        if head is None:
-            head = self._heads[(dtype, trailing)] = header_row(self.transport.channel_id, dtype, trailing)
-        return head
-
     def _check_bound(self, k: int) -> None:
         outstanding = k - self._next_wait
         if outstanding >= self.bound + 1:
@@ -210,3 +255,22 @@ class Posting:
                 f"with bound B={self.bound}; wait() iteration {self._next_wait} before posting "
                 f"iteration {k}"
             )
+
+
+def _bytes_or_none(send: torch.Tensor) -> np.ndarray | None:
+    """The bytes of `send` without a copy when it is a plain contiguous host tensor, else None."""
+    if send.device.type != "cpu" or not send.is_contiguous():
+        return None
+    try:
+        return host_bytes(send)
+    except (RuntimeError, TypeError):  # what numpy cannot view (a conjugate or negative bit): copy
+        return None
+
+
+def _check_ring_view(send: torch.Tensor, buf: Buffer) -> None:
+    """`send` lies in a send slot: it must be what send_buffer() returned (or a prefix of it)."""
+    if not (send.is_contiguous() and send.data_ptr() == buf.ptr):
+        raise ValueError(
+            "send is a view into the channel's send buffer that does not start at it (or is "
+            "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
+        )

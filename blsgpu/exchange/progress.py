@@ -17,11 +17,12 @@ from blsgpu.errors import BLSError
 from blsgpu.exchange.iteration import Iteration
 from blsgpu.exchange.message import (
     EMPTY,
+    H_DTYPE,
     H_FIXED,
     H_ITER,
-    H_ROWS,
     H_SPILL,
     HEADER_BYTES,
+    Buffer,
     gather,
     header_problems,
     host_tensor,
@@ -63,14 +64,15 @@ class Progress:
 
     def _receive_known(self, it: Iteration) -> None:
         """A header-less iteration (known_splits): its data group, sized by the splits, at once."""
-        rows, rb, c = it.recv_splits, it.row_bytes, self._counters
+        rows, kind, c = it.recv_splits, it.kind, self._counters
+        rb = kind.row_bytes
         total = sum(rows)
         out = self.transport.empty((total * rb,), torch.uint8)
         c.gate(it.k, self.bound)  # device gate (release of k-B-1) before the data
         # Every rank posts the data group of every iteration (empty where it moves nothing):
         # without headers nobody knows whether another rank has data.
         it.data_work = self._post_data(it, out, [r * rb for r in rows])
-        it.result = (out.view(it.slot.dtype).view((total, *it.slot.shape[1:])), rows)
+        it.result = (out.view(kind.dtype).view((total, *kind.trailing)), rows)
         self._bytes_received += (total - rows[self.rank]) * rb
         c.learn_all(it.k, [c.released] * self.world_size)  # no news from peers
 
@@ -159,74 +161,96 @@ class Progress:
             it.msg_work = None
 
     def _receive(self, it: Iteration) -> None:
-        k, tr, W, me = it.k, self.transport, self.world_size, self.rank
-        slot, row_bytes, head = it.slot, it.row_bytes, it.head
-        # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer.
+        k, W, me = it.k, self.world_size, self.rank
+        kind, send_splits, recv_splits = it.kind, it.send_splits, it.recv_splits
+        rb = kind.row_bytes
+        # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer. Their fixed
+        # fields in one comparison (a mismatch is then looked at closely), the fields of the
+        # iteration in one tolist().
         table, hdr = self._received(k)
-        want = head[:H_FIXED].copy()
-        want[H_ITER] = k
-        # One byte comparison of every peer's fixed fields (a mismatch is then looked at closely).
-        off = hdr[:, :H_FIXED].tobytes() != want.tobytes() * (W - 1)
-        if off and (hdr[:, :3] != want[:3]).any():
-            bad = int(np.flatnonzero((hdr[:, :3] != want[:3]).any(axis=1))[0])
+        off = hdr[:, :H_FIXED].tobytes() != kind.want
+        iters, rows, released, expect, spills = hdr[:, H_ITER : H_SPILL + 1].T.tolist()
+        if iters.count(k) != W - 1 or (off and (hdr[:, :H_DTYPE] != kind.head[:H_DTYPE]).any()):
+            bad = (hdr[:, :H_DTYPE] != kind.head[:H_DTYPE]).any(axis=1) | (hdr[:, H_ITER] != k)
+            q = int(np.flatnonzero(bad)[0])
             raise BLSError(
-                f"channel {self.name!r} (rank {me}): corrupt header from peer "
-                f"{bad + (bad >= me)} for iteration {k}: {hdr[bad, :3].tolist()}"
+                f"channel {self.name!r} (rank {me}): corrupt header from peer {q + (q >= me)} for "
+                f"iteration {k}: magic, channel, iteration = {hdr[q, :H_DTYPE].tolist() + [iters[q]]}"
             )
-        rows_p, released, expect, spills = hdr[:, H_ROWS : H_SPILL + 1].T.tolist()
-        self._counters.learn_all(k, released[:me] + [self._counters.released] + released[me:])
-        rows = rows_p[:me] + [it.send_splits[me]] + rows_p[me:]
-        spill = it.spill or any(spills)
+        c = self._counters
+        released.insert(me, c.released)
+        c.learn_all(k, released)
+        rows.insert(me, send_splits[me])
+        spill = it.spill or 1 in spills
         if spill:
             self._spilled = True
-        expect.insert(me, -1)
-        problems = header_problems(me, slot, head, hdr, off, rows, expect, it.send_splits, it.recv_splits)
-        if problems:
-            # Complete the iteration so every rank stays in step, then say what disagreed.
-            if spill:
-                sizes = [
-                    rows[p] * (row_bytes_of(hdr[p - (p > me)]) if p != me else row_bytes) for p in range(W)
-                ]
-                scratch = tr.empty((sum(sizes),), torch.uint8)
-                self._counters.gate(k, self.bound)
-                it.data_work = self._post_data(it, scratch, sizes)
-            it.error = ValueError(
-                f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
-            )
-            return
+        said = expect.count(-1) != W - 1  # some peer passed recv_splits
+        expect.insert(me, send_splits[me])
+        if off or (recv_splits is not None and recv_splits != rows) or (said and expect != send_splits):
+            problems = header_problems(me, kind, hdr, off, rows, expect, send_splits, recv_splits)
+            if problems:
+                # Complete the iteration so every rank stays in step, then say what disagreed.
+                if spill:
+                    sizes = [rows[p] * (row_bytes_of(hdr[p - (p > me)]) if p != me else rb) for p in range(W)]
+                    scratch = self.transport.empty((sum(sizes),), torch.uint8)
+                    c.gate(k, self.bound)
+                    it.data_work = self._post_data(it, scratch, sizes)
+                it.error = ValueError(
+                    f"channel {self.name!r} iteration {k}: the ranks disagree: " + "; ".join(problems)
+                )
+                return
 
         total = sum(rows)
-        shape = (total, *slot.shape[1:])
+        shape = (total, *kind.trailing)
         if spill:
-            out = tr.empty((total * row_bytes,), torch.uint8)
-            self._counters.gate(k, self.bound)  # device gate (released >= k-B) before the data
-            it.data_work = self._post_data(it, out, [r * row_bytes for r in rows])
-            result = out.view(slot.dtype).view(shape)
+            out = self.transport.empty((total * rb,), torch.uint8)
+            c.gate(k, self.bound)  # device gate (released >= k-B) before the data
+            it.data_work = self._post_data(it, out, [r * rb for r in rows])
+            result = out.view(kind.dtype).view(shape)
         else:
-            raw, result = host_tensor(slot.dtype, shape)
-            if total * row_bytes:
-                lo = sum(it.send_splits[:me]) * row_bytes  # this rank's own rows in its slot
-                gather(raw, table, rows, me, it.buf.np, lo, row_bytes)
-        self._bytes_received += (total - rows[me]) * row_bytes
+            raw, result = host_tensor(kind.dtype, shape)
+            if total * rb:
+                gather(raw, table, rows, me, it.own, rb)
+        self._bytes_received += (total - rows[me]) * rb
         it.result = (result, rows)
 
     def _received(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
         buf = self._msg_in[k % (self.bound + 1)]
         if buf.views is None:
-            table = buf.np[: self._msg_in_bytes].reshape(self.world_size - 1, self._stride)
+            table = buf.host(self._msg_in_bytes)[: self._msg_in_bytes].reshape(
+                self.world_size - 1, self._stride
+            )
             buf.views = (table, table[:, :HEADER_BYTES].view(np.int64))
         return buf.views
 
     def _post_data(self, it: Iteration, out: torch.Tensor, out_sizes: list[int]) -> Any:
-        nbytes = sum(it.send_splits) * it.row_bytes
-        inp = it.buf.torch(nbytes) if nbytes else EMPTY
+        rb = it.kind.row_bytes
+        nbytes = sum(it.send_splits) * rb
+        inp = self._slot_of(it).torch(nbytes) if nbytes else EMPTY
         try:
-            return self.transport.alltoall(
-                DATA, it.k, out, out_sizes, inp, [s * it.row_bytes for s in it.send_splits]
-            )
+            return self.transport.alltoall(DATA, it.k, out, out_sizes, inp, [s * rb for s in it.send_splits])
         except Exception as e:
             raise self._fail(it.k, "posting the data", e) from e
+
+    def _slot_of(self, it: Iteration) -> Buffer:
+        """The send slot of an iteration. One posted from the caller's bytes has none: its rows are
+        in its message (peers' payloads behind their headers, its own behind the messages) and are
+        gathered back into the slot (a peer spilled: every rank sends in the data alltoall)."""
+        if it.buf is None:
+            me, H = self.rank, HEADER_BYTES
+            sizes = [s * it.kind.row_bytes for s in it.send_splits]
+            buf = it.buf = self._slot(it.k, sum(sizes))
+            msg = self._msg_out[it.k % (self.bound + 1)].np
+            pieces, at = [], 0
+            for p, nb in enumerate(sizes):
+                if p == me:
+                    pieces.append(it.own)
+                else:
+                    pieces.append(msg[at + H : at + H + nb])
+                    at += H + nb
+            np.concatenate(pieces, out=buf.np[: sum(sizes)])
+        return it.buf
 
     # ----------------------------------------------------------------------------------------
     # waiting
