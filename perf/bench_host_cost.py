@@ -6,12 +6,15 @@ splits), so headers check out and every byte the engine gathers is real. What is
 engine itself costs the host: argument checks, the send-slot copy, headers, the alltoall calls, the
 header checks, the gather of inline payloads (or the data alltoall), releases and counters.
 
-Times are CPU time of the thread that spends them (time.thread_time), so other load on the host
-does not inflate them. Reported per iteration, medians over --repeats runs of --iters iterations:
-  exchange_us  time inside exchange()
-  process_us   time deciding iterations (headers, data post, gather), on whichever thread did it
-               (the caller inside wait(), or the progress thread)
-  wait_us      time inside wait() minus the deciding it did itself (a late gather stays in it)
+Times are CPU time of the threads that spend them, read once per run from each thread's CPU clock
+(the caller's and the progress thread's), so other load on the host does not inflate them and no
+per-call clock read (0.8 us each here) lands in them. The caller's CPU is split between exchange()
+and wait() by the wall-clock share of each (perf_counter, 0.07 us a read). Reported per
+iteration, medians over --repeats runs of --iters iterations:
+  exchange_us  the caller's CPU inside exchange()
+  process_us   deciding iterations (headers, data post, gather): the caller's share inside wait()
+               plus all the progress thread's CPU
+  wait_us      the caller's CPU inside wait() minus the deciding it did itself
   total_us     exchange + process + wait: the host time one iteration costs, whichever thread
   transport_us the fake transport's own copies (left out of exchange_us and total_us)
 Payloads: --rows rows of --dim float32 per peer; "inline" rides behind the headers in the message
@@ -52,7 +55,7 @@ class MirrorTransport:
 
     def __init__(self, world_size: int):
         self.rank, self.world_size, self.channel_id = 0, world_size, 0
-        self.spent = 0.0  # thread time inside alltoall()
+        self.spent = 0.0  # wall time inside alltoall()
 
     @staticmethod
     def connect(timeout_s: float) -> None:
@@ -76,7 +79,7 @@ class MirrorTransport:
 
     def alltoall(self, kind, k, out, out_sizes, inp, in_sizes):
         # Timed apart: this is the fake's cost, not the engine's.
-        t0 = _clock()
+        t0 = _wall()
         o, i = out.numpy(), inp.numpy()
         # Rank 0's own part comes first in both buffers; every peer sends what it receives.
         n0, m0 = in_sizes[0], out_sizes[0]
@@ -85,7 +88,7 @@ class MirrorTransport:
         if self.world_size > 1:
             w1 = self.world_size - 1
             o[m0 : m0 + w1 * s_out].reshape(w1, s_out)[:, :s_in] = i[n0:].reshape(w1, s_in)
-        self.spent += _clock() - t0
+        self.spent += _wall() - t0
         return _Done
 
     @staticmethod
@@ -105,30 +108,30 @@ class MirrorTransport:
         pass
 
 
-# CPU time of the calling thread: what the host spends, unaffected by other load on a shared box.
-_clock = time.thread_time
+_wall = time.perf_counter
 
 
 class _Timed:
-    """Accumulates the time spent in the engine's _process on every thread."""
+    """Wall time the caller's thread spends in the engine's _process (the progress thread's share
+    is read from its CPU clock instead)."""
 
     def __init__(self):
-        self.s = 0.0
-        self.on_caller = 0.0  # the part spent inside the caller's wait()
-        self.lock = threading.Lock()
+        self.on_caller = 0.0
         self.real = _exchange.BoundedLagAllToAll._process
         self.caller = threading.current_thread()
 
     def __call__(self, chan, it, *args):
-        t0 = _clock()
+        if threading.current_thread() is not self.caller:
+            return self.real(chan, it, *args)
+        t0 = _wall()
         try:
             return self.real(chan, it, *args)
         finally:
-            dt = _clock() - t0
-            with self.lock:
-                self.s += dt
-                if threading.current_thread() is self.caller:
-                    self.on_caller += dt
+            self.on_caller += _wall() - t0
+
+
+def _cpu_clock(thread: threading.Thread) -> int:
+    return time.pthread_getcpuclockid(thread.ident)
 
 
 def run_once(
@@ -145,29 +148,39 @@ def run_once(
         splits = [rows] * world_size
         recv_splits = splits if known else None
         handles = []
-        t_ex = t_wait = 0.0
+        w_ex = w_wait = 0.0
+        me_clock, progress_clock = _cpu_clock(threading.current_thread()), _cpu_clock(a2a._thread)
+        c0, p0 = time.clock_gettime(me_clock), time.clock_gettime(progress_clock)
         for k in range(iters + bound):
             if k < iters:
-                t0 = _clock()
+                t0 = _wall()
                 handles.append(a2a.exchange(send, splits, recv_splits))
-                t_ex += _clock() - t0
+                w_ex += _wall() - t0
             if k >= bound:
-                t0 = _clock()
+                t0 = _wall()
                 recv, _ = handles.pop(0).wait()
-                t_wait += _clock() - t0
+                w_wait += _wall() - t0
+        caller_cpu = time.clock_gettime(me_clock) - c0
+        progress_cpu = time.clock_gettime(progress_clock) - p0
         a2a.close()
         assert torch.equal(recv, send), "the mirror must deliver what was sent"
     finally:
         _exchange.BoundedLagAllToAll._process = timed.real
-    process = timed.s
-    t_wait -= timed.on_caller  # what the caller processed itself, inside wait()
-    t_ex -= mirror.spent  # the fake transport's copies are not the engine's cost
+    # The fake transport's copies are not the engine's cost (they run inside exchange()).
+    w_ex -= mirror.spent
+    caller_cpu = max(caller_cpu - mirror.spent, 0.0)
+    # The caller's CPU split by where its wall time went (the loop's own few statements included).
+    share = caller_cpu / max(w_ex + w_wait, 1e-12)
+    exchange = w_ex * share
+    process = timed.on_caller * share + progress_cpu
+    wait = (w_wait - timed.on_caller) * share
+    per = 1e6 / iters
     return {
-        "exchange_us": t_ex / iters * 1e6,
-        "wait_us": t_wait / iters * 1e6,
-        "process_us": process / iters * 1e6,
-        "total_us": (t_ex + t_wait + process) / iters * 1e6,
-        "transport_us": mirror.spent / iters * 1e6,
+        "exchange_us": exchange * per,
+        "wait_us": wait * per,
+        "process_us": process * per,
+        "total_us": (exchange + wait + process) * per,
+        "transport_us": mirror.spent * per,
     }
 
 
