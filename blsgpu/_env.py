@@ -52,3 +52,8 @@ def default_timeout() -> timedelta:
 def nvtx_enabled() -> bool:
     """NVTX ranges on (default) unless BLSGPU_NVTX=0."""
     return os.environ.get("BLSGPU_NVTX", "1") != "0"
+
+
+def native_enabled() -> bool:
+    """The engine's byte work in C where it was built (default) unless BLSGPU_NATIVE=0."""
+    return os.environ.get("BLSGPU_NATIVE", "1") != "0"

@@ -358,18 +358,18 @@ def _spy_direct_posts() -> list[bool]:
     from blsgpu.exchange import posting
 
     seen: list[bool] = []
-    real = posting._bytes_or_none
+    real = posting.Posting._caller_bytes
 
-    def spy(send):
-        src = real(send)
+    def spy(self, send):
+        src = real(self, send)
         seen.append(src is not None)
         return src
 
-    posting._bytes_or_none = spy
+    posting.Posting._caller_bytes = spy
     return seen
 
 
-def _send_kinds_body(rank, w):
+def _send_kinds_body(rank, w, native):
     # Host tensors that are posted from their own bytes (no send slot) and those that are not
     # (non-contiguous, conjugate view): every one arrives exactly, and the caller may overwrite
     # its send tensor as soon as exchange() returns.
@@ -384,6 +384,7 @@ def _send_kinds_body(rank, w):
         "conjugate": torch.complex(base, -base).conj(),
         "bool": base > 10**5 * rank + 5,
     }
+    os.environ["BLSGPU_NATIVE"] = native  # read when a channel is created
     got = {}
     posted_direct = _spy_direct_posts()
     with BoundedLagAllToAll(bound=2, timeout=30) as a2a:
@@ -396,20 +397,24 @@ def _send_kinds_body(rank, w):
                 send.zero_() if send.dtype != torch.bool else send.fill_(False)
             recv, _ = handle.wait()
             got[name] = (recv.clone(), expect, direct)
-    return got
+        native = a2a.stats()["native"]
+    return got, native
 
 
-def test_every_kind_of_host_send_tensor_arrives_exactly():
-    results = run_world(2, _send_kinds_body)
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_every_kind_of_host_send_tensor_arrives_exactly(native):
+    results = run_world(2, _send_kinds_body, native)
     w = len(results)
-    for rank, got in enumerate(results):
+    for rank, (got, native) in enumerate(results):
         for name, (recv, _, direct) in got.items():
-            sent = [results[src][name][1] for src in range(w)]
+            sent = [results[src][0][name][1] for src in range(w)]
             n = sent[0].shape[0] // w
             want = torch.cat([s[n * rank : n * rank + n] for s in sent])
             assert same_bits(recv, want), f"rank {rank}, {name}"
-            # Large plain contiguous host tensors skip the send slot; the others are copied into it.
-            assert direct == (name not in ("small", "non_contiguous", "conjugate")), name
+            # Plain contiguous host tensors skip the send slot (without the C module, large ones
+            # only); the others are copied into it.
+            slot = ("non_contiguous", "conjugate") if native else ("small", "non_contiguous", "conjugate")
+            assert direct == (name not in slot), name
 
 
 def _peer_spills_body(rank, w):
@@ -437,3 +442,25 @@ def test_a_peer_spilling_makes_a_direct_post_rebuild_its_send_slot():
         sent1 = torch.arange(8192 * 4, dtype=torch.float32).reshape(8192, 4) + 10**6 + k
         assert torch.equal(outs0[k], torch.cat([sent0[:1024], sent1[:4096]]))
         assert torch.equal(outs1[k], torch.cat([sent0[1024:], sent1[4096:]]))
+
+
+def _zero_width_body(rank, w, native):
+    os.environ["BLSGPU_NATIVE"] = native
+    got = []
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        for k in range(4):
+            splits = [(rank + p + k) % 3 for p in range(w)]  # unequal, some zero
+            recv, recv_splits = a2a.exchange(torch.empty(sum(splits), 0), splits).wait()
+            got.append((tuple(recv.shape), recv_splits))
+    return got
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_rows_of_zero_bytes_with_unequal_splits(native):
+    # Nothing but headers travels; each must still say how many rows its sender sends (the numpy
+    # path once left the headers unwritten when rows differed and every payload was empty).
+    w = 3
+    for rank, got in enumerate(run_world(w, _zero_width_body, native)):
+        for k, (shape, recv_splits) in enumerate(got):
+            want = [(src + rank + k) % 3 for src in range(w)]
+            assert recv_splits == want and shape == (sum(want), 0), (rank, k)

@@ -44,7 +44,7 @@ from blsgpu._trace import span
 from blsgpu.errors import PeerError, PeerFailure
 from blsgpu.exchange.args import check_options
 from blsgpu.exchange.iteration import Iteration
-from blsgpu.exchange.message import DTYPE_CODE, HEADER_BYTES, Buffer, Rows
+from blsgpu.exchange.message import DTYPE_CODE, HEADER_BYTES, Buffer, Rows, native
 from blsgpu.exchange.posting import Posting
 from blsgpu.exchange.progress import Progress
 from blsgpu.transport import Transport, make_transport
@@ -188,6 +188,8 @@ class BoundedLagAllToAll(Posting, Progress):
         # Host transports whose caller may receive post inline payloads straight from the caller's
         # tensor into the message: no send slot unless some rank spills.
         self._direct = not tr.stream_ordered and tr.caller_may_receive and tr.device.type == "cpu"
+        # The byte work on host buffers (headers, inline payloads, gather): C where it was built.
+        self._native = native()
         # Where the caller's thread may not process an iteration itself, or the progress thread
         # posts every alltoall, every iteration goes to the progress thread when posted.
         self._handoff_always = not tr.caller_may_receive or not self._gather_late
@@ -257,6 +259,7 @@ class BoundedLagAllToAll(Posting, Progress):
             "world_size": self.world_size,
             "bound": self.bound,
             "transport": self.transport.name,
+            "native": self._native is not None,
             **c.snapshot(),
             "blocked_on_bound_s": self._blocked_on_bound_s,
             "waiting_for_data_s": self._waiting_for_data_s,

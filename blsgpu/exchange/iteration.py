@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 
 from blsgpu.exchange.message import Buffer, Rows
@@ -28,7 +27,8 @@ class Iteration:
     prev: Iteration | None = None  # processed before this one, on every rank alike
     gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
     msg_args: tuple | None = None  # stream-ordered: the MESSAGE alltoall the progress thread posts
-    own: np.ndarray | None = None  # this rank's own rows (host bytes), where it gathers inline payloads
+    own_buf: Buffer | None = None  # where this rank's own rows lie (host), from byte own_lo:
+    own_lo = 0  # behind the messages (posted from the caller's tensor) or in the send slot
 
     def __init__(
         self,

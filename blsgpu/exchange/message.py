@@ -9,11 +9,15 @@ checking what peers said against what this rank expects, and gathering inline pa
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
 import numpy as np
 import torch
+
+from blsgpu import _env
+from blsgpu.transport.sizes import offsets
 
 MAX_TRAILING_DIMS = 6
 HEADER_LEN = 16
@@ -126,14 +130,14 @@ class Rows:
     from it once: bytes per row, this rank's header row, and the fixed header bytes every peer's
     header must carry (checked with one comparison)."""
 
-    __slots__ = ("dtype", "trailing", "row_bytes", "head", "want")
+    __slots__ = ("dtype", "trailing", "row_bytes", "head", "fixed")
 
-    def __init__(self, channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...], peers: int):
+    def __init__(self, channel_id: int, dtype: torch.dtype, trailing: tuple[int, ...]):
         self.dtype = dtype
         self.trailing = trailing
         self.row_bytes = dtype.itemsize * math.prod(trailing)
         self.head = header_row(channel_id, dtype, trailing)
-        self.want = self.head[:H_FIXED].tobytes() * peers
+        self.fixed = self.head[:H_FIXED].tobytes()
 
 
 def dtype_of(row: np.ndarray) -> torch.dtype | None:
@@ -191,13 +195,102 @@ def header_problems(
     return problems
 
 
+# The per-iteration byte work, in numpy. blsgpu/exchange/_native.c does the same in C over raw
+# (address, capacity) pairs, byte for byte; native() says which one a new channel uses.
+
+
+def native() -> Any:
+    """The C module of the byte work, or None: not built (no compiler at install) or BLSGPU_NATIVE=0."""
+    if not _env.native_enabled():
+        return None
+    try:
+        return importlib.import_module("blsgpu.exchange._native")
+    except ImportError:
+        return None
+
+
+def fill_message(
+    msg: np.ndarray,
+    src: np.ndarray | None,
+    send_splits: list[int],
+    me: int,
+    row_bytes: int,
+    fixed: bytes,
+    k: int,
+    released: int,
+    spill: bool,
+    recv_splits: list[int] | None,
+    keep: bool,
+) -> int:
+    """Every peer's header and (unless spill) payload from the send bytes `src`, in rank order,
+    this rank left out, into `msg`; with keep, this rank's own rows follow at msg[total:]. Returns
+    total, the bytes of the messages."""
+    W, H, rb = len(send_splits), HEADER_BYTES, row_bytes
+    if src is None:  # no host bytes (a device slot): nothing inline to read
+        src = NO_BYTES
+    rows_p = send_splits[:me] + send_splits[me + 1 :]
+    uniform = spill or not rows_p or rows_p.count(rows_p[0]) == W - 1
+    nb = rows_p[0] * rb if rows_p and not spill else 0  # per peer, when uniform
+    total = (H + nb) * (W - 1) if uniform else H * (W - 1) + sum(rows_p) * rb
+    if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
+        table = msg[:total].reshape(W - 1, H + nb)
+        hdr = table[:, :H].view(np.int64)
+    else:
+        hdr = np.empty((W - 1, HEADER_LEN), dtype=np.int64)
+    row = np.empty(HEADER_LEN, dtype=np.int64)  # one row, then the row into every header
+    row[:H_FIXED] = np.frombuffer(fixed, dtype=np.int64)
+    row[H_FIXED:] = (k, 0, released, -1, int(spill), 0)
+    hdr[:] = row
+    hdr[:, H_ROWS] = rows_p
+    if recv_splits is not None:
+        hdr[:, H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
+    if spill:
+        return total
+    n_me = send_splits[me] * rb
+    lo = sum(send_splits[:me]) * rb  # this rank's own rows in the send bytes
+    if not uniform:  # headers and payloads in one concatenation (the headers are not in msg yet)
+        chunks = np.split(src[: sum(send_splits) * rb], offsets([s * rb for s in send_splits])[1:-1])
+        del chunks[me]
+        parts: list[np.ndarray] = [NO_BYTES] * (2 * (W - 1))
+        parts[0::2] = hdr.view(np.uint8)
+        parts[1::2] = chunks
+        np.concatenate(parts, out=msg[:total])
+    elif nb:
+        table[:me, H:] = src[: me * nb].reshape(me, nb)
+        after = lo + n_me  # peers after this rank's own rows
+        table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
+    if keep and n_me:
+        msg[total : total + n_me] = src[lo : lo + n_me]
+    return total
+
+
+def read_headers(
+    table: np.ndarray, me: int, fixed: bytes, k: int, own_rows: int, own_released: int, own_expect: int
+) -> tuple[bool, bool, list[int], list[int], list[int], bool, bool]:
+    """The peers' headers (rows of `table`, [W-1, stride] bytes) read and checked:
+    (off, corrupt, rows, released, expect, said, spill). off: some fixed field differs; corrupt:
+    a magic, channel or iteration differs; rows, released, expect per rank with this rank's own at
+    `me`; said: some peer gave its expected rows; spill: some peer spilled."""
+    W = table.shape[0] + 1
+    hdr = table[:, :HEADER_BYTES].view(np.int64)
+    off = hdr[:, :H_FIXED].tobytes() != fixed * (W - 1)
+    iters, rows, released, expect, spills = hdr[:, H_ITER : H_SPILL + 1].T.tolist()
+    corrupt = iters.count(k) != W - 1 or bool(
+        off and (hdr[:, :H_DTYPE] != np.frombuffer(fixed, dtype=np.int64)[:H_DTYPE]).any()
+    )
+    said = expect.count(-1) != W - 1
+    rows.insert(me, own_rows)
+    released.insert(me, own_released)
+    expect.insert(me, own_expect)
+    return off, corrupt, rows, released, expect, said, any(spills)
+
+
 def gather(
     out: np.ndarray, table: np.ndarray, rows: list[int], me: int, own: np.ndarray, row_bytes: int
 ) -> None:
     """Every peer's inline payload (rows of `table`, behind the headers) and this rank's own rows
     (the bytes `own`) into `out`, in rank order."""
-    H = HEADER_BYTES
-    W = len(rows)
+    H, W = HEADER_BYTES, len(rows)
     if rows.count(rows[0]) == W:  # balanced: up to three block copies (nb > 0: the result is not empty)
         nb = rows[0] * row_bytes
         if me:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from blsgpu.errors import BoundError
@@ -15,24 +14,18 @@ from blsgpu.exchange.args import as_splits
 from blsgpu.exchange.iteration import Iteration
 from blsgpu.exchange.message import (
     DTYPE_CODE,
-    H_EXPECT,
-    H_ITER,
-    H_RELEASED,
-    H_ROWS,
-    H_SPILL,
     HEADER_BYTES,
-    HEADER_LEN,
     MAX_TRAILING_DIMS,
-    NO_BYTES,
     Buffer,
     Rows,
+    fill_message,
     host_bytes,
 )
 from blsgpu.transport.base import MESSAGE
-from blsgpu.transport.sizes import offsets
 
-# Payloads from this size on go from the caller's tensor straight into the message; smaller ones
-# are copied into the send slot first (one torch copy costs less than viewing the caller's bytes).
+# Without the C module, payloads from this size on go from the caller's tensor straight into the
+# message; smaller ones are copied into the send slot first (one torch copy costs less than a numpy
+# view of the caller's bytes). The C module reads the caller's bytes by address: always direct.
 _DIRECT_MIN_BYTES = 16 << 10
 
 
@@ -75,8 +68,8 @@ class Posting:
         else:  # every payload, this rank's own rows too, travels in the data alltoall
             spill = rb > 0 and n > 0
         out_device = self.device if self.device is not None else device
-        direct = self._direct and not spill and n * rb >= _DIRECT_MIN_BYTES
-        src = _bytes_or_none(send) if direct else None
+        direct = self._direct and not spill and (self._native is not None or n * rb >= _DIRECT_MIN_BYTES)
+        src = self._caller_bytes(send) if direct else None
         if src is not None:
             ring = self._slots[k % (self.bound + 1)]
             if send.untyped_storage().data_ptr() == ring.ptr:
@@ -90,7 +83,7 @@ class Posting:
         it.spill = spill
         it.prev = self._records.get(k - 1)
         i = k % (self.bound + 1)
-        total = self._write_message(it, i, rows_p, src)
+        total = self._write_message(it, i, src)
         if self._ordered:
             # Stream-ordered: the progress thread posts every alltoall of the channel,
             # in one order on every rank; here only the slot's readiness is marked.
@@ -114,67 +107,49 @@ class Posting:
             self._queue.put(it)
         return it
 
-    def _write_message(self, it: Iteration, i: int, rows_p: list[int], src: np.ndarray | None) -> int:
+    def _write_message(self, it: Iteration, i: int, src: Any) -> int:
         """Fill message buffer i with every peer's header and, unless the iteration spills, its
-        payload; returns the bytes to post. The payload comes from `src`, the caller's send
-        bytes, whose own rows are kept behind the messages (the caller may reuse `send` at once),
-        or else from the iteration's send slot."""
+        payload; returns the bytes to post. The payload comes from `src`, the caller's send bytes
+        (from _caller_bytes), whose own rows are kept behind the messages since the caller may
+        reuse `send` at once; or, when src is None, from the iteration's send slot."""
         W, me, H = self.world_size, self.rank, HEADER_BYTES
-        kind, send_splits, recv_splits = it.kind, it.send_splits, it.recv_splits
-        rb = kind.row_bytes
-        spill = it.spill
-        uniform = spill or not rows_p or rows_p.count(rows_p[0]) == W - 1
-        nb = rows_p[0] * rb if rows_p and not spill else 0  # per peer, when uniform
-        total = (H + nb) * (W - 1) if uniform else H * (W - 1) + sum(rows_p) * rb
+        kind, send_splits, spill = it.kind, it.send_splits, it.spill
+        rb, slot = kind.row_bytes, it.buf
         n_me = 0 if spill else send_splits[me] * rb
+        total = H * (W - 1) + (0 if spill else sum(send_splits) * rb - n_me)
         keep = src is not None
-        if not keep and it.buf is not None:
-            src = it.buf.np  # host bytes of the slot (None on a device transport: nothing inline)
         buf = self._msg_out[i]
-        msg = buf.host(total + (n_me if keep else 0))
-        if uniform:  # every peer's message alike: fill the buffer as a [W-1, H + nb] table
-            tables = buf.views  # {nb: (table, headers)}: most iterations repeat an earlier layout
-            if tables is None:
-                tables = buf.views = {}
-            views = tables.get(nb)
-            if views is None:
-                if len(tables) >= 32:
-                    tables.clear()
-                table = msg[:total].reshape(W - 1, H + nb)
-                views = tables[nb] = (table, table[:, :H].view(np.int64))
-            table, hdr = views
-        else:
-            hdr = np.empty((W - 1, HEADER_LEN), dtype=np.int64)
-        row = kind.head.copy()  # scalars into one row, then the row into every header
-        row[H_ITER] = it.k
-        row[H_RELEASED] = self._counters.released
-        row[H_SPILL] = spill
-        hdr[:] = row
-        hdr[:, H_ROWS] = rows_p
-        if recv_splits is not None:
-            hdr[:, H_EXPECT] = recv_splits[:me] + recv_splits[me + 1 :]
-        if src is not None and not spill:
-            lo = sum(send_splits[:me]) * rb  # this rank's own rows in the send bytes
-            if total > H * (W - 1):
-                if uniform:
-                    table[:me, H:] = src[: me * nb].reshape(me, nb)
-                    after = lo + n_me  # peers after this rank's own rows
-                    table[me:, H:] = src[after : after + (W - 1 - me) * nb].reshape(W - 1 - me, nb)
-                else:
-                    chunks = np.split(
-                        src[: sum(send_splits) * rb], offsets([s * rb for s in send_splits])[1:-1]
-                    )
-                    del chunks[me]
-                    parts: list[np.ndarray] = [NO_BYTES] * (2 * (W - 1))
-                    parts[0::2] = hdr.view(np.uint8)
-                    parts[1::2] = chunks
-                    np.concatenate(parts, out=msg[:total])
+        buf.host(total + (n_me if keep else 0))
+        args = (send_splits, me, rb, kind.fixed, it.k, self._counters.released, spill, it.recv_splits, keep)
+        if self._native is not None:
             if keep:
-                own = it.own = msg[total : total + n_me]
-                own[:] = src[lo : lo + n_me]
+                at, cap = src, sum(send_splits) * rb
+            elif slot is not None and slot.np is not None:  # host memory (a device slot is never read)
+                at, cap = slot.ptr, slot.t.numel()
             else:
-                it.own = src[lo : lo + n_me]
+                at, cap = 0, 0
+            self._native.fill_message(buf.ptr, buf.t.numel(), at, cap, *args)
+        else:
+            fill_message(buf.np, src if keep else (slot.np if slot is not None else None), *args)
+        if keep:
+            it.own_buf, it.own_lo = buf, total
+        elif slot is not None:
+            it.own_buf, it.own_lo = slot, sum(send_splits[:me]) * rb
         return total
+
+    def _caller_bytes(self, send: torch.Tensor) -> Any:
+        """The bytes of `send` as the byte work reads them (an address for the C module, a numpy
+        view otherwise) when they can be read in place: a contiguous host tensor; else None."""
+        if send.device.type != "cpu" or not send.is_contiguous():
+            return None
+        if self._native is None:
+            try:
+                return host_bytes(send)
+            except (RuntimeError, TypeError):  # what numpy cannot view (a conjugate or negative bit)
+                return None
+        if send.is_conj() or send.is_neg():  # lazily conjugated or negated: their bytes are not the values
+            return None
+        return send.data_ptr()
 
     def _message_args(self, i: int, total: int, spill: bool, rows_p: list[int], rb: int) -> tuple:
         """(out, out_sizes, inp, in_sizes) of the MESSAGE alltoall from message buffer i."""
@@ -221,9 +196,7 @@ class Posting:
             )
         if send.dtype not in DTYPE_CODE:
             raise TypeError(f"send dtype {send.dtype} is not supported by the exchange")
-        kind = self._kinds[key] = Rows(
-            self.transport.channel_id, send.dtype, tuple(shape[1:]), self.world_size - 1
-        )
+        kind = self._kinds[key] = Rows(self.transport.channel_id, send.dtype, tuple(shape[1:]))
         return kind
 
     def _fill_slot(self, k: int, send: torch.Tensor) -> tuple[Buffer, torch.Tensor]:
@@ -255,16 +228,6 @@ class Posting:
                 f"with bound B={self.bound}; wait() iteration {self._next_wait} before posting "
                 f"iteration {k}"
             )
-
-
-def _bytes_or_none(send: torch.Tensor) -> np.ndarray | None:
-    """The bytes of `send` without a copy when it is a plain contiguous host tensor, else None."""
-    if send.device.type != "cpu" or not send.is_contiguous():
-        return None
-    try:
-        return host_bytes(send)
-    except (RuntimeError, TypeError):  # what numpy cannot view (a conjugate or negative bit): copy
-        return None
 
 
 def _check_ring_view(send: torch.Tensor, buf: Buffer) -> None:

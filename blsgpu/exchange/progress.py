@@ -18,7 +18,6 @@ from blsgpu.exchange.iteration import Iteration
 from blsgpu.exchange.message import (
     EMPTY,
     H_DTYPE,
-    H_FIXED,
     H_ITER,
     H_SPILL,
     HEADER_BYTES,
@@ -26,6 +25,7 @@ from blsgpu.exchange.message import (
     gather,
     header_problems,
     host_tensor,
+    read_headers,
     row_bytes_of,
 )
 from blsgpu.transport.base import DATA, MESSAGE
@@ -163,30 +163,24 @@ class Progress:
     def _receive(self, it: Iteration) -> None:
         k, W, me = it.k, self.world_size, self.rank
         kind, send_splits, recv_splits = it.kind, it.send_splits, it.recv_splits
-        rb = kind.row_bytes
-        # The peers' headers: rows of a [W-1, 16] int64 view of the receive buffer. Their fixed
-        # fields in one comparison (a mismatch is then looked at closely), the fields of the
-        # iteration in one tolist().
-        table, hdr = self._received(k)
-        off = hdr[:, :H_FIXED].tobytes() != kind.want
-        iters, rows, released, expect, spills = hdr[:, H_ITER : H_SPILL + 1].T.tolist()
-        if iters.count(k) != W - 1 or (off and (hdr[:, :H_DTYPE] != kind.head[:H_DTYPE]).any()):
-            bad = (hdr[:, :H_DTYPE] != kind.head[:H_DTYPE]).any(axis=1) | (hdr[:, H_ITER] != k)
-            q = int(np.flatnonzero(bad)[0])
-            raise BLSError(
-                f"channel {self.name!r} (rank {me}): corrupt header from peer {q + (q >= me)} for "
-                f"iteration {k}: magic, channel, iteration = {hdr[q, :H_DTYPE].tolist() + [iters[q]]}"
-            )
-        c = self._counters
-        released.insert(me, c.released)
+        rb, c, native = kind.row_bytes, self._counters, self._native
+        # The peers' headers read and checked in one call: their fixed fields against this kind of
+        # rows, the fields of the iteration as lists (this rank's own entries at `me`).
+        inbuf = self._msg_in[k % (self.bound + 1)]
+        own = (send_splits[me], c.released, send_splits[me])
+        if native is not None:
+            head = native.read_headers(inbuf.ptr, inbuf.t.numel(), W, me, self._stride, kind.fixed, k, *own)
+        else:
+            head = read_headers(self._received(k)[0], me, kind.fixed, k, *own)
+        off, corrupt, rows, released, expect, said, peer_spilled = head
+        if corrupt:
+            self._corrupt(k, kind)
         c.learn_all(k, released)
-        rows.insert(me, send_splits[me])
-        spill = it.spill or 1 in spills
+        spill = it.spill or peer_spilled
         if spill:
             self._spilled = True
-        said = expect.count(-1) != W - 1  # some peer passed recv_splits
-        expect.insert(me, send_splits[me])
         if off or (recv_splits is not None and recv_splits != rows) or (said and expect != send_splits):
+            hdr = self._received(k)[1]
             problems = header_problems(me, kind, hdr, off, rows, expect, send_splits, recv_splits)
             if problems:
                 # Complete the iteration so every rank stays in step, then say what disagreed.
@@ -207,12 +201,43 @@ class Progress:
             c.gate(k, self.bound)  # device gate (released >= k-B) before the data
             it.data_work = self._post_data(it, out, [r * rb for r in rows])
             result = out.view(kind.dtype).view(shape)
+        elif native is not None:
+            result = torch.empty(shape, dtype=kind.dtype)
+            if total * rb:
+                own_at, n_me = it.own_buf.ptr + it.own_lo, rows[me] * rb
+                native.gather(
+                    result.data_ptr(),
+                    total * rb,
+                    inbuf.ptr,
+                    inbuf.t.numel(),
+                    self._stride,
+                    rows,
+                    me,
+                    own_at,
+                    n_me,
+                    rb,
+                )
         else:
             raw, result = host_tensor(kind.dtype, shape)
             if total * rb:
-                gather(raw, table, rows, me, it.own, rb)
+                gather(raw, self._received(k)[0], rows, me, self._own_rows(it), rb)
         self._bytes_received += (total - rows[me]) * rb
         it.result = (result, rows)
+
+    def _corrupt(self, k: int, kind: Any) -> None:
+        """Raise for the first peer whose header of iteration k has a wrong magic, channel or iteration."""
+        hdr = self._received(k)[1]
+        bad = (hdr[:, :H_DTYPE] != kind.head[:H_DTYPE]).any(axis=1) | (hdr[:, H_ITER] != k)
+        q = int(np.flatnonzero(bad)[0])
+        raise BLSError(
+            f"channel {self.name!r} (rank {self.rank}): corrupt header from peer {q + (q >= self.rank)} for "
+            f"iteration {k}: magic, channel, iteration = {hdr[q, :H_DTYPE].tolist() + [int(hdr[q, H_ITER])]}"
+        )
+
+    def _own_rows(self, it: Iteration) -> np.ndarray:
+        """This rank's own rows of an iteration (host bytes): behind its messages or in its slot."""
+        lo = it.own_lo
+        return it.own_buf.np[lo : lo + it.send_splits[self.rank] * it.kind.row_bytes]
 
     def _received(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
@@ -245,7 +270,7 @@ class Progress:
             pieces, at = [], 0
             for p, nb in enumerate(sizes):
                 if p == me:
-                    pieces.append(it.own)
+                    pieces.append(self._own_rows(it))
                 else:
                     pieces.append(msg[at + H : at + H + nb])
                     at += H + nb
