@@ -39,8 +39,7 @@ class _BLSWork(dist.Work):
 
     def _complete(self) -> None:
         if not self._done:
-            recv, _ = self._handle.wait()
-            self._output.copy_(recv.view(self._output.shape))
+            self._handle.wait()  # the rows land in `output` (exchange(out=output))
             self._done = True
 
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
@@ -170,7 +169,7 @@ class BLSProcessGroup(dist.ProcessGroup):
                 f"{list(input.shape[1:])}"
             )
         channel = self.channel_for(input.device)
-        handle = channel.exchange(input, list(input_split_sizes), list(output_split_sizes))
+        handle = channel.exchange(input, list(input_split_sizes), list(output_split_sizes), out=output)
         return _BLSWork(handle, output)
 
     # Everything else goes to the device's inner backend unchanged.

@@ -464,3 +464,42 @@ def test_rows_of_zero_bytes_with_unequal_splits(native):
         for k, (shape, recv_splits) in enumerate(got):
             want = [(src + rank + k) % 3 for src in range(w)]
             assert recv_splits == want and shape == (sum(want), 0), (rank, k)
+
+
+def _out_body(rank, w, native, inline_bytes):
+    os.environ["BLSGPU_NATIVE"] = native  # read when a channel is created
+    checks = []
+    with BoundedLagAllToAll(bound=1, timeout=30, inline_bytes=inline_bytes) as a2a:
+        for k in range(4):
+            rows = 3 + k
+            send = torch.arange(rows * w * 2, dtype=torch.float32).reshape(rows * w, 2) + 1000 * rank + k
+            want = torch.cat(
+                [
+                    (torch.arange(rows * w * 2, dtype=torch.float32).reshape(rows * w, 2) + 1000 * p + k)[
+                        rows * rank : rows * rank + rows
+                    ]
+                    for p in range(w)
+                ]
+            )
+            # k even: a contiguous out (written in place); k odd: a transposed view (copied into).
+            out = torch.full((rows * w, 2), -1.0) if k % 2 == 0 else torch.full((2, rows * w), -1.0).t()
+            got, splits = a2a.exchange(send, [rows] * w, [rows] * w, out=out).wait()
+            checks.append((got is out, torch.equal(out, want), splits == [rows] * w))
+        with pytest.raises(ValueError, match="needs recv_splits"):
+            a2a.exchange(send, [rows] * w, out=torch.empty(rows * w, 2))
+        with pytest.raises(ValueError, match="receives torch.float32"):
+            a2a.exchange(send, [rows] * w, [rows] * w, out=torch.empty(rows * w + 1, 2))
+        with pytest.raises(ValueError, match="receives torch.float32"):
+            a2a.exchange(send, [rows] * w, [rows] * w, out=torch.empty(rows * w, 2, dtype=torch.float64))
+        with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+            a2a.exchange(send, [rows] * w, [rows] * w, out=[0.0])
+        return checks, a2a.stats()["posted"]
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("inline_bytes", [None, 0])
+def test_out_receives_the_rows_in_place(native, inline_bytes):
+    # inline_bytes=0: the rows come by the data alltoall, received straight into `out`.
+    for checks, posted in run_world(3, _out_body, native, inline_bytes):
+        assert checks == [(True, True, True)] * 4
+        assert posted == 4  # the refused calls sent nothing

@@ -242,15 +242,19 @@ class BoundedLagAllToAll(Posting, Progress):
         nbytes = math.prod(shape) * dtype.itemsize
         return self._slot(self._next_k, nbytes).typed(dtype, shape)
 
-    def exchange(self, send: torch.Tensor, send_splits: Any, recv_splits: Any = None) -> ExchangeHandle:
+    def exchange(
+        self, send: torch.Tensor, send_splits: Any, recv_splits: Any = None, out: torch.Tensor | None = None
+    ) -> ExchangeHandle:
         """Post the next iteration: rows send[sum(send_splits[:p]) : ...] go to rank p.
 
         Non-blocking: it returns once the messages are posted, and `send` may be reused at once.
+        With `out` (and recv_splits, which size it), the received rows land in `out` and wait()
+        returns it: a contiguous host `out` is written in place, any other is copied into.
         Raises before anything is sent when the arguments are wrong, when the channel is closed,
         or when B+1 exchanges are already outstanding.
         """
         with span("post", self.name, self._next_k):
-            return ExchangeHandle(self, self._post(send, send_splits, recv_splits))
+            return ExchangeHandle(self, self._post(send, send_splits, recv_splits, out))
 
     def stats(self) -> dict[str, Any]:
         """Counters and times of this channel (docs/design.md, "Observable")."""

@@ -27,6 +27,8 @@ class Iteration:
     prev: Iteration | None = None  # processed before this one, on every rank alike
     gather_late = False  # no data alltoall: the caller reads the headers and gathers in wait()
     msg_args: tuple | None = None  # stream-ordered: the MESSAGE alltoall the progress thread posts
+    out: torch.Tensor | None = None  # where the caller wants the received rows (exchange(out=))
+    out_direct = False  # out is contiguous host memory: rows are gathered or received into it
     own_buf: Buffer | None = None  # where this rank's own rows lie (host), from byte own_lo:
     own_lo = 0  # behind the messages (posted from the caller's tensor) or in the send slot
 

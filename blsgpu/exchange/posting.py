@@ -32,7 +32,7 @@ _DIRECT_MIN_BYTES = 16 << 10
 class Posting:
     """The posting half of BoundedLagAllToAll (channel.py), whose __init__ sets the state used here."""
 
-    def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> Iteration:
+    def _post(self, send: torch.Tensor, send_splits: Any, recv_splits: Any, out: Any = None) -> Iteration:
         if self._closed or self._broken is not None:
             self._check_usable()
         kind = self._kind_of(send)
@@ -52,6 +52,8 @@ class Posting:
             raise ValueError(
                 f"channel {self.name!r} was created with known_splits=True: every exchange passes recv_splits"
             )
+        if out is not None:
+            _check_out(out, send, recv_splits)
         device = send.device
         if device != self._send_device:  # a device not seen before: ask the transport once
             self._new_send_device(device)
@@ -81,6 +83,10 @@ class Posting:
             buf, _ = self._fill_slot(k, send)
             it = Iteration(k, kind, buf, send_splits, recv_splits, out_device)
         it.spill = spill
+        if out is not None:
+            it.out = out
+            if self._direct and out.device.type == "cpu" and out.is_contiguous() and not out.is_neg():
+                it.out_direct = True  # gathered (or received) in place
         it.prev = self._records.get(k - 1)
         i = k % (self.bound + 1)
         total = self._write_message(it, i, src)
@@ -237,3 +243,18 @@ def _check_ring_view(send: torch.Tensor, buf: Buffer) -> None:
             "send is a view into the channel's send buffer that does not start at it (or is "
             "not contiguous): pass the tensor send_buffer() returned, or a prefix of it"
         )
+
+
+def _check_out(out: Any, send: torch.Tensor, recv_splits: list[int] | None) -> None:
+    """`out` must hold exactly the rows this rank receives, of send's dtype and trailing dims."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if recv_splits is None:
+        raise ValueError("out= needs recv_splits (they size it)")
+    want = (sum(recv_splits), *send.shape[1:])
+    if out.dtype != send.dtype or tuple(out.shape) != want:
+        raise ValueError(
+            f"out is {out.dtype} {list(out.shape)} but this exchange receives {send.dtype} {list(want)}"
+        )
+    if out.is_conj():
+        raise ValueError("out is a conjugate view: received rows cannot be written through it")

@@ -24,6 +24,7 @@ from blsgpu.exchange.message import (
     Buffer,
     gather,
     header_problems,
+    host_bytes,
     host_tensor,
     read_headers,
     row_bytes_of,
@@ -196,13 +197,17 @@ class Progress:
 
         total = sum(rows)
         shape = (total, *kind.trailing)
+        direct = it.out_direct  # the caller's `out`, checked at posting to hold exactly these rows
         if spill:
-            out = self.transport.empty((total * rb,), torch.uint8)
+            if direct:
+                out = _bytes_of(it.out)
+            else:
+                out = self.transport.empty((total * rb,), torch.uint8)
             c.gate(k, self.bound)  # device gate (released >= k-B) before the data
             it.data_work = self._post_data(it, out, [r * rb for r in rows])
-            result = out.view(kind.dtype).view(shape)
+            result = it.out if direct else out.view(kind.dtype).view(shape)
         elif native is not None:
-            result = torch.empty(shape, dtype=kind.dtype)
+            result = it.out if direct else torch.empty(shape, dtype=kind.dtype)
             if total * rb:
                 own_at, n_me = it.own_buf.ptr + it.own_lo, rows[me] * rb
                 native.gather(
@@ -218,7 +223,11 @@ class Progress:
                     rb,
                 )
         else:
-            raw, result = host_tensor(kind.dtype, shape)
+            if direct:
+                result = it.out
+                raw = host_bytes(result) if total * rb else None
+            else:
+                raw, result = host_tensor(kind.dtype, shape)
             if total * rb:
                 gather(raw, self._received(k)[0], rows, me, self._own_rows(it), rb)
         self._bytes_received += (total - rows[me]) * rb
@@ -333,7 +342,16 @@ class Progress:
         self._counters.arrive(it.k)
         if it.error is None and it.result is not None:
             out, rows = it.result
-            if out.device != it.out_device:
+            if it.out is not None:
+                if out is not it.out:  # not written in place: copied (on the caller's stream)
+                    it.out.copy_(out)
+                    it.result = (it.out, rows)
+            elif out.device != it.out_device:
                 it.result = (out.to(it.out_device), rows)
         elif it.error is not None and not isinstance(it.error, ValueError):
             self._broken = it.error
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 tensor (the same memory)."""
+    return t.detach().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
