@@ -6,6 +6,7 @@ channels through the store, argument checks, not spinning, close() before a proc
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import timedelta
 
@@ -81,6 +82,23 @@ def test_only_recent_group_wide_reports_count():
     store.set("blsgpu/failed/2", f"{time.time() - 60:.3f}")
     assert blame_through_store(a, 0, 3, 0, 0.1, store, 5.0) == ([2], True)
     assert blame_through_store(a, 0, 3, 0, 0.1) == ([1, 2], True)  # the channel alone
+
+
+def test_patience_waits_for_a_live_rank_that_reports_late():
+    # Rank 0 saw a connection close at once; rank 1, alive, reports 0.6 s later; rank 2 died.
+    # After the 0.2 s grace both are silent: with patience the wait goes on until only one is.
+    store = dist.HashStore()
+    timer = threading.Timer(0.6, lambda: store.set("failed/1", "0"))
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert blame_through_store(store, 0, 3, 0, 0.2, patience_s=5.0) == ([2], True)
+        assert 0.5 < time.monotonic() - t0 < 2.0  # it stopped once rank 1 reported
+    finally:
+        timer.cancel()
+    t0 = time.monotonic()
+    assert blame_through_store(dist.HashStore(), 0, 3, 0, 0.2, patience_s=0.8) == ([1, 2], True)
+    assert 0.7 < time.monotonic() - t0 < 2.0  # nobody reported: the patience bounds the wait
 
 
 def _bad_local_args_body(rank, w):

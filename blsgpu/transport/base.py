@@ -139,7 +139,14 @@ def blame_grace(timeout_s: float) -> float:
 
 
 def blame_through_store(
-    store: Any, rank: int, world_size: int, k: int, grace_s: float, shared: Any = None, timeout_s: float = 0.0
+    store: Any,
+    rank: int,
+    world_size: int,
+    k: int,
+    grace_s: float,
+    shared: Any = None,
+    timeout_s: float = 0.0,
+    patience_s: float = 0.0,
 ) -> tuple[list[int], bool]:
     """The peers that did not report a failure within `grace_s`.
 
@@ -153,6 +160,11 @@ def blame_through_store(
     the same peer timed out at most that far apart); an older one belongs to an earlier failure.
     Returns (silent peers, True), or (every peer, False) when there is no store or it did not
     answer.
+
+    `patience_s`: while more than one peer is silent after the grace, wait up to this long (from
+    the start) for the others to report. For a failure seen at once (a closed connection: a peer
+    died) the live ranks may not have noticed yet (another rank saw its connection close 2 s
+    later in the fault tests), and only the dead one never reports.
     """
     peers = [p for p in range(world_size) if p != rank]
     if store is None or not peers:
@@ -172,11 +184,13 @@ def blame_through_store(
                 shared is not None and shared.check([key]) and abs(float(shared.get(key)) - now) <= window_s
             )
 
-        deadline = time.monotonic() + grace_s
+        start = time.monotonic()
+        deadline, patience = start + grace_s, start + max(grace_s, patience_s)
         missing = peers
         while missing:
             missing = [p for p in missing if not reported(p)]
-            if not missing or time.monotonic() >= deadline:
+            t = time.monotonic()
+            if not missing or (t >= deadline and (len(missing) == 1 or t >= patience)):
                 break
             time.sleep(0.05)
         return missing, True

@@ -165,8 +165,18 @@ class GlooTransport:
         return work.is_completed()
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
+        # A closed connection is seen at once, by each live rank when it next touches the dead
+        # one: several may be silent for a while, so wait for them up to the timeout.
+        closed = getattr(exc, "reason", None) == PeerFailure.CLOSED
         return blame_through_store(
-            self._store, self.rank, self.world_size, k, grace_s, self._shared, self._timeout_s
+            self._store,
+            self.rank,
+            self.world_size,
+            k,
+            grace_s,
+            self._shared,
+            self._timeout_s,
+            patience_s=self._timeout_s if closed else 0.0,
         )
 
     def close(self) -> None:
