@@ -104,15 +104,7 @@ def torchrec_dmp(cfg: dict, world: int, pipeline: bool, group=None):
     from blsgpu.embedding._collection import init_weight
 
     ours = configs(cfg)
-    tables = [
-        torchrec.EmbeddingBagConfig(
-            name=t.name,
-            num_embeddings=t.num_embeddings,
-            embedding_dim=t.embedding_dim,
-            feature_names=list(t.feature_names),
-        )
-        for t in ours
-    ]
+    tables = [t.to_torchrec() for t in ours]
     meta = torchrec.EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     sharder = EmbeddingBagCollectionSharder()
     per_param = {name: table_wise(rank=e["table_wise"]) for name, e in plan(cfg, world).items()}

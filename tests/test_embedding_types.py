@@ -187,6 +187,11 @@ def test_config_from_torchrec():
         )
     )
     assert c == EmbeddingBagConfig("t", 5, 8, ["f", "g"], "mean")
+    for ours in (c, EmbeddingBagConfig("u", 3, 4)):  # and back, mean and sum
+        back = ours.to_torchrec()
+        assert isinstance(back, tr.EmbeddingBagConfig)
+        assert back.pooling == (PoolingType.MEAN if ours.pooling == "mean" else PoolingType.SUM)
+        assert EmbeddingBagConfig.from_any(back) == ours
     with pytest.raises(ValueError, match="pooling"):
         EmbeddingBagConfig.from_any(
             tr.EmbeddingBagConfig(
@@ -401,18 +406,7 @@ def test_torchrec_kjt_kt_roundtrip():
 
 def _torchrec_ebc(tables, ours, weighted):
     tr = _torchrec()
-    from torchrec.modules.embedding_configs import PoolingType
-
-    configs = [
-        tr.EmbeddingBagConfig(
-            name=t.name,
-            num_embeddings=t.num_embeddings,
-            embedding_dim=t.embedding_dim,
-            feature_names=list(t.feature_names),
-            pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
-        )
-        for t in tables
-    ]
+    configs = [t.to_torchrec() for t in tables]
     theirs = tr.EmbeddingBagCollection(tables=configs, is_weighted=weighted, device=torch.device("cpu"))
     theirs.load_state_dict(ours.state_dict())  # same names, so this lines up
     return configs, theirs

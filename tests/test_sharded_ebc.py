@@ -407,22 +407,12 @@ def _torchrec_body(rank, world, iters):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingPlan
-    from torchrec.modules.embedding_configs import PoolingType
 
     out = []
     for kind, tables, weightings in TR_CASES:
         keys = [f for t in tables for f in t.feature_names if f != "f0" or t.name == "t0"]
         for weighted in weightings:
-            configs = [
-                torchrec.EmbeddingBagConfig(
-                    name=t.name,
-                    num_embeddings=t.num_embeddings,
-                    embedding_dim=t.embedding_dim,
-                    feature_names=list(t.feature_names),
-                    pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
-                )
-                for t in tables
-            ]
+            configs = [t.to_torchrec() for t in tables]
             torch.manual_seed(6)  # the same unsharded TorchRec tables on every rank
             unsharded = torchrec.EmbeddingBagCollection(
                 tables=configs, is_weighted=weighted, device=torch.device("cpu")

@@ -75,6 +75,19 @@ class EmbeddingBagConfig:
             pooling=getattr(config, "pooling", "sum"),
         )
 
+    def to_torchrec(self):
+        """This table as TorchRec's EmbeddingBagConfig (the inverse of from_any; needs torchrec)."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig as TorchRecConfig
+        from torchrec.modules.embedding_configs import PoolingType
+
+        return TorchRecConfig(
+            name=self.name,
+            num_embeddings=self.num_embeddings,
+            embedding_dim=self.embedding_dim,
+            feature_names=list(self.feature_names),
+            pooling=PoolingType.MEAN if self.pooling == "mean" else PoolingType.SUM,
+        )
+
 
 def embedding_names(tables: list[EmbeddingBagConfig]) -> list[list[str]]:
     """Output key per (table, feature), as TorchRec names them: a feature looked up in more than
