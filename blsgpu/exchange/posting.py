@@ -85,7 +85,7 @@ class Posting:
         it.spill = spill
         if out is not None:
             it.out = out
-            if self._direct and out.device.type == "cpu" and out.is_contiguous() and not out.is_neg():
+            if self._direct and _plain_host(out):
                 it.out_direct = True  # gathered (or received) in place
         it.prev = self._records.get(k - 1)
         i = k % (self.bound + 1)
@@ -146,16 +146,9 @@ class Posting:
     def _caller_bytes(self, send: torch.Tensor) -> Any:
         """The bytes of `send` as the byte work reads them (an address for the C module, a numpy
         view otherwise) when they can be read in place: a contiguous host tensor; else None."""
-        if send.device.type != "cpu" or not send.is_contiguous():
+        if not _plain_host(send):
             return None
-        if self._native is None:
-            try:
-                return host_bytes(send)
-            except (RuntimeError, TypeError):  # what numpy cannot view (a conjugate or negative bit)
-                return None
-        if send.is_conj() or send.is_neg():  # lazily conjugated or negated: their bytes are not the values
-            return None
-        return send.data_ptr()
+        return send.data_ptr() if self._native is not None else host_bytes(send)
 
     def _message_args(self, i: int, total: int, spill: bool, rows_p: list[int], rb: int) -> tuple:
         """(out, out_sizes, inp, in_sizes) of the MESSAGE alltoall from message buffer i."""
@@ -258,3 +251,9 @@ def _check_out(out: Any, send: torch.Tensor, recv_splits: list[int] | None) -> N
         )
     if out.is_conj():
         raise ValueError("out is a conjugate view: received rows cannot be written through it")
+
+
+def _plain_host(t: torch.Tensor) -> bool:
+    """A contiguous host tensor whose bytes are its values (no lazy conjugate or negative bit):
+    the byte work may read or write it in place."""
+    return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()

@@ -252,9 +252,7 @@ class Progress:
         """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
         buf = self._msg_in[k % (self.bound + 1)]
         if buf.views is None:
-            table = buf.host(self._msg_in_bytes)[: self._msg_in_bytes].reshape(
-                self.world_size - 1, self._stride
-            )
+            table = buf.np[: self._msg_in_bytes].reshape(self.world_size - 1, self._stride)
             buf.views = (table, table[:, :HEADER_BYTES].view(np.int64))
         return buf.views
 
