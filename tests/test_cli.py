@@ -314,3 +314,21 @@ def test_under_torchrun_every_rank_refuses_an_empty_output_path(capsys, monkeypa
         cli.main(["run", "--json", ""])
     assert e.value.code == 2
     assert "--json needs a path" in capsys.readouterr().err
+
+
+def test_bench_flags_oversubscribed_runs_and_shows_the_simulated_masking(bench):
+    # Ranks outnumbering cores: a sleeping rank frees a core, measured masking can exceed 1, so
+    # the JSON says so and the table says to read the simulator's masking, printed beside it.
+    from blsgpu.bench.report import format_table
+
+    rc, _, stderr, paths = bench
+    assert rc == 0, stderr
+    doc = json.loads(paths["json"].read_text())
+    assert doc["oversubscribed"] == (doc["config"]["world_size"] > doc["machine"]["cores"])
+    assert all("predicted_masking" in r for r in doc["runs"])
+    doc["machine"]["cores"] = 1
+    table = format_table(doc)
+    assert "sim mask" in table.splitlines()[1]
+    assert "OVERSUBSCRIBED: 2 ranks on 1 cores" in table and "read the simulator's masking" in table
+    doc["machine"]["cores"] = 2
+    assert "OVERSUBSCRIBED" not in format_table(doc)
