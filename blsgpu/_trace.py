@@ -43,6 +43,11 @@ def _traced(name: str):
             yield
 
 
+def active() -> bool:
+    """Whether spans are recorded now (NVTX present, or a torch profiler running)."""
+    return _NVTX or _profiler_enabled()
+
+
 def span(what: str, channel: str | None = None, iteration: int | None = None):
     """A range named blsgpu.<what>[<channel>:<iteration>] in NVTX and torch.profiler.
 

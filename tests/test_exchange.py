@@ -377,13 +377,21 @@ def _spy_direct_posts() -> list[bool]:
 
     seen: list[bool] = []
     real = posting.Posting._caller_bytes
+    real_fast = posting.Posting._post_fast
 
     def spy(self, send):
         src = real(self, send)
         seen.append(src is not None)
         return src
 
+    def spy_fast(self, *args):
+        it = real_fast(self, *args)
+        if it is not None:  # the fast path always posts from the caller's bytes
+            seen.append(True)
+        return it
+
     posting.Posting._caller_bytes = spy
+    posting.Posting._post_fast = spy_fast
     return seen
 
 

@@ -239,7 +239,7 @@ static PyObject *gather(PyObject *self, PyObject *args) {
         if (!nb) continue;
         const uint8_t *from = p == me ? (const uint8_t *)(uintptr_t)own_addr
                                       : table + (p - (p > me)) * stride + H_BYTES;
-        memcpy(out, from, (size_t)nb);
+        if (from != out) memcpy(out, from, (size_t)nb); /* own rows may lie in place already */
         out += nb;
     }
     result = Py_None;
@@ -249,10 +249,226 @@ done:
     return result;
 }
 
+/* Splits as a caller passed them, read for the fast path: a list or tuple of W Python ints, each
+ * >= 0, whose sum fits an int64. Returns 1 and fills out[W] (and *sum), or 0 for anything else (the
+ * caller then takes the general path, which says what is wrong). Never leaves an error set. */
+static int fast_splits(PyObject *seq, Py_ssize_t W, int64_t *out, int64_t *sum) {
+    PyObject **items;
+    if (PyList_CheckExact(seq) && PyList_GET_SIZE(seq) == W)
+        items = ((PyListObject *)seq)->ob_item;
+    else if (PyTuple_CheckExact(seq) && PyTuple_GET_SIZE(seq) == W)
+        items = ((PyTupleObject *)seq)->ob_item;
+    else
+        return 0;
+    int64_t total = 0;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        if (!PyLong_CheckExact(items[p])) return 0;
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(items[p], &overflow);
+        if (overflow || v < 0 || __builtin_add_overflow(total, (int64_t)v, &total)) {
+            PyErr_Clear();
+            return 0;
+        }
+        out[p] = (int64_t)v;
+    }
+    *sum = total;
+    return 1;
+}
+
+static PyObject *int_list(const int64_t *v, Py_ssize_t W) {
+    PyObject *list = PyList_New(W);
+    if (!list) return NULL;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        PyObject *x = PyLong_FromLongLong(v[p]);
+        if (!x) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, p, x);
+    }
+    return list;
+}
+
+/* post_inline(msg_addr, msg_cap, src_addr, src_rows, send_splits, recv_splits, W, me, row_bytes,
+ *             inline_cap, fixed, k, released, out_addr, out_cap)
+ *   -> None | need | (total, send_splits, recv_splits, in_sizes)
+ *
+ * exchange()'s checks and byte work in one call, for the common case: splits that are lists (or
+ * tuples) of W non-negative ints adding up to src_rows (and recv_splits[me] == send_splits[me]),
+ * every peer's payload no longer than inline_cap. None: not that case (nothing written; the general
+ * path runs and says what is wrong). An int: msg holds fewer than that many bytes (nothing written;
+ * grow it and call again). Else every peer's header and payload are in msg (as fill_message writes
+ * them) and this rank's own rows are either behind the messages at msg + total (out_addr 0) or in
+ * place in `out`, the result sized by recv_splits (out_cap must be exactly its bytes). Returns the
+ * splits as new lists and the per-rank byte counts of the MESSAGE alltoall's input (0 at me). */
+static PyObject *post_inline(PyObject *self, PyObject *args) {
+    unsigned long long msg_addr, src_addr, out_addr;
+    long long msg_cap, src_rows, k, released, out_cap;
+    Py_ssize_t W, me, rb_in, cap;
+    PyObject *send_obj, *recv_obj;
+    Py_buffer fixed;
+    if (!PyArg_ParseTuple(args, "KLKLOOnnnny*LLKL", &msg_addr, &msg_cap, &src_addr, &src_rows, &send_obj,
+                          &recv_obj, &W, &me, &rb_in, &cap, &fixed, &k, &released, &out_addr, &out_cap))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t *s = NULL, *r = NULL, *sizes = NULL;
+    if (fixed.len != H_FIXED * 8 || W < 1 || me < 0 || me >= W || rb_in < 0 || cap < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad world size, rank, row bytes or inline capacity");
+        goto done;
+    }
+    if (!(s = alloc_ints(W)) || !(r = alloc_ints(W)) || !(sizes = alloc_ints(W))) goto done;
+    int64_t rb = rb_in, s_sum, r_sum = 0, nb;
+    int known = recv_obj != Py_None;
+    memset(r, 0, (size_t)W * sizeof(int64_t));
+    if (!fast_splits(send_obj, W, s, &s_sum) || s_sum != src_rows ||
+        (known && (!fast_splits(recv_obj, W, r, &r_sum) || r[me] != s[me])))
+        goto general;
+    /* Sizes first: nothing is written unless all of it fits. */
+    int64_t total = 0, lo = 0, src_bytes, out_lo = 0, r_bytes;
+    if (__builtin_mul_overflow(s_sum, rb, &src_bytes) || __builtin_mul_overflow(r_sum, rb, &r_bytes))
+        goto general;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        nb = s[p] * rb; /* <= src_bytes: no overflow */
+        if (p < me) lo += nb, out_lo += r[p] * rb;
+        if (p == me) {
+            sizes[p] = 0;
+            continue;
+        }
+        if (nb > cap) goto general; /* too large to inline: the data alltoall carries it */
+        sizes[p] = H_BYTES + nb;
+        total += sizes[p];
+    }
+    int64_t n_me = s[me] * rb;
+    if (out_addr && (!known || r_bytes != out_cap)) goto general;
+    int64_t need = total + (out_addr ? 0 : n_me);
+    if (need > msg_cap) {
+        result = PyLong_FromLongLong(need);
+        goto done;
+    }
+    if (src_bytes > 0 && src_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "no source bytes for an inline payload");
+        goto done;
+    }
+    uint8_t *msg = (uint8_t *)(uintptr_t)msg_addr;
+    const uint8_t *src = (const uint8_t *)(uintptr_t)src_addr;
+    int64_t at = 0, from = 0;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        nb = s[p] * rb;
+        if (p != me) {
+            int64_t h[H_LEN - H_FIXED] = {k, s[p], released, known ? r[p] : -1, 0, 0};
+            memcpy(msg + at, fixed.buf, H_FIXED * 8);
+            memcpy(msg + at + H_FIXED * 8, h, sizeof h);
+            at += H_BYTES;
+            if (nb) memcpy(msg + at, src + from, (size_t)nb);
+            at += nb;
+        }
+        from += nb;
+    }
+    if (n_me) memcpy(out_addr ? (uint8_t *)(uintptr_t)out_addr + out_lo : msg + total, src + lo, (size_t)n_me);
+    PyObject *sl = int_list(s, W), *rl = known ? int_list(r, W) : (Py_INCREF(Py_None), Py_None),
+             *zl = int_list(sizes, W);
+    if (sl && rl && zl) result = Py_BuildValue("(LOOO)", (long long)total, sl, rl, zl);
+    Py_XDECREF(sl);
+    Py_XDECREF(rl);
+    Py_XDECREF(zl);
+    goto done;
+general:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    PyMem_Free(r);
+    PyMem_Free(sizes);
+    PyBuffer_Release(&fixed);
+    return result;
+}
+
+/* receive_inline(table_addr, table_cap, W, me, stride, fixed, k, send_splits, recv_splits,
+ *                own_released, row_bytes, out_addr, out_cap, own_addr, own_cap)
+ *   -> None | (rows, released)
+ *
+ * wait()'s header work in one call, for the common case: every peer's header of iteration k has
+ * this kind of rows, no peer spilled, each sends what recv_splits (when given) says and expects
+ * what this rank sends (where it said). None: not that case (the general path reads the headers
+ * again and says what disagreed, or posts the data alltoall). Else returns what each rank sends this
+ * one and each one's release count (this rank's own at me); with out_addr, the peers' payloads are
+ * gathered into out (exactly the rows' bytes), and this rank's own rows from own (own_addr 0: they
+ * lie in out already). */
+static PyObject *receive_inline(PyObject *self, PyObject *args) {
+    unsigned long long table_addr, out_addr, own_addr;
+    long long table_cap, k, own_released, out_cap, own_cap;
+    Py_ssize_t W, me, stride, rb_in;
+    PyObject *send_list, *recv_obj;
+    Py_buffer fixed;
+    if (!PyArg_ParseTuple(args, "KLnnny*LOOLnKLKL", &table_addr, &table_cap, &W, &me, &stride, &fixed, &k,
+                          &send_list, &recv_obj, &own_released, &rb_in, &out_addr, &out_cap, &own_addr, &own_cap))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t *s = NULL, *r = NULL, *rows = NULL, *rel = NULL;
+    if (fixed.len != H_FIXED * 8 || W < 1 || me < 0 || me >= W || stride < H_BYTES || rb_in < 0 ||
+        (W - 1) > table_cap / stride) {
+        PyErr_SetString(PyExc_ValueError, "bad header table");
+        goto done;
+    }
+    int known = recv_obj != Py_None;
+    if (!(s = alloc_ints(W)) || !(r = alloc_ints(W)) || !(rows = alloc_ints(W)) || !(rel = alloc_ints(W)))
+        goto done;
+    if (read_ints(send_list, W, s, "send_splits") < 0 || (known && read_ints(recv_obj, W, r, "recv_splits") < 0))
+        goto done;
+    const uint8_t *table = (const uint8_t *)(uintptr_t)table_addr;
+    int64_t rb = rb_in, total = 0, nb;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        if (p == me) {
+            rows[p] = s[me], rel[p] = own_released;
+        } else {
+            int64_t h[H_LEN];
+            memcpy(h, table + (p - (p > me)) * stride, H_BYTES);
+            if (memcmp(h, fixed.buf, H_FIXED * 8) || h[H_ITER] != k || h[H_SPILL] || h[H_ROWS] < 0 ||
+                (known && h[H_ROWS] != r[p]) || (h[H_EXPECT] != -1 && h[H_EXPECT] != s[p]) ||
+                __builtin_mul_overflow(h[H_ROWS], rb, &nb) || nb > stride - H_BYTES)
+                goto general;
+            rows[p] = h[H_ROWS], rel[p] = h[H_RELEASED];
+        }
+        if (checked_mul(rows[p], rb, &nb) < 0 || checked_add(total, nb, &total) < 0) goto done;
+    }
+    if (out_addr) {
+        if (total != out_cap || (own_addr && s[me] * rb > own_cap)) {
+            PyErr_SetString(PyExc_ValueError, "the rows do not fit the result");
+            goto done;
+        }
+        uint8_t *out = (uint8_t *)(uintptr_t)out_addr;
+        for (Py_ssize_t p = 0; p < W; p++) {
+            nb = rows[p] * rb;
+            if (p != me && nb)
+                memcpy(out, table + (p - (p > me)) * stride + H_BYTES, (size_t)nb);
+            else if (p == me && nb && own_addr)
+                memcpy(out, (const uint8_t *)(uintptr_t)own_addr, (size_t)nb);
+            out += nb;
+        }
+    }
+    PyObject *rl = int_list(rows, W), *el = int_list(rel, W);
+    if (rl && el) result = PyTuple_Pack(2, rl, el);
+    Py_XDECREF(rl);
+    Py_XDECREF(el);
+    goto done;
+general:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    PyMem_Free(r);
+    PyMem_Free(rows);
+    PyMem_Free(rel);
+    PyBuffer_Release(&fixed);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fill_message", fill_message, METH_VARARGS, "Write every peer's header and inline payload."},
     {"read_headers", read_headers, METH_VARARGS, "Read and check every peer's header."},
     {"gather", gather, METH_VARARGS, "Gather inline payloads and own rows in rank order."},
+    {"post_inline", post_inline, METH_VARARGS, "exchange()'s checks and byte work, the common case."},
+    {"receive_inline", receive_inline, METH_VARARGS, "wait()'s header work and gather, the common case."},
     {NULL, NULL, 0, NULL},
 };
 

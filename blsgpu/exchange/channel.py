@@ -192,6 +192,14 @@ class BoundedLagAllToAll(Posting, Progress):
         self._direct = not tr.stream_ordered and tr.caller_may_receive and tr.device.type == "cpu"
         # The byte work on host buffers (headers, inline payloads, gather): C where it was built.
         self._native = native()
+        # The common case of such a transport (contiguous host tensors, splits as lists, inline
+        # payloads) in one C call each for exchange() and wait(): Posting._post_fast.
+        self._fast = (
+            self._direct
+            and self._native is not None
+            and self._inline > 0
+            and (self.device is None or self.device.type == "cpu")
+        )
         # Where the caller's thread may not process an iteration itself, or the progress thread
         # posts every alltoall, every iteration goes to the progress thread when posted.
         self._handoff_always = not tr.caller_may_receive or not self._gather_late
@@ -253,8 +261,11 @@ class BoundedLagAllToAll(Posting, Progress):
         Raises before anything is sent when the arguments are wrong, when the channel is closed,
         or when B+1 exchanges are already outstanding.
         """
-        with span("post", self.name, self._next_k):
-            return ExchangeHandle(self, self._post(send, send_splits, recv_splits, out))
+        it = self._post_fast(send, send_splits, recv_splits, out) if self._fast else None
+        if it is None:
+            with span("post", self.name, self._next_k):
+                it = self._post(send, send_splits, recv_splits, out)
+        return ExchangeHandle(self, it)
 
     def stats(self) -> dict[str, Any]:
         """Counters and times of this channel (docs/design.md, "Observable")."""

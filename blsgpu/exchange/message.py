@@ -59,10 +59,11 @@ class Buffer:
     its start (an alltoall wants a tensor of exactly the bytes it moves; most iterations repeat
     the sizes of an earlier one, and a view costs more than the lookup)."""
 
-    __slots__ = ("t", "np", "ptr", "views", "_cuts", "_typed")
+    __slots__ = ("t", "np", "ptr", "cap", "views", "_cuts", "_typed")
 
     def __init__(self) -> None:
         self.ptr = 0
+        self.cap = 0  # bytes
         self.views: Any = None  # what a user of the buffer derived from it (reset on growth)
         self.t: torch.Tensor | None = None
         self.np: np.ndarray | None = None
@@ -75,6 +76,7 @@ class Buffer:
         self.t = empty((size,), torch.uint8)
         self.np = self.t.numpy() if self.t.device.type == "cpu" else None
         self.ptr = self.t.data_ptr()
+        self.cap = size
         self.views = None
         self._cuts.clear()
         self._typed.clear()

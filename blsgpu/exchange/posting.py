@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from blsgpu._trace import active as tracing
 from blsgpu.errors import BoundError
 from blsgpu.exchange.args import as_splits
 from blsgpu.exchange.iteration import Iteration
@@ -27,6 +28,7 @@ from blsgpu.transport.base import MESSAGE
 # message; smaller ones are copied into the send slot first (one torch copy costs less than a numpy
 # view of the caller's bytes). The C module reads the caller's bytes by address: always direct.
 _DIRECT_MIN_BYTES = 16 << 10
+_CPU = torch.device("cpu")
 
 
 class Posting:
@@ -111,6 +113,105 @@ class Posting:
         if self._eager and (self._handoff_always or spill or self._spilled):
             it.queued = True
             self._queue.put(it)
+        return it
+
+    def _post_fast(self, send: Any, send_splits: Any, recv_splits: Any, out: Any) -> Iteration | None:
+        """exchange() in the common case on a host transport with the C module, in one C call for
+        the checks and the byte work: a contiguous host tensor of a kind of rows seen before,
+        splits given as lists (or tuples) of ints, every peer's payload inline, no profiler
+        recording (the general path names every phase). With recv_splits, the result is allocated
+        now (or is `out`) and this rank's own rows go straight into it.
+
+        Returns None, having changed nothing, for every other case: the general path (_post) then
+        runs, and it is also what says what is wrong with bad arguments.
+        """
+        k = self._next_k
+        if (
+            self._broken is not None
+            or self._closed
+            or self._spilled
+            or k - self._next_wait > self.bound
+            or type(send) is not torch.Tensor
+            or not send.is_cpu
+            or send.layout is not torch.strided
+            or not send.is_contiguous()
+            or send.is_conj()
+            or send.is_neg()
+            or tracing()
+        ):
+            return None
+        shape = send.shape
+        kind = self._kinds.get((send.dtype, shape[1:])) if shape else None
+        if kind is None or not kind.row_bytes:
+            return None
+        ptr = send.data_ptr()
+        i = k % (self.bound + 1)
+        ring = self._slots[i]
+        if ring.ptr <= ptr < ring.ptr + ring.cap:  # a view into the send ring: the general path checks it
+            return None
+        res = None
+        if out is not None:
+            if (
+                recv_splits is None
+                or type(out) is not torch.Tensor
+                or out.dtype is not send.dtype
+                or out.shape[1:] != shape[1:]
+                or not _plain_host(out)
+            ):
+                return None
+            res = out
+        elif recv_splits is not None:
+            try:
+                n = sum(recv_splits)
+                if type(n) is not int or n < 0:
+                    return None
+                res = torch.empty((n, *kind.trailing), dtype=kind.dtype)
+            except (TypeError, RuntimeError):  # not ints, or no memory for them: the general path says
+                return None
+        W, me, rb, native = self.world_size, self.rank, kind.row_bytes, self._native
+        at, cap = (res.data_ptr(), res.numel() * kind.dtype.itemsize) if res is not None else (0, 0)
+        buf = self._msg_out[i]
+        args = (
+            ptr,
+            shape[0],
+            send_splits,
+            recv_splits,
+            W,
+            me,
+            rb,
+            self._inline,
+            kind.fixed,
+            k,
+            self._counters.released,
+            at,
+            cap,
+        )
+        got = native.post_inline(buf.ptr, buf.cap, *args)
+        if type(got) is int:  # the message buffer is too small for this iteration: grow it
+            buf.host(got)
+            got = native.post_inline(buf.ptr, buf.cap, *args)
+        if got is None:
+            return None
+        total, send_splits, recv_splits, sizes = got
+        it = Iteration(k, kind, None, send_splits, recv_splits, _CPU)
+        it.fast = True
+        if res is not None:
+            it.out, it.out_direct, it.own_in_out, it.out_at = res, True, True, at
+        else:
+            it.own_buf, it.own_lo = buf, total
+        it.prev = self._records.get(k - 1)
+        if W > 1:
+            try:
+                inp = self._msg_in[i].torch(self._msg_in_bytes)
+                it.msg_work = self.transport.alltoall(
+                    MESSAGE, k, inp, self._msg_out_sizes, buf.torch(total), sizes
+                )
+            except Exception as e:  # the transport refuses to post: the channel is gone
+                raise self._fail(k, "posting", e) from e
+        self._bytes_sent += (shape[0] - send_splits[me]) * rb
+        self._records[k] = it
+        self._next_k = k + 1
+        self._counters.post(k)
         return it
 
     def _write_message(self, it: Iteration, i: int, src: Any) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blsgpu._trace import active as tracing
 from blsgpu._trace import span
 from blsgpu.errors import BLSError
 from blsgpu.exchange.iteration import Iteration
@@ -21,6 +22,7 @@ from blsgpu.exchange.message import (
     H_ITER,
     H_SPILL,
     HEADER_BYTES,
+    NO_BYTES,
     Buffer,
     gather,
     header_problems,
@@ -209,7 +211,7 @@ class Progress:
         elif native is not None:
             result = it.out if direct else torch.empty(shape, dtype=kind.dtype)
             if total * rb:
-                own_at, n_me = it.own_buf.ptr + it.own_lo, rows[me] * rb
+                own_at, n_me = self._own_at(it), rows[me] * rb
                 native.gather(
                     result.data_ptr(),
                     total * rb,
@@ -244,9 +246,20 @@ class Progress:
         )
 
     def _own_rows(self, it: Iteration) -> np.ndarray:
-        """This rank's own rows of an iteration (host bytes): behind its messages or in its slot."""
-        lo = it.own_lo
-        return it.own_buf.np[lo : lo + it.send_splits[self.rank] * it.kind.row_bytes]
+        """This rank's own rows of an iteration (host bytes): behind its messages, in its slot, or
+        in its result already."""
+        me, rb = self.rank, it.kind.row_bytes
+        n = it.send_splits[me] * rb
+        if it.own_in_out:
+            lo = sum(it.recv_splits[:me]) * rb
+            return host_bytes(it.out)[lo : lo + n] if n else NO_BYTES
+        return it.own_buf.np[it.own_lo : it.own_lo + n]
+
+    def _own_at(self, it: Iteration) -> int:
+        """The address of this rank's own rows of an iteration (see _own_rows)."""
+        if it.own_in_out:
+            return it.out_at + sum(it.recv_splits[: self.rank]) * it.kind.row_bytes
+        return it.own_buf.ptr + it.own_lo
 
     def _received(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The MESSAGE receive buffer of iteration k as a [W-1, stride] table, and its headers."""
@@ -289,11 +302,75 @@ class Progress:
 
     def _wait(self, it: Iteration, blocking: bool) -> tuple[torch.Tensor, list[int]]:
         while self._next_wait <= it.k:
-            self._finish(self._records[self._next_wait], blocking and self._next_wait == it.k)
+            nxt = self._records[self._next_wait]
+            if nxt.fast:
+                self._finish_fast(nxt, blocking and nxt is it)
+            else:
+                self._finish(nxt, blocking and nxt is it)
         if it.error is not None:
             raise it.error
         assert it.result is not None
         return it.result
+
+    def _finish_fast(self, it: Iteration, blocking: bool) -> None:
+        """Complete an iteration exchange() posted on its fast path: wait for its messages, then
+        check every header and gather every payload in one C call. Whatever that call does not
+        take (a peer spilled or disagrees, the transport failed), another thread holding the
+        iteration, or a profiler recording, goes the general way (_process, _finish)."""
+        with self._claim_lock:
+            mine = not it.claimed and not tracing()
+            if mine:
+                it.claimed = True
+        if not mine:
+            return self._finish(it, blocking)
+        k, me, native = it.k, self.rank, self._native
+        kind = it.kind
+        rb = kind.row_bytes
+        t0 = time.monotonic()
+        got = None
+        try:
+            if it.msg_work is not None:
+                self.transport.wait_all(it.msg_work, self.timeout_s)
+                it.msg_work = None
+            inbuf = self._msg_in[k % (self.bound + 1)]
+            out = it.out
+            got = native.receive_inline(
+                inbuf.ptr, inbuf.cap, self.world_size, me, self._stride, kind.fixed, k, it.send_splits,
+                it.recv_splits, self._counters.released, rb,
+                it.out_at, out.numel() * kind.dtype.itemsize if out is not None else 0, 0, 0,
+            )  # fmt: skip
+        except Exception as e:
+            if it.msg_work is not None:  # the transport failed: named now, handed over below
+                self._fail(k, "header", e)
+        if got is None:
+            self._waiting_for_data_s += time.monotonic() - t0
+            self._process(it)
+            return self._finish(it, blocking)
+        rows, released = got
+        c = self._counters
+        c.learn_all(k, released)
+        total = sum(rows)
+        if out is None:  # recv_splits were not given: sized now, own rows behind the messages
+            out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
+            if total:
+                native.gather(
+                    out.data_ptr(), total * rb, inbuf.ptr, inbuf.cap, self._stride, rows, me,
+                    it.own_buf.ptr + it.own_lo, rows[me] * rb, rb,
+                )  # fmt: skip
+        it.result = (out, rows)
+        it.prev = None
+        self._bytes_received += (total - rows[me]) * rb
+        with self._claim_lock:
+            it.finished = True
+            event = it.event
+        if event is not None:
+            event.set()
+        self._waiting_for_data_s += time.monotonic() - t0
+        it.waited = True
+        del self._records[k]
+        c.arrive(k)
+        c.release(k)
+        self._next_wait = k + 1
 
     def _finish(self, it: Iteration, blocking: bool) -> None:
         with span("wait", self.name, it.k):
