@@ -54,6 +54,12 @@ def nvtx_enabled() -> bool:
     return os.environ.get("BLSGPU_NVTX", "1") != "0"
 
 
+def fast_enabled() -> bool:
+    """The host fast path (one C call each for exchange() and wait()) where it applies (default)
+    unless BLSGPU_FAST=0, which sends every iteration the general way."""
+    return os.environ.get("BLSGPU_FAST", "1") != "0"
+
+
 def native_enabled() -> bool:
     """The engine's byte work in C where it was built (default) unless BLSGPU_NATIVE=0."""
     return os.environ.get("BLSGPU_NATIVE", "1") != "0"

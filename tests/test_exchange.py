@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _contract import WORLDS, check_exact, reference, same_bits, send_of
+from _contract import WORLDS, check_exact, exact_body, reference, same_bits, send_of
 
 import blsgpu
 from blsgpu import BoundedLagAllToAll, PeerError, run_world
@@ -443,24 +443,25 @@ def test_every_kind_of_host_send_tensor_arrives_exactly(native):
             assert direct == (name not in slot), name
 
 
-def _peer_spills_body(rank, w):
+def _peer_spills_body(rank, w, known):
     # Rank 0's payload fits the inline capacity, rank 1's does not: every rank then sends in the
     # data alltoall, and rank 0, which posted straight from its tensor, rebuilds its send slot
-    # from the message it posted.
+    # from the message it posted (and, with recv_splits, from its own rows already in the result).
     rows = 1024 if rank == 0 else 4096  # of 16 bytes: 16 KiB per peer fits, 64 KiB does not
     posted_direct = _spy_direct_posts()
     with BoundedLagAllToAll(bound=1, timeout=30, inline_bytes=32 << 10) as a2a:
         outs = []
         for k in range(3):
             send = torch.arange(rows * w * 4, dtype=torch.float32).reshape(rows * w, 4) + 10**6 * rank + k
-            handle = a2a.exchange(send, [rows] * w)
+            handle = a2a.exchange(send, [rows] * w, [1024, 4096] if known else None)
             send.fill_(-1.0)  # the caller reuses its tensor at once
             outs.append(handle.wait()[0].clone())
         return outs, posted_direct
 
 
-def test_a_peer_spilling_makes_a_direct_post_rebuild_its_send_slot():
-    (outs0, direct0), (outs1, direct1) = run_world(2, _peer_spills_body)
+@pytest.mark.parametrize("known", [False, True])
+def test_a_peer_spilling_makes_a_direct_post_rebuild_its_send_slot(known):
+    (outs0, direct0), (outs1, direct1) = run_world(2, _peer_spills_body, known)
     # Rank 0 posted all three from its tensor; rank 1, which spills, never tried.
     assert direct0 == [True] * 3 and direct1 == []
     for k in range(3):
@@ -529,3 +530,59 @@ def test_out_receives_the_rows_in_place(native, inline_bytes):
     for checks, posted in run_world(3, _out_body, native, inline_bytes):
         assert checks == [(True, True, True)] * 4
         assert posted == 4  # the refused calls sent nothing
+
+
+def _fast_exact_body(rank, w, fast):
+    os.environ["BLSGPU_FAST"] = fast  # read when a channel is created
+    return exact_body(rank, w, 2, 60, 31, {})
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_the_fast_path_and_the_general_path_are_both_exact(fast):
+    # The contract's exactness check (ten kinds of rows, splits with zeros, half of them known,
+    # seeded delays and windows) with the host fast path on, where it carries every iteration of a
+    # kind seen before, and off.
+    for rank, (bad, stats) in enumerate(WORLDS["gloo"].run(3, _fast_exact_body, fast, timeout_s=240)):
+        assert bad == [], f"rank {rank}: iterations differ from the synchronous reference: {bad[:10]}"
+        assert stats["fast_path"] == (fast == "1" and stats["native"])
+        if stats["fast_path"]:
+            assert stats["fast_iterations"] == 60 - 10  # the first of each kind goes the general way
+        else:
+            assert stats["fast_iterations"] == 0
+
+
+def _polled_body(rank, w):
+    # Polling hands an iteration to the progress thread; for one posted on the fast path with
+    # recv_splits, this rank's own rows already lie in the result, and the general path gathers
+    # around them.
+    got = []
+    with BoundedLagAllToAll(bound=2, timeout=30) as a2a:
+        for k in range(6):
+            splits = [(rank + p + k) % 4 + 1 for p in range(w)]
+            send = torch.arange(sum(splits) * 3, dtype=torch.float64).reshape(-1, 3) + 1000 * rank + 100 * k
+            recv_splits = [(src + rank + k) % 4 + 1 for src in range(w)] if k % 2 else None
+            handle = a2a.exchange(send, splits, recv_splits)
+            send.zero_()
+            deadline = time.monotonic() + 20
+            while not handle.done() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            got.append(handle.wait())
+        stats = a2a.stats()
+        return got, stats["fast_iterations"], stats["native"]
+
+
+def test_polling_an_iteration_of_the_fast_path_still_delivers_it_exactly():
+    w = 3
+    results = run_world(w, _polled_body)
+    for rank, (got, fast, native) in enumerate(results):
+        assert fast == (5 if native else 0)  # all but the first
+        for k, (recv, recv_splits) in enumerate(got):
+            parts = []
+            for src in range(w):
+                splits = [(src + p + k) % 4 + 1 for p in range(w)]
+                sent = torch.arange(sum(splits) * 3, dtype=torch.float64).reshape(-1, 3)
+                sent += 1000 * src + 100 * k
+                lo = sum(splits[:rank])
+                parts.append(sent[lo : lo + splits[rank]])
+            assert recv_splits == [(src + rank + k) % 4 + 1 for src in range(w)]
+            assert torch.equal(recv, torch.cat(parts)), (rank, k)

@@ -162,3 +162,144 @@ def test_numpy_path_is_exact(inline_bytes):
     for rank, (bad, used_native) in enumerate(results):
         assert bad == [], f"rank {rank}: iterations differ from the synchronous reference: {bad[:10]}"
         assert used_native is False
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path's calls (post_inline, place_own, receive_inline) against the general path's.
+
+
+def _ptr(a: np.ndarray) -> tuple[torch.Tensor, int]:
+    """A tensor over `a` (kept alive by the caller) and its address (a 1-byte tensor when empty)."""
+    t = torch.from_numpy(a) if a.size else torch.zeros(1, dtype=torch.uint8)
+    return t, t.data_ptr()
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(
+    _iterations(),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.sampled_from([8, 24, 64, 10**6]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_post_inline_and_place_own_write_what_fill_message_writes(case, k, released, cap, into_out, as_tuple):
+    w, me, rb, splits, recv, _, _ = case
+    fixed = Rows(5, torch.float32, (2, 3)).fixed
+    src = _src(splits, rb)
+    src_t, src_at = _ptr(src)
+    into_out = into_out and recv is not None
+    r_bytes = sum(recv) * rb if recv is not None else 0
+    out = np.full(r_bytes + 16, 0xCD, dtype=np.uint8)
+    out_t, out_at = _ptr(out)
+    at, out_cap = (out_at, r_bytes) if into_out else (0, 0)
+    msg = np.full(H * w + len(src) + 64, 0xAB, dtype=np.uint8)
+    msg_t, msg_at = _ptr(msg)
+    ss = tuple(splits) if as_tuple else list(splits)
+    args = (src_at, sum(splits), ss, recv, w, me, rb, cap, fixed, k, released, at, out_cap)
+    general = any(splits[p] * rb > cap for p in range(w) if p != me) or (
+        recv is not None and recv[me] != splits[me]
+    )
+    untouched = msg.copy()
+    need = H * (w - 1) + (sum(splits) - splits[me]) * rb + (0 if into_out else splits[me] * rb)
+    if general or need:  # a buffer too small: the bytes it needs, nothing written
+        assert native.post_inline(msg_at, need - 1 if need else 0, *args) == (None if general else need)
+        assert np.array_equal(msg, untouched)
+    got = native.post_inline(msg_at, len(msg), *args)
+    if general:  # a payload too large to inline, or a split that disagrees: the general path's
+        assert got is None and np.array_equal(msg, untouched)
+        return
+    total, s_list, r_list, sizes = got
+    assert s_list == list(splits) and r_list == recv and type(s_list) is list
+    assert sizes == [0 if p == me else H + splits[p] * rb for p in range(w)]
+    want = np.full_like(msg, 0xAB)
+    assert fill_message(want, src, splits, me, rb, fixed, k, released, False, recv, False) == total
+    assert np.array_equal(msg[:total], want[:total]) and np.array_equal(msg[total:], untouched[total:])
+    native.place_own(src_at, sum(splits), s_list, r_list, me, rb, msg_at, len(msg), total, at, out_cap)
+    lo, n_me = sum(splits[:me]) * rb, splits[me] * rb
+    if into_out:
+        out_lo = sum(recv[:me]) * rb
+        expect = np.full_like(out, 0xCD)
+        expect[out_lo : out_lo + n_me] = src[lo : lo + n_me]
+        assert np.array_equal(out, expect) and np.array_equal(msg[total:], untouched[total:])
+    else:
+        assert np.array_equal(msg[total : total + n_me], src[lo : lo + n_me])
+        assert np.array_equal(out, np.full_like(out, 0xCD))
+
+
+@needs_native
+def test_post_inline_leaves_every_other_argument_to_the_general_path():
+    fixed = Rows(1, torch.float32, (4,)).fixed
+    src = torch.arange(64, dtype=torch.uint8)
+    msg = torch.full((4096,), 9, dtype=torch.uint8)
+
+    def post(send_splits, recv_splits=None, rows=4, me=0, out=(0, 0)):
+        return native.post_inline(
+            msg.data_ptr(), 4096, src.data_ptr(), rows, send_splits, recv_splits, 2, me, 16, 1 << 20,
+            fixed, 0, 0, *out,
+        )  # fmt: skip
+
+    assert post([2, 2]) is not None
+    msg.fill_(9)
+    for bad in ([2, 2, 0], [2], [-1, 5], [2.0, 2], [True, 3], [np.int64(2), 2], torch.tensor([2, 2]), "22"):
+        assert post(bad) is None, bad  # not W plain ints: the general path converts or refuses
+    assert post([2, 3]) is None  # splits that do not add up to the rows
+    assert post([2, 2], [3, 1]) is None  # recv_splits[me] differs from send_splits[me]
+    assert post([2, 2], [2, 2**63 - 1]) is None  # a sum an int64 does not hold
+    res = torch.zeros(64, dtype=torch.uint8)
+    assert post([2, 2], [2, 1], out=(res.data_ptr(), 64)) is None  # `out` of another size
+    assert bool((msg == 9).all())
+    with pytest.raises(ValueError, match="own rows do not fit"):
+        native.place_own(src.data_ptr(), 4, [2, 2], [2, 1], 1, 16, msg.data_ptr(), 4096, 0, res.data_ptr(), 4)
+    with pytest.raises(ValueError, match="do not add up"):
+        native.place_own(src.data_ptr(), 5, [2, 2], None, 0, 16, msg.data_ptr(), 4096, 0, 0, 0)
+    with pytest.raises(ValueError, match="needs recv_splits"):
+        native.place_own(src.data_ptr(), 4, [2, 2], None, 0, 16, msg.data_ptr(), 4096, 0, res.data_ptr(), 64)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(_iterations(), st.integers(0, 1000), st.data())
+def test_receive_inline_agrees_with_read_headers_and_gather(case, k, data):
+    w, me, rb, splits, recv, _, _ = case
+    if recv is not None:  # as posting left them: this rank's own rows are what it sends itself
+        recv[me] = splits[me]
+    kind = Rows(2, torch.float16, (4,))
+    stride = H + 9 * max(rb, 1) + 8
+    table = np.zeros((w - 1, stride), dtype=np.uint8)
+    for q in range(w - 1):
+        p = q + (q >= me)
+        agree = recv is not None and data.draw(st.integers(0, 4)) > 0
+        rows_q = recv[p] if agree else data.draw(st.integers(0, 9))
+        hdr = kind.head.copy()
+        late = data.draw(st.integers(0, 19)) == 0
+        expect = data.draw(st.sampled_from([-1, -1, splits[p], 4]))
+        hdr[10:15] = [k + late, rows_q, 3 * q, expect, data.draw(st.integers(0, 9)) == 0]
+        if data.draw(st.integers(0, 19)) == 0:
+            hdr[2] = 7
+        table[q, :H] = hdr.view(np.uint8)
+        table[q, H : H + rows_q * rb] = np.arange(rows_q * rb) % 251
+    own_bytes = _src([splits[me]], rb)
+    head = read_headers(table, me, kind.fixed, k, splits[me], 11, -1)
+    off, corrupt, rows, released, expect, _, spill = head
+    disagree = (recv is not None and rows != recv) or any(
+        e not in (-1, splits[p]) for p, e in enumerate(expect) if p != me
+    )
+    flat, flat_at = _ptr(table.reshape(-1))
+    own_t, own_at = _ptr(own_bytes)
+    total = sum(rows) * rb
+    out = np.full(total + 16, 7, dtype=np.uint8)
+    out_t, out_at = _ptr(out)
+    got = native.receive_inline(
+        flat_at, table.size, w, me, stride, kind.fixed, k, splits, recv, 11, rb,
+        out_at, total, own_at, len(own_bytes),
+    )  # fmt: skip
+    if off or corrupt or spill or disagree:  # the general path reads again and says what is wrong
+        assert got is None and np.array_equal(out, np.full_like(out, 7))
+        return
+    assert got == (rows, released)
+    want = np.full_like(out, 7)
+    if total:
+        gather(want[:total], table, rows, me, own_bytes, rb)
+    assert np.array_equal(out, want)  # and nothing past the result written

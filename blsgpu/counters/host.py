@@ -43,6 +43,18 @@ class HostCounters:
     def release(self, k: int) -> None:
         self.released = k + 1
 
+    def complete(self, k: int, released: list[int]) -> None:
+        """learn_all(k, released), arrive(k) and release(k) at once: an iteration whose caller
+        read its headers and took its rows in one step (the host fast path). Subclasses that
+        extend those three extend this too."""
+        with self.lock:
+            if k + 1 > self._peer_posted_min:
+                self._peer_posted_min = k + 1
+                self.peer_released = released
+        if k + 1 > self.arrived:
+            self.arrived = k + 1
+        self.released = k + 1
+
     def gate(self, k: int, bound: int) -> None:
         """Hold the comm stream before iteration k until `released` reaches k-B.
 

@@ -298,9 +298,10 @@ static PyObject *int_list(const int64_t *v, Py_ssize_t W) {
  * every peer's payload no longer than inline_cap. None: not that case (nothing written; the general
  * path runs and says what is wrong). An int: msg holds fewer than that many bytes (nothing written;
  * grow it and call again). Else every peer's header and payload are in msg (as fill_message writes
- * them) and this rank's own rows are either behind the messages at msg + total (out_addr 0) or in
- * place in `out`, the result sized by recv_splits (out_cap must be exactly its bytes). Returns the
- * splits as new lists and the per-rank byte counts of the MESSAGE alltoall's input (0 at me). */
+ * them), and msg has room behind them for this rank's own rows; place_own() puts them there (out_addr
+ * 0) or in place in `out`, the result sized by recv_splits (out_cap: exactly its bytes), once the
+ * messages are posted. Returns the splits as new lists and the per-rank byte counts of the MESSAGE
+ * alltoall's input (0 at me). */
 static PyObject *post_inline(PyObject *self, PyObject *args) {
     unsigned long long msg_addr, src_addr, out_addr;
     long long msg_cap, src_rows, k, released, out_cap;
@@ -324,12 +325,11 @@ static PyObject *post_inline(PyObject *self, PyObject *args) {
         (known && (!fast_splits(recv_obj, W, r, &r_sum) || r[me] != s[me])))
         goto general;
     /* Sizes first: nothing is written unless all of it fits. */
-    int64_t total = 0, lo = 0, src_bytes, out_lo = 0, r_bytes;
+    int64_t total = 0, src_bytes, r_bytes;
     if (__builtin_mul_overflow(s_sum, rb, &src_bytes) || __builtin_mul_overflow(r_sum, rb, &r_bytes))
         goto general;
     for (Py_ssize_t p = 0; p < W; p++) {
         nb = s[p] * rb; /* <= src_bytes: no overflow */
-        if (p < me) lo += nb, out_lo += r[p] * rb;
         if (p == me) {
             sizes[p] = 0;
             continue;
@@ -364,7 +364,6 @@ static PyObject *post_inline(PyObject *self, PyObject *args) {
         }
         from += nb;
     }
-    if (n_me) memcpy(out_addr ? (uint8_t *)(uintptr_t)out_addr + out_lo : msg + total, src + lo, (size_t)n_me);
     PyObject *sl = int_list(s, W), *rl = known ? int_list(r, W) : (Py_INCREF(Py_None), Py_None),
              *zl = int_list(sizes, W);
     if (sl && rl && zl) result = Py_BuildValue("(LOOO)", (long long)total, sl, rl, zl);
@@ -463,11 +462,67 @@ done:
     return result;
 }
 
+/* place_own(src_addr, src_rows, send_splits, recv_splits, me, row_bytes, msg_addr, msg_cap, total,
+ *           out_addr, out_cap)
+ *
+ * This rank's own rows of an iteration post_inline() wrote (same splits, now lists), from the
+ * caller's send bytes to where wait() takes them: in place in `out` (out_addr: the result, out_cap
+ * its bytes) or behind the messages at msg + total. Called once the messages are posted: the copy
+ * overlaps the transport's work instead of delaying it. Source and destination may overlap (an
+ * `out` that is the send tensor). */
+static PyObject *place_own(PyObject *self, PyObject *args) {
+    unsigned long long src_addr, msg_addr, out_addr;
+    long long src_rows, msg_cap, total, out_cap;
+    Py_ssize_t me, rb_in;
+    PyObject *send_list, *recv_obj;
+    if (!PyArg_ParseTuple(args, "KLOOnnKLLKL", &src_addr, &src_rows, &send_list, &recv_obj, &me, &rb_in, &msg_addr,
+                          &msg_cap, &total, &out_addr, &out_cap))
+        return NULL;
+    Py_ssize_t W = PyList_Check(send_list) ? PyList_GET_SIZE(send_list) : -1;
+    if (W < 1 || me < 0 || me >= W || rb_in < 0 || total < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad world size, rank, row bytes or message size");
+        return NULL;
+    }
+    int64_t *s = alloc_ints(W), *r = alloc_ints(W);
+    PyObject *result = NULL;
+    if (!s || !r || read_ints(send_list, W, s, "send_splits") < 0) goto done;
+    if (out_addr && (recv_obj == Py_None || read_ints(recv_obj, W, r, "recv_splits") < 0)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "placing rows in the result needs recv_splits");
+        goto done;
+    }
+    int64_t rb = rb_in, lo = 0, out_lo = 0, sum = 0, nb, n_me, src_bytes, end;
+    for (Py_ssize_t p = 0; p < W; p++) {
+        if (checked_mul(s[p], rb, &nb) < 0 || checked_add(sum, s[p], &sum) < 0) goto done;
+        if (p < me && (checked_add(lo, nb, &lo) < 0 ||
+                       (out_addr && (checked_mul(r[p], rb, &nb) < 0 || checked_add(out_lo, nb, &out_lo) < 0))))
+            goto done;
+    }
+    n_me = s[me] * rb;
+    if (sum != src_rows || checked_mul(sum, rb, &src_bytes) < 0 || checked_add(out_addr ? out_lo : total, n_me, &end) < 0)
+        goto done;
+    if (end > (out_addr ? out_cap : msg_cap) || lo + n_me > src_bytes) {
+        PyErr_SetString(PyExc_ValueError, "own rows do not fit where they go");
+        goto done;
+    }
+    if (n_me) {
+        uint8_t *dst = out_addr ? (uint8_t *)(uintptr_t)out_addr + out_lo : (uint8_t *)(uintptr_t)msg_addr + total;
+        memmove(dst, (const uint8_t *)(uintptr_t)src_addr + lo, (size_t)n_me);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    if (!result && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "send_splits do not add up to the rows");
+    PyMem_Free(s);
+    PyMem_Free(r);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fill_message", fill_message, METH_VARARGS, "Write every peer's header and inline payload."},
     {"read_headers", read_headers, METH_VARARGS, "Read and check every peer's header."},
     {"gather", gather, METH_VARARGS, "Gather inline payloads and own rows in rank order."},
     {"post_inline", post_inline, METH_VARARGS, "exchange()'s checks and byte work, the common case."},
+    {"place_own", place_own, METH_VARARGS, "Own rows of a posted iteration to where wait() takes them."},
     {"receive_inline", receive_inline, METH_VARARGS, "wait()'s header work and gather, the common case."},
     {NULL, NULL, 0, NULL},
 };

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from blsgpu import _env
 from blsgpu._trace import span
 from blsgpu.errors import PeerError, PeerFailure
 from blsgpu.exchange.args import check_options
@@ -84,7 +85,12 @@ class ExchangeHandle:
         host waits for the headers only and the caller's current stream waits for the data;
         blocking=True makes the host wait for the data too.
         """
-        return self._channel._wait(self._it, blocking)
+        ch, it = self._channel, self._it
+        if it.fast and ch._next_wait == it.k:  # the next one to complete, posted on the fast path
+            ch._finish_fast(it, blocking)
+            if it.error is None:
+                return it.result
+        return ch._wait(it, blocking)
 
     def __repr__(self) -> str:
         return f"ExchangeHandle(channel={self._channel.name!r}, iteration={self._it.k})"
@@ -162,6 +168,7 @@ class BoundedLagAllToAll(Posting, Progress):
         self._msg_in = [Buffer() for _ in range(n)]  # host, one size: untouched pages cost nothing
         for b in self._msg_in:
             b.host(self._msg_in_bytes)
+        self._msg_in_t = [b.torch(self._msg_in_bytes) for b in self._msg_in]  # what the alltoalls fill
         self._msg_out = [Buffer() for _ in range(n)]  # host
         self._kinds: dict[tuple, Rows] = {}  # (dtype, trailing dims) -> what the engine derives of them
         self._records: dict[int, Iteration] = {}
@@ -177,6 +184,7 @@ class BoundedLagAllToAll(Posting, Progress):
         self._waiting_for_data_s = 0.0
         self._bytes_sent = 0
         self._bytes_received = 0
+        self._fast_posts = 0
         # B=0 callers wait on each iteration right after posting it: they process it themselves
         # (no thread hand-off). Iterations posted ahead go to the progress thread at once.
         self._eager = bound > 0 or not tr.caller_may_receive
@@ -195,7 +203,8 @@ class BoundedLagAllToAll(Posting, Progress):
         # The common case of such a transport (contiguous host tensors, splits as lists, inline
         # payloads) in one C call each for exchange() and wait(): Posting._post_fast.
         self._fast = (
-            self._direct
+            _env.fast_enabled()
+            and self._direct
             and self._native is not None
             and self._inline > 0
             and (self.device is None or self.device.type == "cpu")
@@ -277,6 +286,8 @@ class BoundedLagAllToAll(Posting, Progress):
             "bound": self.bound,
             "transport": self.transport.name,
             "native": self._native is not None,
+            "fast_path": self._fast,
+            "fast_iterations": self._fast_posts,
             **c.snapshot(),
             "blocked_on_bound_s": self._blocked_on_bound_s,
             "waiting_for_data_s": self._waiting_for_data_s,

@@ -149,7 +149,7 @@ class Posting:
         ring = self._slots[i]
         if ring.ptr <= ptr < ring.ptr + ring.cap:  # a view into the send ring: the general path checks it
             return None
-        res = None
+        res, cap = None, 0
         if out is not None:
             if (
                 recv_splits is None
@@ -159,17 +159,17 @@ class Posting:
                 or not _plain_host(out)
             ):
                 return None
-            res = out
+            res, cap = out, out.numel() * out.element_size()
         elif recv_splits is not None:
             try:
                 n = sum(recv_splits)
                 if type(n) is not int or n < 0:
                     return None
-                res = torch.empty((n, *kind.trailing), dtype=kind.dtype)
+                res, cap = torch.empty((n, *kind.trailing), dtype=kind.dtype), n * kind.row_bytes
             except (TypeError, RuntimeError):  # not ints, or no memory for them: the general path says
                 return None
         W, me, rb, native = self.world_size, self.rank, kind.row_bytes, self._native
-        at, cap = (res.data_ptr(), res.numel() * kind.dtype.itemsize) if res is not None else (0, 0)
+        at = res.data_ptr() if res is not None else 0
         buf = self._msg_out[i]
         args = (
             ptr,
@@ -193,25 +193,30 @@ class Posting:
         if got is None:
             return None
         total, send_splits, recv_splits, sizes = got
-        it = Iteration(k, kind, None, send_splits, recv_splits, _CPU)
-        it.fast = True
-        if res is not None:
-            it.out, it.out_direct, it.own_in_out, it.out_at = res, True, True, at
-        else:
-            it.own_buf, it.own_lo = buf, total
-        it.prev = self._records.get(k - 1)
+        # The messages leave first; what only this rank needs is done while they travel.
+        work = None
         if W > 1:
             try:
-                inp = self._msg_in[i].torch(self._msg_in_bytes)
-                it.msg_work = self.transport.alltoall(
-                    MESSAGE, k, inp, self._msg_out_sizes, buf.torch(total), sizes
+                work = self.transport.alltoall(
+                    MESSAGE, k, self._msg_in_t[i], self._msg_out_sizes, buf.torch(total), sizes
                 )
             except Exception as e:  # the transport refuses to post: the channel is gone
                 raise self._fail(k, "posting", e) from e
+        it = Iteration(k, kind, None, send_splits, recv_splits, _CPU)
+        it.fast = True
+        it.msg_work = work
+        if res is not None:
+            it.out, it.out_direct, it.own_in_out, it.out_at, it.out_cap = res, True, True, at, cap
+        else:
+            it.own_buf, it.own_lo = buf, total
+        it.prev = self._records.get(k - 1)
         self._bytes_sent += (shape[0] - send_splits[me]) * rb
         self._records[k] = it
         self._next_k = k + 1
         self._counters.post(k)
+        self._fast_posts += 1
+        # Own rows last (send may be reused once exchange() returns).
+        native.place_own(ptr, shape[0], send_splits, recv_splits, me, rb, buf.ptr, buf.cap, total, at, cap)
         return it
 
     def _write_message(self, it: Iteration, i: int, src: Any) -> int:
@@ -256,12 +261,7 @@ class Posting:
         me, H = self.rank, HEADER_BYTES
         sizes_p = [H] * (self.world_size - 1) if spill else [H + r * rb for r in rows_p]
         sizes_p.insert(me, 0)
-        return (
-            self._msg_in[i].torch(self._msg_in_bytes),
-            self._msg_out_sizes,
-            self._msg_out[i].torch(total),
-            sizes_p,
-        )
+        return (self._msg_in_t[i], self._msg_out_sizes, self._msg_out[i].torch(total), sizes_p)
 
     def _new_send_device(self, device: torch.device) -> None:
         self._send_device = device

@@ -337,7 +337,7 @@ class Progress:
             got = native.receive_inline(
                 inbuf.ptr, inbuf.cap, self.world_size, me, self._stride, kind.fixed, k, it.send_splits,
                 it.recv_splits, self._counters.released, rb,
-                it.out_at, out.numel() * kind.dtype.itemsize if out is not None else 0, 0, 0,
+                it.out_at, it.out_cap, 0, 0,
             )  # fmt: skip
         except Exception as e:
             if it.msg_work is not None:  # the transport failed: named now, handed over below
@@ -347,8 +347,6 @@ class Progress:
             self._process(it)
             return self._finish(it, blocking)
         rows, released = got
-        c = self._counters
-        c.learn_all(k, released)
         total = sum(rows)
         if out is None:  # recv_splits were not given: sized now, own rows behind the messages
             out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
@@ -368,8 +366,7 @@ class Progress:
         self._waiting_for_data_s += time.monotonic() - t0
         it.waited = True
         del self._records[k]
-        c.arrive(k)
-        c.release(k)
+        self._counters.complete(k, released)
         self._next_wait = k + 1
 
     def _finish(self, it: Iteration, blocking: bool) -> None:
