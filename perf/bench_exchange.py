@@ -9,6 +9,10 @@ an optional fixed compute (--compute-ms) and sleep the rank's delay for k from a
   (default) the counts travel first in their own all_to_all_single, as a real alltoallv whose
   receiver does not know the splits must do; BLS then also learns them from its headers. With
   --splits known both sides are told the receive splits.
+- new: the sync run again on a gloo group made for it (``dist.new_group``), as each BLS channel
+  makes its own groups: on a small host the same collective runs at another speed on new
+  connections and threads than on the default group, so BLS is also compared with this
+  ("vs new"; perf/README.md, "Why W=2 varies").
 - bls B: ``blsgpu.BoundedLagAllToAll(bound=B)`` driven as a pipeline: post k+B, wait k, consume k.
 
 Time of a configuration: max over ranks of the timed loop (after a warm-up and a barrier); medians
@@ -50,6 +54,10 @@ TARGET_MASKING = 0.9  # at the largest bound under exponential delays
 # alltoall, BLS adds its engine); from B=1 on, and with exchanged splits at every B, BLS must not
 # lose.
 TARGET_NONE_RATIO = {"known": {0: 0.95}, "default": 1.0}
+# The synchronous baseline run again on a gloo group made for it, the way every BLS channel makes
+# its own: on a small host a new group's connections and threads run the same collective at a
+# speed that differs from the default group's, and from one new group to the next (perf/README.md).
+NEW_GROUP = "new-group"
 
 
 def _none_target(splits: str, bound: int) -> float:
@@ -103,7 +111,7 @@ class _Rank:
             self.slept_s += time.perf_counter() - t0
         return check
 
-    def sync_loop(self, first: int, n: int, delays: list[float] | None) -> tuple[float, list]:
+    def sync_loop(self, first: int, n: int, delays: list[float] | None, group=None) -> tuple[float, list]:
         W = self.W
         checks = []
         t0 = time.perf_counter()
@@ -114,10 +122,10 @@ class _Rank:
                 rs = self.recv_splits[i]
             else:
                 counts = torch.empty(W, dtype=torch.int64)
-                dist.all_to_all_single(counts, torch.tensor(ss, dtype=torch.int64))
+                dist.all_to_all_single(counts, torch.tensor(ss, dtype=torch.int64), group=group)
                 rs = counts.tolist()
             recv = torch.empty(sum(rs), send.shape[1], dtype=send.dtype)
-            dist.all_to_all_single(recv, send, rs, ss)
+            dist.all_to_all_single(recv, send, rs, ss, group=group)
             checks.append(self._consume(recv, delays[j] if delays else 0.0))
         return time.perf_counter() - t0, checks
 
@@ -149,14 +157,18 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
     out: dict = {}
     for spec in cfg["delays"]:
         delays = schedules[spec][rank].tolist()
-        for bound in [None, *cfg["bounds"]]:
+        for bound in [None, NEW_GROUP, *cfg["bounds"]]:
             key = f"{spec}|{'sync' if bound is None else bound}"
             me.slept_s = 0.0
-            if bound is None:
-                me.sync_loop(K, warm, None)  # warm-up on iterations past the timed ones
+            if bound is None or bound == NEW_GROUP:
+                # The default group, or one made now, as each BLS channel makes its own (below).
+                group = dist.new_group(backend="gloo") if bound == NEW_GROUP else None
+                me.sync_loop(K, warm, None, group)  # warm-up on iterations past the timed ones
                 dist.barrier()
-                loop_s, checks = me.sync_loop(0, K, delays)
+                loop_s, checks = me.sync_loop(0, K, delays, group)
                 stats = {}
+                if group is not None:
+                    dist.destroy_process_group(group)
             else:
                 a2a = blsgpu.BoundedLagAllToAll(
                     bound=bound, name=f"bench-B{bound}", inline_bytes=cfg["inline_bytes"]
@@ -202,16 +214,18 @@ def _analyse(cfg: dict, schedules: dict, repeats: list[dict]) -> tuple[list[dict
         delay = schedules[spec]
         # Delay a synchronous run pays beyond the slowest rank's own: what BLS can hide at best.
         hideable = float(delay.max(axis=0).sum() - delay.sum(axis=1).max())
-        for bound in [None, *cfg["bounds"]]:
+        for bound in [None, NEW_GROUP, *cfg["bounds"]]:
             key = f"{spec}|{'sync' if bound is None else bound}"
             per: dict[str, list[float]] = collections.defaultdict(list)
             for rep in repeats:
                 t_none = max(r["none|sync"]["loop_s"] for r in rep)
                 t_sync = max(r[f"{spec}|sync"]["loop_s"] for r in rep)
+                t_new = max(r[f"{spec}|{NEW_GROUP}"]["loop_s"] for r in rep)
                 t = max(r[key]["loop_s"] for r in rep)
                 t_ideal = t_none + float(delay.sum(axis=1).max())
                 per["time_s"].append(t)
                 per["speedup"].append(t_sync / t)
+                per["speedup_new_group"].append(t_new / t)
                 per["vs_none"].append(t_none / t)
                 per["masking"].append(sim.masking(t_sync, t, t_ideal) if hideable > 1e-9 else math.nan)
                 per["t_ideal_s"].append(t_ideal)
@@ -223,19 +237,19 @@ def _analyse(cfg: dict, schedules: dict, repeats: list[dict]) -> tuple[list[dict
                     "cpu": (np.full((W, K), t_none / K), 0.0),
                 }
                 for name, (base, comm) in models.items():
-                    for k, v in _simulate(base, delay, comm, bound).items():
+                    for k, v in _simulate(base, delay, comm, _bls_bound(bound)).items():
                         if k == "masking" and not hideable > 1e-9:
                             v = math.nan
                         per[f"sim_{name}_{k}"].append(v)
-                if bound is not None:
+                if _bls_bound(bound) is not None:
                     for k in ("max_lag", "blocked_on_bound_s", "waiting_for_data_s"):
                         per[k].append(max(r[key]["stats"][k] for r in rep))
                 # BLS must deliver what the synchronous exchange delivers, iteration by iteration.
                 per["exact"].append(float(all(r[key]["checks"] == r[f"{spec}|sync"]["checks"] for r in rep)))
             row = {
                 "delay": spec,
-                "provider": "sync" if bound is None else "bls",
-                "bound": bound,
+                "provider": "sync" if bound is None else "sync-new-group" if bound == NEW_GROUP else "bls",
+                "bound": _bls_bound(bound),
                 "hideable_s": hideable,
             }
             row.update({k: _median(v) for k, v in per.items()})
@@ -244,6 +258,11 @@ def _analyse(cfg: dict, schedules: dict, repeats: list[dict]) -> tuple[list[dict
             row["iters_per_s"] = K / row["time_s"]
             rows.append(row)
     return rows, _summary(cfg, rows)
+
+
+def _bls_bound(bound: int | str | None) -> int | None:
+    """B of a BLS configuration; None for the synchronous ones."""
+    return bound if isinstance(bound, int) else None
 
 
 def _summary(cfg: dict, rows: list[dict]) -> dict:
@@ -258,6 +277,10 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
         "none_ratio_target": {r["bound"]: _none_target(cfg["splits"], r["bound"]) for r in none_rows},
         "none_ratio_met": bool(none_rows)
         and all(r["speedup"] >= _none_target(cfg["splits"], r["bound"]) for r in none_rows),
+        # The same ratios against the synchronous exchange on a group as new as each channel's.
+        "none_ratio_new_group_by_bound": {r["bound"]: r["speedup_new_group"] for r in none_rows},
+        "none_ratio_new_group_met": bool(none_rows)
+        and all(r["speedup_new_group"] >= _none_target(cfg["splits"], r["bound"]) for r in none_rows),
         # Ranks outnumber cores: a sleeping rank frees a core for the others, so T_ideal is no
         # floor and measured masking can exceed 1. The simulator's masking is the figure to read.
         "oversubscribed": cfg["world_size"] > _cores(),
@@ -275,6 +298,7 @@ def _records(cfg: dict, rows: list[dict], prov) -> list[Record]:
     # Masking is null for sync rows (and where the schedule leaves nothing to hide).
     ratios = (
         "speedup",
+        "speedup_new_group",
         "masking",
         "sim_lat_speedup",
         "sim_cpu_speedup",
@@ -305,7 +329,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _print_table(rows: list[dict]) -> None:
     head = (
-        f"{'delay':<15} {'run':>5} {'time_s':>7} {'it/s':>6} | {'speedup':>7} "
+        f"{'delay':<15} {'run':>5} {'time_s':>7} {'it/s':>6} | {'speedup':>7} {'vs new':>6} "
         f"{'sim lat':>7} {'cpu':>5} | {'masking':>7} {'sim lat':>7} {'cpu':>5} | "
         f"{'lag':>3} {'bound_s':>7} {'wait_s':>7} {'ovsl_s':>6} exact"
     )
@@ -314,9 +338,10 @@ def _print_table(rows: list[dict]) -> None:
     for r in rows:
         bls = r["bound"] is not None
         m = (lambda v, f: _fmt(v, f)) if bls else (lambda v, f: _fmt(None, f))
+        run = "B=" + str(r["bound"]) if bls else "sync" if r["provider"] == "sync" else "new"
         print(
-            f"{r['delay']:<15} {'B=' + str(r['bound']) if bls else 'sync':>5} "
-            f"{r['time_s']:7.3f} {r['iters_per_s']:6.1f} | {r['speedup']:7.3f} "
+            f"{r['delay']:<15} {run:>5} "
+            f"{r['time_s']:7.3f} {r['iters_per_s']:6.1f} | {r['speedup']:7.3f} {r['speedup_new_group']:6.3f} "
             f"{r['sim_lat_speedup']:7.2f} {r['sim_cpu_speedup']:5.2f} | "
             f"{m(r['masking'], '7.3f'):>7} {m(r['sim_lat_masking'], '7.2f'):>7} "
             f"{m(r['sim_cpu_masking'], '5.2f'):>5} | {m(r.get('max_lag'), '3.0f'):>3} "
@@ -325,7 +350,9 @@ def _print_table(rows: list[dict]) -> None:
             f"{'yes' if r['exact'] else 'NO'}"
         )
     print(
-        "speedup = T_sync/T of the same delay model; masking per docs/design.md (n/a: nothing to hide);"
+        "speedup = T_sync/T of the same delay model; vs new: T_new/T, T_new of the sync run on a gloo "
+        "group made for it, as each channel makes its own (run 'new'); masking per docs/design.md "
+        "(n/a: nothing to hide);"
         " sim lat/cpu: blsgpu.bench.sim with the exchange as latency / as busy time; lag: max_lag; "
         "bound_s, wait_s: blocked on the bound / waiting for data (max over ranks); ovsl_s: "
         "oversleep of the injected sleeps (max over ranks)"
