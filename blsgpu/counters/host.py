@@ -32,9 +32,8 @@ class HostCounters:
 
     def post(self, k: int) -> None:
         self.posted = k + 1
-        lag = self.lag()
-        if lag > self.max_lag:
-            self.max_lag = lag
+        if self.peers and k + 1 - self._peer_posted_min > self.max_lag:  # lag(), inline
+            self.max_lag = k + 1 - self._peer_posted_min
 
     def arrive(self, k: int) -> None:
         if k + 1 > self.arrived:
