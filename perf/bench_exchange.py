@@ -12,12 +12,13 @@ an optional fixed compute (--compute-ms) and sleep the rank's delay for k from a
 - new: the sync run again on a gloo group made for it (``dist.new_group``), as each BLS channel
   makes its own groups: on a small host the same collective runs at another speed on new
   connections and threads than on the default group, so BLS is also compared with this
-  ("vs new"; perf/README.md, "Why W=2 varies").
+  ("vs new"; perf/README.md, "Hot path, fourth pass").
 - bls B: ``blsgpu.BoundedLagAllToAll(bound=B)`` driven as a pipeline: post k+B, wait k, consume k.
 
-Time of a configuration: max over ranks of the timed loop (after a warm-up and a barrier); medians
-over --repeats. Masking (docs/design.md) = (T_sync - T_bls) / (T_sync - T_ideal), T_ideal = T_none + max
-over ranks of that rank's injected delays summed, T_none = the sync run without delays. Each ratio is
+Time of a configuration: max over ranks of the timed loop (after --warmup untimed iterations, 1000 by
+default, and a barrier); medians over --repeats. Masking (docs/design.md) = (T_sync - T_bls) /
+(T_sync - T_ideal), T_ideal = T_none + max over ranks of that rank's injected delays summed,
+T_none = the sync run without delays. Each ratio is
 taken within one repeat, then the median over repeats is reported. blsgpu.bench.sim predicts every figure
 from the same schedule and the measured T_none, with the exchange modelled either as latency ("lat")
 or as each rank's busy time ("cpu"); the two bracket a small host. Every BLS run is also checked
@@ -413,7 +414,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100, help="timed iterations per run")
-    ap.add_argument("--warmup", type=int, default=10, help="untimed iterations before each run")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1000,
+        help="untimed iterations before each run (a new channel runs slower for its first ~1000 "
+        "iterations on a small host: perf/README.md)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bounds", default="0,1,2,4,8", help="comma-separated B values")
     ap.add_argument(

@@ -1,0 +1,253 @@
+"""Where a W=2 iteration with known splits goes: sync, the raw message layout, BLS, side by side.
+
+Two local gloo ranks exchange the rows of bench_exchange.py (per peer a seeded split uniform in
+[128, 384] rows of 64 float32, known to both sides) and sum what they received, in one world,
+interleaved round by round. Each object is made once and kept for every round, so every
+provider's connections and threads are as old as the others':
+
+- sync: blocking ``dist.all_to_all_single`` on the default group.
+- sync-new-group: the same on a gloo group made for it, as each BLS channel makes its own.
+- raw-message: the BLS MESSAGE alltoall alone, without the engine. One blocking
+  ``ProcessGroupGloo.alltoall_base`` on a new group, with a 128-byte header in front of each
+  peer's payload and the channel's 1 MiB receive regions. It copies nothing and checks nothing.
+  This is the floor the engine adds to.
+- bls-B0, bls-B1: the BLS channel at B=0 and B=1 (post k+B, wait k).
+- bls-B0-general: B=0 with the host fast path off (BLSGPU_FAST=0 when the channel is made).
+
+Per provider and round: wall time per iteration (the slower rank's), rank 0's caller-thread CPU,
+whole-process CPU (all its threads: gloo's included) and minor page faults per iteration. Ratios
+are taken within a round against sync, then the median over rounds.
+
+With --pid-file, rank 0 writes its pid there before the timed rounds, so a profiler can attach,
+e.g. ``perf record -g -p $(cat F) -- sleep 4`` during a long run of one provider.
+
+Usage: python perf/bench_w2_anatomy.py [--iters 300 --rounds 8 --providers sync,bls-B0,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import resource
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import blsgpu
+from blsgpu.bench.record import Record, provenance, write_report
+
+NAME = "bench_w2_anatomy"
+PROVIDERS = ("sync", "sync-new-group", "raw-message", "bls-B0", "bls-B1", "bls-B0-general")
+HEADER = 128
+REGION = HEADER + (1 << 20)  # a channel's receive region per peer at its default inline capacity
+
+
+class _Rank:
+    def __init__(self, rank: int, world_size: int, cfg: dict):
+        self.rank, self.W = rank, world_size
+        n = cfg["iters"] + cfg["warmup"]
+        rng = np.random.default_rng([cfg["seed"], 0x5EED])
+        lo, hi = cfg["rows"] // 2, cfg["rows"] + cfg["rows"] // 2
+        S = rng.integers(lo, hi + 1, size=(n, world_size, world_size))
+        self.ss = [S[k, rank].tolist() for k in range(n)]
+        self.rs = [S[k, :, rank].tolist() for k in range(n)]
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+        self.data = torch.randn(int(S[:, rank].sum(axis=1).max()), cfg["dim"], generator=g)
+        self.dim = cfg["dim"]
+
+    def consume(self, recv: torch.Tensor) -> float:
+        return float(recv.sum(dtype=torch.float64))
+
+    def sync(self, group):
+        def run(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                send, ss, rs = self.data[: sum(self.ss[i])], self.ss[i], self.rs[i]
+                recv = torch.empty(sum(rs), self.dim)
+                dist.all_to_all_single(recv, send, rs, ss, group=group)
+                self.consume(recv)
+
+        return run
+
+    def raw_message(self, backend):
+        me, W, rb = self.rank, self.W, self.dim * 4
+        msg_in = torch.empty(REGION * (W - 1), dtype=torch.uint8)
+        msg_out = torch.empty(REGION * W, dtype=torch.uint8)
+        out_sizes = [0 if p == me else REGION for p in range(W)]
+
+        def run(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                sizes = [0 if p == me else HEADER + s * rb for p, s in enumerate(self.ss[i])]
+                work = backend.alltoall_base(msg_in, msg_out[: sum(sizes)], out_sizes, sizes)
+                recv = torch.empty(sum(self.rs[i]), self.dim)  # what the caller gets: not filled
+                work.wait()
+                self.consume(recv)
+
+        return run
+
+    def bls(self, a2a):
+        B = a2a.bound
+
+        def run(first: int, n: int) -> None:
+            handles: collections.deque = collections.deque()
+
+            def post(i: int) -> None:
+                handles.append(a2a.exchange(self.data[: sum(self.ss[i])], self.ss[i], self.rs[i]))
+
+            for j in range(min(B, n)):
+                post(first + j)
+            for j in range(n):
+                if j + B < n:
+                    post(first + j + B)
+                recv, _ = handles.popleft().wait()
+                self.consume(recv)
+
+        return run
+
+
+def _make(me: _Rank, name: str, closers: list):
+    if name == "sync":
+        return me.sync(None)
+    if name == "sync-new-group":
+        return me.sync(dist.new_group(backend="gloo"))
+    if name == "raw-message":
+        store = dist.PrefixStore("bench_w2_anatomy", dist.distributed_c10d._get_default_store())
+        return me.raw_message(dist.ProcessGroupGloo(store, me.rank, me.W, timedelta(seconds=120)))
+    bound = int(name.split("-")[1][1:])
+    if name.endswith("general"):
+        os.environ["BLSGPU_FAST"] = "0"  # read when a channel is made
+    try:
+        a2a = blsgpu.BoundedLagAllToAll(bound=bound, name=name, timeout=120)
+    finally:
+        os.environ.pop("BLSGPU_FAST", None)
+    closers.append(a2a.close)
+    return me.bls(a2a)
+
+
+def _rank_main(rank: int, world_size: int, cfg: dict) -> dict:
+    me = _Rank(rank, world_size, cfg)
+    closers: list = []
+    loops = {name: _make(me, name, closers) for name in cfg["providers"]}
+    K, warm = cfg["iters"], cfg["warmup"]
+    if rank == 0 and cfg["pid_file"]:
+        Path(cfg["pid_file"]).write_text(str(os.getpid()))
+    out: dict = collections.defaultdict(list)
+    for _ in range(cfg["rounds"]):
+        for name, run in loops.items():
+            run(K, warm)  # warm-up on iterations past the timed ones
+            dist.barrier()
+            r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
+            t0 = time.perf_counter()
+            run(0, K)
+            wall = time.perf_counter() - t0
+            c1, r1 = time.thread_time(), resource.getrusage(resource.RUSAGE_SELF)
+            proc = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+            faults = r1.ru_minflt - r0.ru_minflt
+            out[name].append(
+                {"wall_s": wall, "caller_cpu_s": c1 - c0, "process_cpu_s": proc, "faults": faults}
+            )
+    for close in closers:
+        close()
+    return dict(out)
+
+
+def _analyse(cfg: dict, results: list[dict]) -> list[dict]:
+    K = cfg["iters"]
+    rows = []
+    for name in cfg["providers"]:
+        per = collections.defaultdict(list)
+        for j in range(cfg["rounds"]):
+            wall = max(r[name][j]["wall_s"] for r in results)
+            per["us_per_iter"].append(wall / K * 1e6)
+            per["caller_cpu_us"].append(results[0][name][j]["caller_cpu_s"] / K * 1e6)
+            per["process_cpu_us"].append(results[0][name][j]["process_cpu_s"] / K * 1e6)
+            per["page_faults"].append(results[0][name][j]["faults"] / K)
+            if "sync" in cfg["providers"]:
+                per["speedup"].append(max(r["sync"][j]["wall_s"] for r in results) / wall)
+        row = {"provider": name, **{k: statistics.median(v) for k, v in per.items()}}
+        row["us_per_iter_all"] = per["us_per_iter"]
+        rows.append(row)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib  # optional dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["provider"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for off, key, label in (
+        (-0.27, "us_per_iter", "wall per iteration"),
+        (0.0, "process_cpu_us", "rank 0 process CPU"),
+        (0.27, "caller_cpu_us", "rank 0 caller-thread CPU"),
+    ):
+        ax.bar(x + off, [r[key] for r in rows], width=0.27, label=label)
+    ax.set_xticks(x, names, rotation=15)
+    ax.set(ylabel="us per iteration", title="W=2, known splits, no delays (medians over rounds)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=300, help="timed iterations per provider and round")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=256, help="mean rows per peer per iteration")
+    ap.add_argument("--dim", type=int, default=64, help="float32 columns per row")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pid-file", default=None, help="rank 0 writes its pid here (to attach a profiler)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown or not providers:
+        ap.error(f"providers are some of {', '.join(PROVIDERS)}; got {unknown or 'none'}")
+    if args.iters < 1 or args.rounds < 1 or args.rows < 2 or args.dim < 1 or args.warmup < 0:
+        ap.error("iters, rounds, dim >= 1, rows >= 2, warmup >= 0")
+    cfg = vars(args) | {"providers": providers}
+    results = blsgpu.run_world(2, _rank_main, cfg, timeout_s=3600)
+    rows = _analyse(cfg, results)
+    print(
+        f"{'provider':<16} {'us/iter':>8} {'speedup':>8} {'caller CPU':>11} {'process CPU':>12} {'faults':>7}"
+    )
+    for r in rows:
+        sp = f"{r['speedup']:8.3f}" if "speedup" in r else f"{'n/a':>8}"
+        print(
+            f"{r['provider']:<16} {r['us_per_iter']:8.1f} {sp} {r['caller_cpu_us']:11.1f} "
+            f"{r['process_cpu_us']:12.1f} {r['page_faults']:7.1f}"
+        )
+    print(
+        "us/iter: the slower rank's wall time; CPU, faults (minor page faults): rank 0's, per "
+        "iteration; medians over rounds"
+    )
+    prov = provenance(backend="gloo")
+    units = {"us_per_iter": "us", "caller_cpu_us": "us", "process_cpu_us": "us"}
+    config = {k: cfg[k] for k in ("iters", "warmup", "rounds", "rows", "dim", "seed")} | {"world_size": 2}
+    records = [
+        Record.from_row(NAME, r["provider"], config, r, units, prov, ("speedup",), baseline="sync")
+        if "speedup" in r
+        else Record.from_row(NAME, r["provider"], config, r, units, prov)
+        for r in rows
+    ]
+    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "config": config}
+    write_report(args.out, NAME, summary, records, rows, None if args.no_plot else lambda p: _plot(rows, p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
