@@ -586,3 +586,44 @@ def test_polling_an_iteration_of_the_fast_path_still_delivers_it_exactly():
                 parts.append(sent[lo : lo + splits[rank]])
             assert recv_splits == [(src + rank + k) % 4 + 1 for src in range(w)]
             assert torch.equal(recv, torch.cat(parts)), (rank, k)
+
+
+def _no_memory_body(rank, w):
+    # The result of a fast iteration cannot be allocated on rank 0: its wait() raises that error
+    # (as the general path would), the channel is then broken there, and the peer is not held up.
+    from types import SimpleNamespace
+
+    from blsgpu.exchange import progress
+
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        send = torch.arange(4 * w, dtype=torch.float32).reshape(2 * w, 2)
+        a2a.exchange(send, [2] * w).wait()  # a kind seen: the next one takes the fast path
+        handle = a2a.exchange(send, [2] * w)
+        if rank == 0:
+
+            def empty(*args, **kwargs):
+                raise RuntimeError("no memory for the result (test)")
+
+            progress.torch = SimpleNamespace(empty=empty)
+        try:
+            recv, _ = handle.wait()
+            got = ("ok", recv.tolist())
+        except RuntimeError as e:
+            got = ("raised", str(e))
+        finally:
+            progress.torch = torch
+        later = None
+        if rank == 0:
+            try:
+                a2a.exchange(send, [2] * w)
+            except RuntimeError as e:
+                later = str(e)
+        return got, later, a2a.stats()["fast_iterations"]
+
+
+def test_a_fast_iteration_whose_result_cannot_be_allocated_fails_on_that_rank_alone():
+    (got0, later0, fast0), (got1, later1, fast1) = run_world(2, _no_memory_body)
+    assert got0 == ("raised", "no memory for the result (test)")
+    assert later0 == "no memory for the result (test)"  # the channel is broken on rank 0
+    assert got1[0] == "ok" and later1 is None
+    assert fast0 >= 1 and fast1 >= 1

@@ -348,16 +348,22 @@ class Progress:
             return self._finish(it, blocking)
         rows, released = got
         total = sum(rows)
-        if out is None:  # recv_splits were not given: sized now, own rows behind the messages
-            out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
-            if total:
-                native.gather(
-                    out.data_ptr(), total * rb, inbuf.ptr, inbuf.cap, self._stride, rows, me,
-                    it.own_buf.ptr + it.own_lo, rows[me] * rb, rb,
-                )  # fmt: skip
-        it.result = (out, rows)
+        try:
+            if out is None:  # recv_splits were not given: sized now, own rows behind the messages
+                out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
+                if total:
+                    native.gather(
+                        out.data_ptr(), total * rb, inbuf.ptr, inbuf.cap, self._stride, rows, me,
+                        it.own_buf.ptr + it.own_lo, rows[me] * rb, rb,
+                    )  # fmt: skip
+        except Exception as e:  # e.g. no memory for the result: as the general path, the caller gets it
+            it.error = e
+            if not isinstance(e, ValueError):
+                self._broken = e
+        else:
+            it.result = (out, rows)
+            self._bytes_received += (total - rows[me]) * rb
         it.prev = None
-        self._bytes_received += (total - rows[me]) * rb
         with self._claim_lock:
             it.finished = True
             event = it.event
