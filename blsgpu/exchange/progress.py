@@ -125,6 +125,10 @@ class Progress:
                 it.error = e
                 if not isinstance(e, ValueError):
                     self._broken = e
+        self._mark_finished(it)
+
+    def _mark_finished(self, it: Iteration) -> None:
+        """Its result or error is known: wake a thread that waits for it (_await)."""
         with self._claim_lock:
             it.finished = True
             event = it.event
@@ -364,11 +368,7 @@ class Progress:
             it.result = (out, rows)
             self._bytes_received += (total - rows[me]) * rb
         it.prev = None
-        with self._claim_lock:
-            it.finished = True
-            event = it.event
-        if event is not None:
-            event.set()
+        self._mark_finished(it)
         self._waiting_for_data_s += time.monotonic() - t0
         it.waited = True
         del self._records[k]
