@@ -134,11 +134,6 @@ class DeviceCounters(HostCounters):
             self.gated_on = j
         self.ops.write(self.comm_stream, self._ptr(_POSTED), k + 1)
 
-    def complete(self, k: int, released: list[int]) -> None:
-        self.learn_all(k, released)
-        self.arrive(k)
-        self.release(k)
-
     def arrive(self, k: int) -> None:
         super().arrive(k)
         self.ops.write(self.comm_stream, self._ptr(_ARRIVED), k + 1)

@@ -85,12 +85,7 @@ class ExchangeHandle:
         host waits for the headers only and the caller's current stream waits for the data;
         blocking=True makes the host wait for the data too.
         """
-        ch, it = self._channel, self._it
-        if it.fast and ch._next_wait == it.k:  # the next one to complete, posted on the fast path
-            ch._finish_fast(it, blocking)
-            if it.error is None:
-                return it.result
-        return ch._wait(it, blocking)
+        return self._channel._wait(self._it, blocking)
 
     def __repr__(self) -> str:
         return f"ExchangeHandle(channel={self._channel.name!r}, iteration={self._it.k})"

@@ -72,7 +72,7 @@ class Buffer:
 
     def grow(self, nbytes: int, empty: Any) -> None:
         # Geometric growth: a ring fed slowly growing batches does not reallocate each time.
-        size = max(nbytes, 64, 0 if self.t is None else 2 * self.t.numel())
+        size = max(nbytes, 64, 2 * self.cap)
         self.t = empty((size,), torch.uint8)
         self.np = self.t.numpy() if self.t.device.type == "cpu" else None
         self.ptr = self.t.data_ptr()
@@ -84,7 +84,7 @@ class Buffer:
     def host(self, nbytes: int) -> np.ndarray:
         """The numpy view of a host buffer of at least nbytes. Untouched pages cost nothing: only
         the bytes messages use become resident."""
-        if self.t is None or self.t.numel() < nbytes:
+        if self.t is None or self.cap < nbytes:
             self.grow(nbytes, _host_empty)
         return self.np
 

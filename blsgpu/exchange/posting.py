@@ -237,10 +237,10 @@ class Posting:
             if keep:
                 at, cap = src, sum(send_splits) * rb
             elif slot is not None and slot.np is not None:  # host memory (a device slot is never read)
-                at, cap = slot.ptr, slot.t.numel()
+                at, cap = slot.ptr, slot.cap
             else:
                 at, cap = 0, 0
-            self._native.fill_message(buf.ptr, buf.t.numel(), at, cap, *args)
+            self._native.fill_message(buf.ptr, buf.cap, at, cap, *args)
         else:
             fill_message(buf.np, src if keep else (slot.np if slot is not None else None), *args)
         if keep:
@@ -314,7 +314,7 @@ class Posting:
     def _slot(self, k: int, nbytes: int) -> Buffer:
         """Send slot k % (B+1), at least nbytes long, on the transport's device."""
         buf = self._slots[k % (self.bound + 1)]
-        if buf.t is None or buf.t.numel() < nbytes:
+        if buf.t is None or buf.cap < nbytes:
             # On the transport's device: a device transport reads the slot itself (a fused lookup
             # can write straight into it through send_buffer()); a host transport's is host memory.
             buf.grow(nbytes, self.transport.empty)

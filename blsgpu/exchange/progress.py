@@ -176,7 +176,7 @@ class Progress:
         inbuf = self._msg_in[k % (self.bound + 1)]
         own = (send_splits[me], c.released, send_splits[me])
         if native is not None:
-            head = native.read_headers(inbuf.ptr, inbuf.t.numel(), W, me, self._stride, kind.fixed, k, *own)
+            head = native.read_headers(inbuf.ptr, inbuf.cap, W, me, self._stride, kind.fixed, k, *own)
         else:
             head = read_headers(self._received(k)[0], me, kind.fixed, k, *own)
         off, corrupt, rows, released, expect, said, peer_spilled = head
@@ -214,20 +214,7 @@ class Progress:
             result = it.out if direct else out.view(kind.dtype).view(shape)
         elif native is not None:
             result = it.out if direct else torch.empty(shape, dtype=kind.dtype)
-            if total * rb:
-                own_at, n_me = self._own_at(it), rows[me] * rb
-                native.gather(
-                    result.data_ptr(),
-                    total * rb,
-                    inbuf.ptr,
-                    inbuf.t.numel(),
-                    self._stride,
-                    rows,
-                    me,
-                    own_at,
-                    n_me,
-                    rb,
-                )
+            self._gather_native(it, result, rows, inbuf)
         else:
             if direct:
                 result = it.out
@@ -258,6 +245,19 @@ class Progress:
             lo = sum(it.recv_splits[:me]) * rb
             return host_bytes(it.out)[lo : lo + n] if n else NO_BYTES
         return it.own_buf.np[it.own_lo : it.own_lo + n]
+
+    def _gather_native(self, it: Iteration, result: torch.Tensor, rows: list[int], inbuf: Buffer) -> None:
+        """Every rank's rows of an iteration, in rank order, into `result` (contiguous host memory
+        of exactly their bytes), by the C module: peers' from behind their headers in `inbuf`,
+        this rank's own from where they lie (_own_at)."""
+        rb = it.kind.row_bytes
+        total = sum(rows) * rb
+        if total:
+            me = self.rank
+            self._native.gather(
+                result.data_ptr(), total, inbuf.ptr, inbuf.cap, self._stride, rows, me,
+                self._own_at(it), rows[me] * rb, rb,
+            )  # fmt: skip
 
     def _own_at(self, it: Iteration) -> int:
         """The address of this rank's own rows of an iteration (see _own_rows)."""
@@ -355,11 +355,7 @@ class Progress:
         try:
             if out is None:  # recv_splits were not given: sized now, own rows behind the messages
                 out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
-                if total:
-                    native.gather(
-                        out.data_ptr(), total * rb, inbuf.ptr, inbuf.cap, self._stride, rows, me,
-                        it.own_buf.ptr + it.own_lo, rows[me] * rb, rb,
-                    )  # fmt: skip
+                self._gather_native(it, out, rows, inbuf)
         except Exception as e:  # e.g. no memory for the result: as the general path, the caller gets it
             it.error = e
             if not isinstance(e, ValueError):
