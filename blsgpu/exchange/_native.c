@@ -390,17 +390,16 @@ done:
  * this kind of rows, no peer spilled, each sends what recv_splits (when given) says and expects
  * what this rank sends (where it said). None: not that case (the general path reads the headers
  * again and says what disagreed, or posts the data alltoall). Else returns what each rank sends this
- * one and each one's release count (this rank's own at me); with out_addr, the peers' payloads are
- * gathered into out (exactly the rows' bytes), and this rank's own rows from own (own_addr 0: they
- * lie in out already). */
+ * one and each one's release count (this rank's own at me); every payload, checked here to lie
+ * within its peer's region, can then be gathered (gather()). */
 static PyObject *receive_inline(PyObject *self, PyObject *args) {
-    unsigned long long table_addr, out_addr, own_addr;
-    long long table_cap, k, own_released, out_cap, own_cap;
+    unsigned long long table_addr;
+    long long table_cap, k, own_released;
     Py_ssize_t W, me, stride, rb_in;
     PyObject *send_list, *recv_obj;
     Py_buffer fixed;
-    if (!PyArg_ParseTuple(args, "KLnnny*LOOLnKLKL", &table_addr, &table_cap, &W, &me, &stride, &fixed, &k,
-                          &send_list, &recv_obj, &own_released, &rb_in, &out_addr, &out_cap, &own_addr, &own_cap))
+    if (!PyArg_ParseTuple(args, "KLnnny*LOOLn", &table_addr, &table_cap, &W, &me, &stride, &fixed, &k, &send_list,
+                          &recv_obj, &own_released, &rb_in))
         return NULL;
     PyObject *result = NULL;
     int64_t *s = NULL, *r = NULL, *rows = NULL, *rel = NULL;
@@ -429,21 +428,6 @@ static PyObject *receive_inline(PyObject *self, PyObject *args) {
             rows[p] = h[H_ROWS], rel[p] = h[H_RELEASED];
         }
         if (checked_mul(rows[p], rb, &nb) < 0 || checked_add(total, nb, &total) < 0) goto done;
-    }
-    if (out_addr) {
-        if (total != out_cap || (own_addr && s[me] * rb > own_cap)) {
-            PyErr_SetString(PyExc_ValueError, "the rows do not fit the result");
-            goto done;
-        }
-        uint8_t *out = (uint8_t *)(uintptr_t)out_addr;
-        for (Py_ssize_t p = 0; p < W; p++) {
-            nb = rows[p] * rb;
-            if (p != me && nb)
-                memcpy(out, table + (p - (p > me)) * stride + H_BYTES, (size_t)nb);
-            else if (p == me && nb && own_addr)
-                memcpy(out, (const uint8_t *)(uintptr_t)own_addr, (size_t)nb);
-            out += nb;
-        }
     }
     PyObject *rl = int_list(rows, W), *el = int_list(rel, W);
     if (rl && el) result = PyTuple_Pack(2, rl, el);

@@ -196,7 +196,7 @@ class BoundedLagAllToAll(Posting, Progress):
         # The byte work on host buffers (headers, inline payloads, gather): C where it was built.
         self._native = native()
         # The common case of such a transport (contiguous host tensors, splits as lists, inline
-        # payloads) in one C call each for exchange() and wait(): Posting._post_fast.
+        # payloads) in two C calls each for exchange() and wait(): Posting._post_fast.
         self._fast = (
             _env.fast_enabled()
             and self._direct

@@ -32,9 +32,8 @@ class Iteration:
     own_buf: Buffer | None = None  # where this rank's own rows lie (host), from byte own_lo:
     own_lo = 0  # behind the messages (posted from the caller's tensor) or in the send slot
     own_in_out = False  # or in `out` already, at their place (the fast path, with recv_splits)
-    out_at = 0  # the address of `out` where own_in_out, and its bytes
-    out_cap = 0
-    fast = False  # posted by the fast path (posting.py): wait() reads and gathers in one C call
+    out_at = 0  # the address of `out` where own_in_out
+    fast = False  # posted by the fast path (posting.py): wait() checks headers and gathers in C
 
     def __init__(
         self,

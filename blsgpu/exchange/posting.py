@@ -116,10 +116,11 @@ class Posting:
         return it
 
     def _post_fast(self, send: Any, send_splits: Any, recv_splits: Any, out: Any) -> Iteration | None:
-        """exchange() in the common case on a host transport with the C module, in one C call for
-        the checks and the byte work: a contiguous host tensor of a kind of rows seen before,
-        splits given as lists (or tuples) of ints, every peer's payload inline, no profiler
-        recording (the general path names every phase). With recv_splits, the result is allocated
+        """exchange() in the common case on a host transport with the C module, in two C calls for
+        the checks and the byte work (post_inline, then place_own once the messages are posted):
+        a contiguous host tensor of a kind of rows seen before, splits given as lists (or tuples)
+        of ints, every peer's payload inline, no profiler recording (the general path names every
+        phase). With recv_splits, the result is allocated
         now (or is `out`) and this rank's own rows go straight into it.
 
         Returns None, having changed nothing, for every other case: the general path (_post) then
@@ -206,7 +207,7 @@ class Posting:
         it.fast = True
         it.msg_work = work
         if res is not None:
-            it.out, it.out_direct, it.own_in_out, it.out_at, it.out_cap = res, True, True, at, cap
+            it.out, it.out_direct, it.own_in_out, it.out_at = res, True, True, at
         else:
             it.own_buf, it.own_lo = buf, total
         it.prev = self._records.get(k - 1)

@@ -318,9 +318,9 @@ class Progress:
 
     def _finish_fast(self, it: Iteration, blocking: bool) -> None:
         """Complete an iteration exchange() posted on its fast path: wait for its messages, then
-        check every header and gather every payload in one C call. Whatever that call does not
-        take (a peer spilled or disagrees, the transport failed), another thread holding the
-        iteration, or a profiler recording, goes the general way (_process, _finish)."""
+        check every header in one C call and gather every payload in another. Whatever the first
+        does not take (a peer spilled or disagrees, the transport failed), another thread holding
+        the iteration, or a profiler recording, goes the general way (_process, _finish)."""
         with self._claim_lock:
             mine = not it.claimed and not tracing()
             if mine:
@@ -341,7 +341,6 @@ class Progress:
             got = native.receive_inline(
                 inbuf.ptr, inbuf.cap, self.world_size, me, self._stride, kind.fixed, k, it.send_splits,
                 it.recv_splits, self._counters.released, rb,
-                it.out_at, it.out_cap, 0, 0,
             )  # fmt: skip
         except Exception as e:
             if it.msg_work is not None:  # the transport failed: named now, handed over below
@@ -355,7 +354,7 @@ class Progress:
         try:
             if out is None:  # recv_splits were not given: sized now, own rows behind the messages
                 out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
-                self._gather_native(it, out, rows, inbuf)
+            self._gather_native(it, out, rows, inbuf)  # (own rows given at posting lie in place)
         except Exception as e:  # e.g. no memory for the result: as the general path, the caller gets it
             it.error = e
             if not isinstance(e, ValueError):
