@@ -55,7 +55,7 @@ def nvtx_enabled() -> bool:
 
 
 def fast_enabled() -> bool:
-    """The host fast path (one C call each for exchange() and wait()) where it applies (default)
+    """The host fast path (two C calls each for exchange() and wait()) where it applies (default)
     unless BLSGPU_FAST=0, which sends every iteration the general way."""
     return os.environ.get("BLSGPU_FAST", "1") != "0"
 

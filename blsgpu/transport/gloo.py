@@ -44,9 +44,6 @@ def gloo_backend_of(group: Any):
     return backend
 
 
-_TIMEOUTS: dict[float, timedelta] = {}
-
-
 class _Done:
     """A work that completed when it was posted (a world of one rank)."""
 
@@ -156,11 +153,8 @@ class GlooTransport:
 
     @staticmethod
     def wait_all(work: Any, timeout_s: float) -> None:
-        td = _TIMEOUTS.get(timeout_s)
-        if td is None:  # a channel waits with one timeout: made once, not per iteration
-            td = _TIMEOUTS[timeout_s] = timedelta(seconds=max(timeout_s, 0.001))
         try:
-            work.wait(td)
+            work.wait(timedelta(seconds=max(timeout_s, 0.001)))
         except Exception as e:
             raise _failure(e) from e
 
