@@ -11,6 +11,9 @@ provider's connections and threads are as old as the others':
   ``ProcessGroupGloo.alltoall_base`` on a new group, with a 128-byte header in front of each
   peer's payload and the channel's 1 MiB receive regions. It copies nothing and checks nothing.
   This is the floor the engine adds to.
+- raw-copies: raw-message plus the copies the engine makes (torch slice copies): each peer's
+  payload into the message, this rank's own rows into the result, every payload out of the
+  receive regions. What the bytes cost without the engine's Python.
 - bls-B0, bls-B1: the BLS channel at B=0 and B=1 (post k+B, wait k).
 - bls-B0-general: B=0 with the host fast path off (BLSGPU_FAST=0 when the channel is made).
 
@@ -44,7 +47,16 @@ import blsgpu
 from blsgpu.bench.record import Record, provenance, write_report
 
 NAME = "bench_w2_anatomy"
-PROVIDERS = ("sync", "sync-new-group", "raw-message", "bls-B0", "bls-B1", "bls-B0-general")
+PROVIDERS = (
+    "sync",
+    "sync-new-group",
+    "raw-message",
+    "raw-copies",
+    "raw-p2p",
+    "bls-B0",
+    "bls-B1",
+    "bls-B0-general",
+)
 HEADER = 128
 REGION = HEADER + (1 << 20)  # a channel's receive region per peer at its default inline capacity
 
@@ -75,7 +87,7 @@ class _Rank:
 
         return run
 
-    def raw_message(self, backend):
+    def raw_message(self, backend, copies: bool = False):
         me, W, rb = self.rank, self.W, self.dim * 4
         msg_in = torch.empty(REGION * (W - 1), dtype=torch.uint8)
         msg_out = torch.empty(REGION * W, dtype=torch.uint8)
@@ -83,10 +95,44 @@ class _Rank:
 
         def run(first: int, n: int) -> None:
             for i in range(first, first + n):
-                sizes = [0 if p == me else HEADER + s * rb for p, s in enumerate(self.ss[i])]
+                ss, rs = self.ss[i], self.rs[i]
+                sizes = [0 if p == me else HEADER + s * rb for p, s in enumerate(ss)]
+                send = self.data[: sum(ss)]
+                if copies:  # the payload bytes the engine copies into the message
+                    _copy_rows(send, ss, me, msg_out, HEADER, rb)
                 work = backend.alltoall_base(msg_in, msg_out[: sum(sizes)], out_sizes, sizes)
-                recv = torch.empty(sum(self.rs[i]), self.dim)  # what the caller gets: not filled
+                recv = torch.empty(sum(rs), self.dim)  # what the caller gets: filled with copies
+                if copies:  # own rows, then (after the wait) every peer's payload
+                    lo = sum(rs[:me])
+                    recv[lo : lo + rs[me]] = send[sum(ss[:me]) : sum(ss[: me + 1])]
                 work.wait()
+                if copies:
+                    _gather_rows(msg_in, rs, me, recv, REGION, HEADER, rb)
+                self.consume(recv)
+
+        return run
+
+    def raw_p2p(self, backend):
+        """The same bytes as raw_message, as one gloo send and one receive per peer (no work
+        queue, no worker thread: the caller posts to the connection's loop thread)."""
+        me, W, rb = self.rank, self.W, self.dim * 4
+        msg_in = torch.empty(REGION * (W - 1), dtype=torch.uint8)
+        msg_out = torch.empty(REGION * W, dtype=torch.uint8)
+        peers = [p for p in range(W) if p != me]
+
+        def run(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                ss, rs = self.ss[i], self.rs[i]
+                works, at = [], 0
+                for j, p in enumerate(peers):
+                    works.append(backend.recv([msg_in[j * REGION : (j + 1) * REGION]], p, 0))
+                for p in peers:
+                    n_p = HEADER + ss[p] * rb
+                    works.append(backend.send([msg_out[at : at + n_p]], p, 0))
+                    at += n_p
+                recv = torch.empty(sum(rs), self.dim)  # what the caller gets: not filled
+                for w in works:
+                    w.wait()
                 self.consume(recv)
 
         return run
@@ -111,14 +157,39 @@ class _Rank:
         return run
 
 
+def _copy_rows(send: torch.Tensor, ss: list[int], me: int, msg_out: torch.Tensor, H: int, rb: int) -> None:
+    """Each peer's rows of `send` behind its header in `msg_out` (bytes), as the engine lays them."""
+    src = send.view(-1).view(torch.uint8)
+    at = lo = 0
+    for p, s in enumerate(ss):
+        if p != me:
+            msg_out[at + H : at + H + s * rb] = src[lo * rb : (lo + s) * rb]
+            at += H + s * rb
+        lo += s
+
+
+def _gather_rows(msg_in, rs: list[int], me: int, recv: torch.Tensor, region: int, H: int, rb: int) -> None:
+    """Every peer's payload from its receive region into its place in `recv`."""
+    dst = recv.view(-1).view(torch.uint8)
+    j = lo = 0
+    for p, s in enumerate(rs):
+        if p != me:
+            dst[lo * rb : (lo + s) * rb] = msg_in[j * region + H : j * region + H + s * rb]
+            j += 1
+        lo += s
+
+
 def _make(me: _Rank, name: str, closers: list):
     if name == "sync":
         return me.sync(None)
     if name == "sync-new-group":
         return me.sync(dist.new_group(backend="gloo"))
-    if name == "raw-message":
-        store = dist.PrefixStore("bench_w2_anatomy", dist.distributed_c10d._get_default_store())
-        return me.raw_message(dist.ProcessGroupGloo(store, me.rank, me.W, timedelta(seconds=120)))
+    if name.startswith("raw-"):
+        store = dist.PrefixStore(f"bench_w2_anatomy/{name}", dist.distributed_c10d._get_default_store())
+        backend = dist.ProcessGroupGloo(store, me.rank, me.W, timedelta(seconds=120))
+        if name == "raw-p2p":
+            return me.raw_p2p(backend)
+        return me.raw_message(backend, copies=name == "raw-copies")
     bound = int(name.split("-")[1][1:])
     if name.endswith("general"):
         os.environ["BLSGPU_FAST"] = "0"  # read when a channel is made
