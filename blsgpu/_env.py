@@ -54,15 +54,6 @@ def nvtx_enabled() -> bool:
     return os.environ.get("BLSGPU_NVTX", "1") != "0"
 
 
-def gloo_p2p_peers() -> int:
-    """Up to how many peers a gloo channel sends its MESSAGE exchange as one send and one receive
-    per peer rather than one alltoall (default 3; 0: always the alltoall)."""
-    n = _int("BLSGPU_GLOO_P2P_PEERS", 3)
-    if n < 0:
-        raise ValueError(f"BLSGPU_GLOO_P2P_PEERS={n} must be >= 0")
-    return n
-
-
 def fast_enabled() -> bool:
     """The host fast path (two C calls each for exchange() and wait()) where it applies (default)
     unless BLSGPU_FAST=0, which sends every iteration the general way."""

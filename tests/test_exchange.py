@@ -532,25 +532,18 @@ def test_out_receives_the_rows_in_place(native, inline_bytes):
         assert posted == 4  # the refused calls sent nothing
 
 
-def _fast_exact_body(rank, w, fast, p2p_peers):
+def _fast_exact_body(rank, w, fast):
     os.environ["BLSGPU_FAST"] = fast  # read when a channel is created
-    os.environ["BLSGPU_GLOO_P2P_PEERS"] = p2p_peers
     return exact_body(rank, w, 2, 60, 31, {})
 
 
-@pytest.mark.parametrize(
-    "fast, p2p_peers", [("1", "2"), ("0", "2"), ("1", "0")], ids=["fast-p2p", "general-p2p", "fast-alltoall"]
-)
-def test_the_fast_path_and_the_general_path_are_both_exact(fast, p2p_peers):
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_the_fast_path_and_the_general_path_are_both_exact(fast):
     # The contract's exactness check (ten kinds of rows, splits with zeros, half of them known,
     # seeded delays and windows) with the host fast path on, where it carries every iteration of a
-    # kind seen before, and off; with gloo's MESSAGE exchange point to point (receives posted
-    # ahead), and as one alltoall.
-    for rank, (bad, stats) in enumerate(
-        WORLDS["gloo"].run(3, _fast_exact_body, fast, p2p_peers, timeout_s=240)
-    ):
+    # kind seen before, and off.
+    for rank, (bad, stats) in enumerate(WORLDS["gloo"].run(3, _fast_exact_body, fast, timeout_s=240)):
         assert bad == [], f"rank {rank}: iterations differ from the synchronous reference: {bad[:10]}"
-        assert stats["receives_ahead"] == (p2p_peers != "0")
         assert stats["fast_path"] == (fast == "1" and stats["native"])
         if stats["fast_path"]:
             assert stats["fast_iterations"] == 60 - 10  # the first of each kind goes the general way
@@ -634,15 +627,3 @@ def test_a_fast_iteration_whose_result_cannot_be_allocated_fails_on_that_rank_al
     assert later0 == "no memory for the result (test)"  # the channel is broken on rank 0
     assert got1[0] == "ok" and later1 is None
     assert fast0 >= 1 and fast1 >= 1
-
-
-@pytest.mark.parametrize("raw, want", [("", 3), ("0", 0), ("7", 7), ("-1", ValueError), ("two", ValueError)])
-def test_gloo_p2p_peers_is_read_and_checked(monkeypatch, raw, want):
-    from blsgpu import _env
-
-    monkeypatch.setenv("BLSGPU_GLOO_P2P_PEERS", raw)
-    if want is ValueError:
-        with pytest.raises(ValueError, match="BLSGPU_GLOO_P2P_PEERS"):
-            _env.gloo_p2p_peers()
-    else:
-        assert _env.gloo_p2p_peers() == want

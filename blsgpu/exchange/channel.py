@@ -217,12 +217,6 @@ class BoundedLagAllToAll(Posting, Progress):
                 f"transport {tr.name!r}: a stream-ordered transport is driven by the "
                 f"progress thread alone (caller_may_receive must be False)"
             )
-        # Transports that post MESSAGE receives before their iteration get them a ring ahead: the
-        # first B+1 now, each next one when the iteration B+1 before it was waited.
-        self._ahead = self.world_size > 1 and getattr(tr, "receives_ahead", False)
-        if self._ahead:
-            for k in range(bound + 1):
-                tr.receive_ahead(k, self._msg_in_t[k], self._msg_out_sizes)
         self._queue: queue.SimpleQueue[Iteration | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._progress_ordered if self._ordered else self._progress,
@@ -289,7 +283,6 @@ class BoundedLagAllToAll(Posting, Progress):
             "native": self._native is not None,
             "fast_path": self._fast,
             "fast_iterations": self._fast_posts,
-            "receives_ahead": self._ahead,
             **c.snapshot(),
             "blocked_on_bound_s": self._blocked_on_bound_s,
             "waiting_for_data_s": self._waiting_for_data_s,

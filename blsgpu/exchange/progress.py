@@ -369,14 +369,6 @@ class Progress:
         del self._records[k]
         self._counters.complete(k, released)
         self._next_wait = k + 1
-        if self._ahead:
-            self._receive_ahead(k + self.bound + 1)
-
-    def _receive_ahead(self, k: int) -> None:
-        """Iteration k's message buffer is free (k-B-1 was waited): post its receives now (a
-        failure to is the transport's to report when k is posted, if it ever is)."""
-        if self._broken is None:
-            self.transport.receive_ahead(k, self._msg_in_t[k % (self.bound + 1)], self._msg_out_sizes)
 
     def _finish(self, it: Iteration, blocking: bool) -> None:
         with span("wait", self.name, it.k):
@@ -390,8 +382,6 @@ class Progress:
                 with span("release", self.name, it.k):
                     self._counters.release(it.k)
                 self._next_wait = it.k + 1
-                if self._ahead:
-                    self._receive_ahead(it.k + self.bound + 1)
 
     def _finish_inner(self, it: Iteration, blocking: bool) -> None:
         # An iteration nobody took yet is processed here: no thread hand-off (all of them at B=0).

@@ -9,11 +9,7 @@ with a byte count per rank (rank order, this rank included):
         Non-blocking; the works of one kind complete in the order they were posted, on every rank.
     wait_all(work, s)   the host blocks until the work is done (raises after s seconds)
     order_all(work, s)  what the caller runs next (its current stream) comes after the work
-    is_done(work)       whether wait_all would return at once (host-ordered transports only;
-                        asked of DATA works alone: the engine only ever waits MESSAGE works)
-    receive_ahead(k, out, out_sizes)  where `receives_ahead` is True: post iteration k's MESSAGE
-                        receives into `out` now; alltoall(MESSAGE, k, out, ...) then only sends.
-                        Called in iteration order, B+1 ahead, once the buffer is free
+    is_done(work)       whether wait_all would return at once (host-ordered transports only)
     blame(k, exc)   which peer a failure of iteration k came from, where the error does not say
                     (None: unknown); transports whose errors carry `.peer` need not look further
 
@@ -26,12 +22,11 @@ that device go through host memory, or None), close() and abort(). `Transport` b
 all; the engine calls nothing else. A failure to or from a peer raises PeerFailure with the peer
 and, where the transport can tell, a reason (closed, timed out, aborted): the engine repeats it.
 
-The CPU transport (gloo.py) runs each kind on a gloo group of its own, so a channel's traffic never
-shares a connection (or a failure) with the user's group or another channel: one alltoall, or in
-small worlds, MESSAGE as point-to-point messages whose receives are posted ahead. Transports that
-only have point-to-point messages (NCCL through CuPy, nccl.py, and the in-process one, local.py)
-get the alltoall from PointToPoint below. This module also holds what they share: channel ids per
-group, the group's store, and naming the peer behind a failure.
+The CPU transport (gloo.py) runs each kind as one torch.distributed alltoall on a gloo group of its
+own, so a channel's traffic never shares a connection (or a failure) with the user's group or
+another channel. Transports that only have point-to-point messages (NCCL through CuPy, nccl.py, and
+the in-process one, local.py) get the alltoall from PointToPoint below. This module also holds what
+they share: channel ids per group, the group's store, and naming the peer behind a failure.
 """
 
 from __future__ import annotations
@@ -66,7 +61,6 @@ class Transport(Protocol):
     stream_ordered: bool
     caller_may_receive: bool
     inline_ok: bool
-    # Optional: receives_ahead (bool) and receive_ahead(k, out, out_sizes), see the module docstring.
 
     def connect(self, timeout_s: float) -> None: ...
     def agree_min(self, value: int) -> int: ...

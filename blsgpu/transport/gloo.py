@@ -1,27 +1,16 @@
-"""The CPU transport: each kind of message on a gloo group that only this channel uses.
-
-DATA goes as one gloo alltoall. MESSAGE, in a world of few ranks (BLSGPU_GLOO_P2P_PEERS peers
-at most, default 3), goes as one gloo send and one receive per peer, and its receives are posted
-ahead (receive_ahead): the caller's thread hands them straight to the connections' loop thread,
-and a peer's message lands as soon as it comes. An alltoall first goes through the group's work
-queue to a worker thread, and back to the waiting caller when it is done: two thread hand-offs
-more per iteration, which cost more than the bytes on a loaded host (perf/README.md, "Hot path,
-fifth pass"). Each peer costs two Python calls, so larger worlds take the one alltoall.
-"""
+"""The CPU transport: each kind of message as one gloo alltoall on a group that only this channel uses."""
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from blsgpu._env import gloo_p2p_peers
 from blsgpu.counters.host import HostCounters
 from blsgpu.errors import PeerFailure
-from blsgpu.transport.base import MESSAGE, blame_through_store, group_store, host_staging, next_channel_id
+from blsgpu.transport.base import blame_through_store, group_store, host_staging, next_channel_id
 
 
 def gloo_backend_of(group: Any):
@@ -67,30 +56,8 @@ class _Done:
         return True
 
 
-class _Messages:
-    """The sends and receives of one MESSAGE exchange posted point to point: done when all are.
-
-    A gloo point-to-point work says it is completed only once it was waited, so these are only
-    ever waited (the engine polls no MESSAGE work: is_done() is asked of DATA works alone)."""
-
-    __slots__ = ("works",)
-
-    def __init__(self, works: list[Any]):
-        self.works = works
-
-    def wait(self, timeout: timedelta) -> bool:
-        deadline = time.monotonic() + timeout.total_seconds()
-        for w in self.works:
-            w.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
-        return True
-
-    def is_completed(self) -> bool:
-        raise TypeError("a point-to-point MESSAGE exchange is waited, never polled")
-
-
 class GlooTransport:
-    """Each kind of message on a gloo group that only this channel uses (the module docstring
-    says how)."""
+    """Each kind of message as one gloo alltoall on a group that only this channel uses."""
 
     name = "gloo"
     device = torch.device("cpu")
@@ -118,9 +85,6 @@ class GlooTransport:
                 )
                 for kind in ("message", "data")
             ]
-        # MESSAGE point to point, its receives posted ahead (see the module docstring).
-        self.receives_ahead = 0 < self.world_size - 1 <= gloo_p2p_peers()
-        self._ahead: dict[int, Any] = {}  # iteration -> its MESSAGE receives, or why not posted
 
     def _await_peers(self, timeout_s: float) -> None:
         """Every rank of the group says it creates this channel: one that does not within the
@@ -183,52 +147,9 @@ class GlooTransport:
             out[:n].copy_(inp[:n])
             return _Done
         try:
-            if kind == MESSAGE and self.receives_ahead:
-                return self._messages(k, out, out_sizes, inp, in_sizes)
             return self._groups[kind].alltoall_base(out, inp, out_sizes, in_sizes)
-        except PeerFailure:
-            raise
         except Exception as e:
             raise _failure(e) from e
-
-    def receive_ahead(self, k: int, out: torch.Tensor, out_sizes: list[int]) -> None:
-        """Post iteration k's MESSAGE receives now, into `out`, the buffer alltoall(MESSAGE, k)
-        will name; the engine calls this in iteration order, once k's buffer is free. A receive
-        that cannot be posted (a peer closed its channel, perhaps done with it) fails iteration k
-        if it is ever posted, not now."""
-        try:
-            self._ahead[k] = self._receives(out, out_sizes)
-        except Exception as e:
-            self._ahead[k] = _failure(e)
-
-    def _receives(self, out: torch.Tensor, out_sizes: list[int]) -> list[Any]:
-        g, me = self._groups[MESSAGE], self.rank
-        works = []
-        at = 0
-        for p, n in enumerate(out_sizes):
-            if n and p != me:
-                works.append(g.recv([out[at : at + n]], p, 0))
-            at += n
-        return works
-
-    def _messages(
-        self, k: int, out: torch.Tensor, out_sizes: list[int], inp: torch.Tensor, in_sizes: list[int]
-    ) -> _Messages:
-        """One MESSAGE exchange as a receive and a send per peer (empty ones left out), in one
-        order on every rank, so that each pair's messages match in the order they were posted.
-        A rank sends itself no message (its own sizes are 0: the engine knows its own header)."""
-        g, me = self._groups[MESSAGE], self.rank
-        works = self._ahead.pop(k, None)
-        if works is None:
-            works = self._receives(out, out_sizes)
-        elif isinstance(works, PeerFailure):
-            raise works
-        at = 0
-        for p, n in enumerate(in_sizes):
-            if n and p != me:
-                works.append(g.send([inp[at : at + n]], p, 0))
-            at += n
-        return _Messages(works)
 
     @staticmethod
     def wait_all(work: Any, timeout_s: float) -> None:
@@ -241,7 +162,7 @@ class GlooTransport:
 
     @staticmethod
     def is_done(work: Any) -> bool:
-        return work.is_completed()  # DATA works only (see _Messages)
+        return work.is_completed()
 
     def blame(self, k: int, exc: BaseException, grace_s: float) -> tuple[list[int], bool]:
         # A closed connection is seen at once, by each live rank when it next touches the dead
@@ -259,10 +180,7 @@ class GlooTransport:
         )
 
     def close(self) -> None:
-        # Every work completed but the receives posted ahead, which no peer will fill: they go
-        # with their groups.
-        self._ahead.clear()
-        self._groups = []
+        self._groups = []  # every work completed: the groups go quietly
 
     def abort(self) -> None:
         """Cancel what is still posted (the channel is being abandoned), without waiting."""
@@ -271,7 +189,6 @@ class GlooTransport:
                 g.abort()
             except Exception:
                 pass
-        self._ahead.clear()
         self._groups = []  # aborted: dropping them now returns at once
 
 
