@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import math
 import os
@@ -165,6 +166,7 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
                 # The default group, or one made now, as each BLS channel makes its own (below).
                 group = dist.new_group(backend="gloo") if bound == NEW_GROUP else None
                 me.sync_loop(K, warm, None, group)  # warm-up on iterations past the timed ones
+                gc.collect()  # a full collection pauses a rank for 100-300 ms: never inside a timed run
                 dist.barrier()
                 loop_s, checks = me.sync_loop(0, K, delays, group)
                 stats = {}
@@ -175,6 +177,7 @@ def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
                     bound=bound, name=f"bench-B{bound}", inline_bytes=cfg["inline_bytes"]
                 )
                 me.bls_loop(a2a, K, warm, None)
+                gc.collect()
                 dist.barrier()
                 before = a2a.stats()
                 loop_s, checks = me.bls_loop(a2a, 0, K, delays)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import resource
 import statistics
@@ -212,6 +213,7 @@ def _rank_main(rank: int, world_size: int, cfg: dict) -> dict:
     for _ in range(cfg["rounds"]):
         for name, run in loops.items():
             run(K, warm)  # warm-up on iterations past the timed ones
+            gc.collect()  # a full collection pauses a rank for 100-300 ms: never inside a timed run
             dist.barrier()
             r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
             t0 = time.perf_counter()

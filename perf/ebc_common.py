@@ -20,6 +20,7 @@ CPU time of all ranks' processes (every thread) per batch, median over rounds.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import math
 import resource
@@ -242,6 +243,7 @@ def run_rounds(
             for name in order:
                 fn, timed, warmup = runners[name]
                 fn(warmup, zeros_w)  # this provider's tables back in cache
+                gc.collect()  # a full collection pauses a rank for 100-300 ms: never inside a timed run
                 dist.barrier()
                 before = channel(name) if channel else {}
                 c0 = _cpu_s()

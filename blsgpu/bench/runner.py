@@ -12,6 +12,7 @@ The runner (``run_rank``, one call per rank) times, in one world and in this ord
 - ``bls B`` for each bound: ``model.pipeline`` drives both exchanges with up to B+1 batches in
   flight on each channel (the sharded EBC's pipeline), so a rank may run ahead of a slow peer.
 
+Before each timed run (after its warm-up) every rank runs Python's garbage collector, untimed.
 Per iteration a rank generates its batch (SyntheticCriteo, a function of (seed, rank, k)), runs it
 through the model, and sleeps its injected delay for (rank, k) from the DelayModel schedule, the same
 schedule for every run. Nothing else synchronises per iteration (barriers only between runs):
@@ -30,6 +31,7 @@ runner's ``blsgpu.delay``); profiling slows the runs, so traced timings are not 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import time
@@ -236,6 +238,10 @@ class _Rank:
         K = cfg.iterations
         if cfg.warmup:
             self._loop(model, bound, K, cfg.warmup, [], None)  # past the timed iterations
+        # Python's full collection scans every tracked object: 100-300 ms per rank here, on every
+        # rank at about the same iteration (their allocations are alike), whichever run it falls
+        # in. A collection now, untimed, leaves each timed run too little to trigger one.
+        gc.collect()
         _barrier(f"{label}:{self.repeat} start", cfg)
         with span("run", label, self.repeat):
             out = self._loop(model, bound, 0, K, delays, run_index)
