@@ -121,11 +121,16 @@ class Progress:
             try:
                 with span("receive", self.name, it.k):
                     (step or self._decide)(it)
-            except BaseException as e:  # handed to the waiting caller
-                it.error = e
-                if not isinstance(e, ValueError):
-                    self._broken = e
+            except BaseException as e:
+                self._hand_error(it, e)
         self._mark_finished(it)
+
+    def _hand_error(self, it: Iteration, e: BaseException) -> None:
+        """The waiting caller gets `e`. Anything but a ValueError (bad arguments, ranks that
+        disagree, which leave every rank in step) also breaks the channel."""
+        it.error = e
+        if not isinstance(e, ValueError):
+            self._broken = e
 
     def _mark_finished(self, it: Iteration) -> None:
         """Its result or error is known: wake a thread that waits for it (_await)."""
@@ -355,10 +360,8 @@ class Progress:
             if out is None:  # recv_splits were not given: sized now, own rows behind the messages
                 out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
             self._gather_native(it, out, rows, inbuf)  # (own rows given at posting lie in place)
-        except Exception as e:  # e.g. no memory for the result: as the general path, the caller gets it
-            it.error = e
-            if not isinstance(e, ValueError):
-                self._broken = e
+        except Exception as e:  # e.g. no memory for the result: as on the general path
+            self._hand_error(it, e)
         else:
             it.result = (out, rows)
             self._bytes_received += (total - rows[me]) * rb
