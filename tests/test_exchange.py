@@ -621,6 +621,57 @@ def _no_memory_body(rank, w):
         return got, later, a2a.stats()["fast_iterations"]
 
 
+def _no_memory_at_posting_body(rank, w):
+    # The result of a fast iteration with recv_splits is allocated once its messages are posted.
+    # Where that fails (rank 0, once), this rank's own rows wait behind the messages and wait()
+    # allocates the result: the exchange still delivers every row.
+    from blsgpu.exchange import posting
+
+    class _Torch:  # torch, but the first empty() fails
+        failed = 0
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *args, **kwargs):
+            if not self.failed:
+                self.failed += 1
+                raise RuntimeError("no memory for the result (test)")
+            return torch.empty(*args, **kwargs)
+
+    with BoundedLagAllToAll(bound=1, timeout=30) as a2a:
+        rows = [[(src + p) % 3 + 1 for p in range(w)] for src in range(w)]  # rows[src][dst]
+        send = torch.arange(sum(rows[rank]) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * rank
+        recv_splits = [rows[src][rank] for src in range(w)]
+        a2a.exchange(send, rows[rank], recv_splits).wait()  # a kind seen: the next takes the fast path
+        fake = _Torch()
+        if rank == 0:
+            posting.torch = fake
+        try:
+            handle = a2a.exchange(send, rows[rank], recv_splits)
+        finally:
+            posting.torch = torch
+        send.zero_()  # the caller may reuse `send` at once
+        recv, got_splits = handle.wait()
+        return recv, got_splits, fake.failed, a2a.stats()["fast_iterations"]
+
+
+def test_a_result_not_allocated_at_posting_is_allocated_by_wait():
+    w = 2
+    for rank, (recv, got_splits, failed, fast) in enumerate(run_world(w, _no_memory_at_posting_body)):
+        rows = [[(src + p) % 3 + 1 for p in range(w)] for src in range(w)]
+        parts = []
+        for src in range(w):
+            sent = torch.arange(sum(rows[src]) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * src
+            lo = sum(rows[src][:rank])
+            parts.append(sent[lo : lo + rows[src][rank]])
+        assert got_splits == [rows[src][rank] for src in range(w)]
+        assert torch.equal(recv, torch.cat(parts)), rank
+        if fast:  # the C module was built: the fast path carried the second iteration
+            assert fast == 1
+            assert failed == (1 if rank == 0 else 0)
+
+
 def test_a_fast_iteration_whose_result_cannot_be_allocated_fails_on_that_rank_alone():
     (got0, later0, fast0), (got1, later1, fast1) = run_world(2, _no_memory_body)
     assert got0 == ("raised", "no memory for the result (test)")

@@ -303,3 +303,23 @@ def test_receive_inline_agrees_with_read_headers_and_gather(case, k, data):
     if total:
         gather(want[:total], table, rows, me, own_bytes, rb)
     assert np.array_equal(out, want)  # and nothing past the result written
+    # Given the result, with this rank's own rows in place already (place_own), the same call
+    # gathers the peers' payloads into it: the same bytes, nothing past it written.
+    res = np.full(total + 16, 7, dtype=np.uint8)
+    lo = sum(rows[:me]) * rb
+    res[lo : lo + len(own_bytes)] = own_bytes
+    res_t, res_at = _ptr(res)
+    assert native.receive_inline(
+        flat_at, table.size, w, me, stride, kind.fixed, k, splits, recv, 11, rb, res_at, total
+    ) == (rows, released)
+    assert np.array_equal(res, want)
+    if total:  # a result too short for the rows: nothing written, the general path says why
+        short = np.full(total, 7, dtype=np.uint8)
+        short_t, short_at = _ptr(short)
+        assert (
+            native.receive_inline(
+                flat_at, table.size, w, me, stride, kind.fixed, k, splits, recv, 11, rb, short_at, total - 1
+            )
+            is None
+        )
+        assert (short == 7).all()

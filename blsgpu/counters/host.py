@@ -32,9 +32,8 @@ class HostCounters:
 
     def post(self, k: int) -> None:
         self.posted = k + 1
-        lag = self.lag()
-        if lag > self.max_lag:
-            self.max_lag = lag
+        if self.peers and k + 1 - self._peer_posted_min > self.max_lag:  # lag(), written out
+            self.max_lag = k + 1 - self._peer_posted_min
 
     def arrive(self, k: int) -> None:
         if k + 1 > self.arrived:
@@ -46,9 +45,13 @@ class HostCounters:
     def complete(self, k: int, released: list[int]) -> None:
         """learn_all(k, released), arrive(k) and release(k) at once: an iteration whose caller
         read its headers and took its rows in one step (the host fast path)."""
-        self.learn_all(k, released)
-        self.arrive(k)
-        self.release(k)
+        with self.lock:  # learn_all(), arrive() and release(), written out (once per iteration)
+            if k + 1 > self._peer_posted_min:
+                self._peer_posted_min = k + 1
+                self.peer_released = released
+        if k + 1 > self.arrived:
+            self.arrived = k + 1
+        self.released = k + 1
 
     def gate(self, k: int, bound: int) -> None:
         """Hold the comm stream before iteration k until `released` reaches k-B.

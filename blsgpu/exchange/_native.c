@@ -383,23 +383,26 @@ done:
 }
 
 /* receive_inline(table_addr, table_cap, W, me, stride, fixed, k, send_splits, recv_splits,
- *                own_released, row_bytes, out_addr, out_cap, own_addr, own_cap)
- *   -> None | (rows, released)
+ *                own_released, row_bytes[, out_addr, out_cap]) -> None | (rows, released)
  *
  * wait()'s header work in one call, for the common case: every peer's header of iteration k has
  * this kind of rows, no peer spilled, each sends what recv_splits (when given) says and expects
  * what this rank sends (where it said). None: not that case (the general path reads the headers
  * again and says what disagreed, or posts the data alltoall). Else returns what each rank sends this
  * one and each one's release count (this rank's own at me); every payload, checked here to lie
- * within its peer's region, can then be gathered (gather()). */
+ * within its peer's region, can then be gathered (gather()). With out_addr (the result, out_cap its
+ * bytes, this rank's own rows in place already: place_own), the peers' payloads are gathered into
+ * it here, in the same call. */
 static PyObject *receive_inline(PyObject *self, PyObject *args) {
     unsigned long long table_addr;
     long long table_cap, k, own_released;
     Py_ssize_t W, me, stride, rb_in;
+    unsigned long long out_addr = 0;
+    long long out_cap = 0;
     PyObject *send_list, *recv_obj;
     Py_buffer fixed;
-    if (!PyArg_ParseTuple(args, "KLnnny*LOOLn", &table_addr, &table_cap, &W, &me, &stride, &fixed, &k, &send_list,
-                          &recv_obj, &own_released, &rb_in))
+    if (!PyArg_ParseTuple(args, "KLnnny*LOOLn|KL", &table_addr, &table_cap, &W, &me, &stride, &fixed, &k,
+                          &send_list, &recv_obj, &own_released, &rb_in, &out_addr, &out_cap))
         return NULL;
     PyObject *result = NULL;
     int64_t *s = NULL, *r = NULL, *rows = NULL, *rel = NULL;
@@ -428,6 +431,15 @@ static PyObject *receive_inline(PyObject *self, PyObject *args) {
             rows[p] = h[H_ROWS], rel[p] = h[H_RELEASED];
         }
         if (checked_mul(rows[p], rb, &nb) < 0 || checked_add(total, nb, &total) < 0) goto done;
+    }
+    if (out_addr) {
+        if (total > out_cap) goto general; /* the general path says why */
+        uint8_t *out = (uint8_t *)(uintptr_t)out_addr;
+        for (Py_ssize_t p = 0; p < W; p++) {
+            nb = rows[p] * rb;
+            if (p != me && nb) memcpy(out, table + (p - (p > me)) * stride + H_BYTES, (size_t)nb);
+            out += nb;
+        }
     }
     PyObject *rl = int_list(rows, W), *el = int_list(rel, W);
     if (rl && el) result = PyTuple_Pack(2, rl, el);

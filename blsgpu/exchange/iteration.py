@@ -33,6 +33,7 @@ class Iteration:
     own_lo = 0  # behind the messages (posted from the caller's tensor) or in the send slot
     own_in_out = False  # or in `out` already, at their place (the fast path, with recv_splits)
     out_at = 0  # the address of `out` where own_in_out
+    out_cap = 0  # and its bytes
     fast = False  # posted by the fast path (posting.py): wait() checks headers and gathers in C
 
     def __init__(

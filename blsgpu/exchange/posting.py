@@ -120,8 +120,8 @@ class Posting:
         the checks and the byte work (post_inline, then place_own once the messages are posted):
         a contiguous host tensor of a kind of rows seen before, splits given as lists (or tuples)
         of ints, every peer's payload inline, no profiler recording (the general path names every
-        phase). With recv_splits, the result is allocated
-        now (or is `out`) and this rank's own rows go straight into it.
+        phase). With recv_splits, the result (`out`, or a tensor allocated once the messages are
+        posted) takes this rank's own rows straight away.
 
         Returns None, having changed nothing, for every other case: the general path (_post) then
         runs, and it is also what says what is wrong with bad arguments.
@@ -161,14 +161,6 @@ class Posting:
             ):
                 return None
             res, cap = out, out.numel() * out.element_size()
-        elif recv_splits is not None:
-            try:
-                n = sum(recv_splits)
-                if type(n) is not int or n < 0:
-                    return None
-                res, cap = torch.empty((n, *kind.trailing), dtype=kind.dtype), n * kind.row_bytes
-            except (TypeError, RuntimeError):  # not ints, or no memory for them: the general path says
-                return None
         W, me, rb, native = self.world_size, self.rank, kind.row_bytes, self._native
         at = res.data_ptr() if res is not None else 0
         buf = self._msg_out[i]
@@ -203,11 +195,22 @@ class Posting:
                 )
             except Exception as e:  # the transport refuses to post: the channel is gone
                 raise self._fail(k, "posting", e) from e
+        if res is None and recv_splits is not None:
+            # The result, sized by the splits (post_inline checked them), is allocated only now,
+            # while the messages travel; post_inline kept room for the own rows behind the
+            # messages in case it cannot be (wait() then allocates it, or says why not).
+            n = sum(recv_splits)
+            try:
+                res = torch.empty((n, *kind.trailing), dtype=kind.dtype)
+            except RuntimeError:
+                pass
+            else:
+                at, cap = res.data_ptr(), n * rb
         it = Iteration(k, kind, None, send_splits, recv_splits, _CPU)
         it.fast = True
         it.msg_work = work
         if res is not None:
-            it.out, it.out_direct, it.own_in_out, it.out_at = res, True, True, at
+            it.out, it.out_direct, it.own_in_out, it.out_at, it.out_cap = res, True, True, at, cap
         else:
             it.own_buf, it.own_lo = buf, total
         it.prev = self._records.get(k - 1)

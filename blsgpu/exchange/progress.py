@@ -323,18 +323,17 @@ class Progress:
 
     def _finish_fast(self, it: Iteration, blocking: bool) -> None:
         """Complete an iteration exchange() posted on its fast path: wait for its messages, then
-        check every header in one C call and gather every payload in another. Whatever the first
-        does not take (a peer spilled or disagrees, the transport failed), another thread holding
-        the iteration, or a profiler recording, goes the general way (_process, _finish)."""
+        check every header and gather every payload in one C call (two when the result is only
+        sized now). Whatever the first does not take (a peer spilled or disagrees, the transport
+        failed), another thread holding the iteration, or a profiler recording, goes the general
+        way (_process, _finish)."""
         with self._claim_lock:
             mine = not it.claimed and not tracing()
             if mine:
                 it.claimed = True
         if not mine:
             return self._finish(it, blocking)
-        k, me, native = it.k, self.rank, self._native
-        kind = it.kind
-        rb = kind.row_bytes
+        k, kind = it.k, it.kind
         t0 = time.monotonic()
         got = None
         try:
@@ -343,10 +342,14 @@ class Progress:
                 it.msg_work = None
             inbuf = self._msg_in[k % (self.bound + 1)]
             out = it.out
-            got = native.receive_inline(
-                inbuf.ptr, inbuf.cap, self.world_size, me, self._stride, kind.fixed, k, it.send_splits,
-                it.recv_splits, self._counters.released, rb,
+            head = (
+                inbuf.ptr, inbuf.cap, self.world_size, self.rank, self._stride, kind.fixed, k, it.send_splits,
+                it.recv_splits, self._counters.released, kind.row_bytes,
             )  # fmt: skip
+            if it.own_in_out:  # the result, own rows in place: the payloads go straight into it
+                got = self._native.receive_inline(*head, it.out_at, it.out_cap)
+            else:
+                got = self._native.receive_inline(*head)
         except Exception as e:
             if it.msg_work is not None:  # the transport failed: named now, handed over below
                 self._fail(k, "header", e)
@@ -355,16 +358,15 @@ class Progress:
             self._process(it)
             return self._finish(it, blocking)
         rows, released = got
-        total = sum(rows)
         try:
             if out is None:  # recv_splits were not given: sized now, own rows behind the messages
-                out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
-            self._gather_native(it, out, rows, inbuf)  # (own rows given at posting lie in place)
+                out = torch.empty((sum(rows), *kind.trailing), dtype=kind.dtype)
+                self._gather_native(it, out, rows, inbuf)
         except Exception as e:  # e.g. no memory for the result: as on the general path
             self._hand_error(it, e)
         else:
             it.result = (out, rows)
-            self._bytes_received += (total - rows[me]) * rb
+            self._bytes_received += (sum(rows) - rows[self.rank]) * kind.row_bytes
         it.prev = None
         self._mark_finished(it)
         self._waiting_for_data_s += time.monotonic() - t0

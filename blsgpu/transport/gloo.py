@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -154,7 +155,7 @@ class GlooTransport:
     @staticmethod
     def wait_all(work: Any, timeout_s: float) -> None:
         try:
-            work.wait(timedelta(seconds=max(timeout_s, 0.001)))
+            work.wait(_timeout(timeout_s))
         except Exception as e:
             raise _failure(e) from e
 
@@ -190,6 +191,12 @@ class GlooTransport:
             except Exception:
                 pass
         self._groups = []  # aborted: dropping them now returns at once
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> timedelta:
+    """A wait's timeout as gloo takes it (made once per value: waits are on the hot path)."""
+    return timedelta(seconds=max(seconds, 0.001))
 
 
 def _failure(e: Exception) -> PeerFailure:
