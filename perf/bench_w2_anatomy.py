@@ -14,6 +14,12 @@ provider's connections and threads are as old as the others':
 - raw-copies: raw-message plus the copies the engine makes (torch slice copies): each peer's
   payload into the message, this rank's own rows into the result, every payload out of the
   receive regions. What the bytes cost without the engine's Python.
+- bls-floor: the BLS fast path's own calls and nothing else, driven straight from the benchmark on
+  a channel's buffers: the C call that checks the splits and writes the messages, the one MESSAGE
+  alltoall, the C call that places this rank's rows, the wait, the C call that checks the headers
+  and gathers. No records, counters, locks, handles or frames of the engine: what the bytes and
+  the transport cost with the engine's bookkeeping taken away (the floor a hot path in C would
+  reach). Not a usable exchange: no bound, no failures named.
 - bls-B0, bls-B1: the BLS channel at B=0 and B=1 (post k+B, wait k).
 - bls-B0-general: B=0 with the host fast path off (BLSGPU_FAST=0 when the channel is made).
 
@@ -54,6 +60,7 @@ PROVIDERS = (
     "raw-message",
     "raw-copies",
     "raw-p2p",
+    "bls-floor",
     "bls-B0",
     "bls-B1",
     "bls-B0-general",
@@ -157,6 +164,36 @@ class _Rank:
 
         return run
 
+    def bls_floor(self, a2a):
+        """The fast path's calls alone (see the module docstring), on a B=0 channel's buffers."""
+        native, group = a2a._native, a2a.transport._groups[0]  # the MESSAGE group
+        me, W, rb, dim = self.rank, self.W, self.dim * 4, self.dim
+        out_buf, in_buf, in_t = a2a._msg_out[0], a2a._msg_in[0], a2a._msg_in_t[0]
+        a2a.exchange(self.data[:W], [1] * W, [1] * W).wait()  # makes the kind of rows, sizes the buffers
+        fixed = next(iter(a2a._kinds.values())).fixed
+
+        def run(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                ss, rs = self.ss[i], self.rs[i]
+                send = self.data[: sum(ss)]
+                res = torch.empty(sum(rs), dim)
+                at, cap, ptr = res.data_ptr(), sum(rs) * rb, send.data_ptr()
+                args = (ptr, send.shape[0], ss, rs, W, me, rb, a2a._inline, fixed, i, 0, at, cap)
+                got = native.post_inline(out_buf.ptr, out_buf.cap, *args)
+                if type(got) is int:
+                    out_buf.host(got)
+                    got = native.post_inline(out_buf.ptr, out_buf.cap, *args)
+                total, ss, rs, sizes = got
+                work = group.alltoall_base(in_t, out_buf.torch(total), a2a._msg_out_sizes, sizes)
+                native.place_own(ptr, send.shape[0], ss, rs, me, rb, out_buf.ptr, out_buf.cap, total, at, cap)
+                work.wait()
+                head = (in_buf.ptr, in_buf.cap, W, me, a2a._stride, fixed, i, ss, rs, 0, rb, at, cap)
+                if native.receive_inline(*head) is None:
+                    raise RuntimeError(f"bls-floor: iteration {i} did not check out")
+                self.consume(res)
+
+        return run
+
 
 def _copy_rows(send: torch.Tensor, ss: list[int], me: int, msg_out: torch.Tensor, H: int, rb: int) -> None:
     """Each peer's rows of `send` behind its header in `msg_out` (bytes), as the engine lays them."""
@@ -191,6 +228,10 @@ def _make(me: _Rank, name: str, closers: list):
         if name == "raw-p2p":
             return me.raw_p2p(backend)
         return me.raw_message(backend, copies=name == "raw-copies")
+    if name == "bls-floor":
+        a2a = blsgpu.BoundedLagAllToAll(bound=0, name=name, timeout=120)
+        closers.append(a2a.close)
+        return me.bls_floor(a2a)
     bound = int(name.split("-")[1][1:])
     if name.endswith("general"):
         os.environ["BLSGPU_FAST"] = "0"  # read when a channel is made
