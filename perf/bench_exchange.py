@@ -24,7 +24,11 @@ from the same schedule and the measured T_none, with the exchange modelled eithe
 or as each rank's busy time ("cpu"); the two bracket a small host. Every BLS run is also checked
 against the sync run of the same delay model: per-iteration checksums of what each rank received.
 
-Usage: python perf/bench_exchange.py [--iters 100 --repeats 5 --delays none,exp:10,...] [--out DIR]
+With --pin, each rank and every thread it makes (gloo's too) is bound to one core, as a launcher that
+binds ranks to cores does; without it (the default, and what the targets are read on) the scheduler
+places every thread.
+
+Usage: python perf/bench_exchange.py [--iters 100 --repeats 5 --delays none,exp:10,...] [--pin] [--out DIR]
 """
 
 from __future__ import annotations
@@ -152,8 +156,23 @@ class _Rank:
         return time.perf_counter() - t0, checks
 
 
+def _pin(rank: int) -> None:
+    """Every thread of this rank's process, and every thread it makes later (they inherit the
+    affinity of the thread that makes them), on one core: rank r on core r mod cores, as a
+    launcher that binds each rank to a core does."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = {cores[rank % len(cores)]}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), core)
+        except OSError:  # the thread has exited since the listing
+            pass
+
+
 def _rank_main(rank: int, world_size: int, cfg: dict, schedules: dict) -> dict:
     """Runs every configuration of one repeat; returns {config: {loop_s, checks, stats}}."""
+    if cfg["pin"]:
+        _pin(rank)
     me = _Rank(rank, world_size, cfg)
     K, warm = cfg["iters"], cfg["warmup"]
     out: dict = {}
@@ -289,6 +308,7 @@ def _summary(cfg: dict, rows: list[dict]) -> dict:
         # floor and measured masking can exceed 1. The simulator's masking is the figure to read.
         "oversubscribed": cfg["world_size"] > _cores(),
         "cores": _cores(),
+        "pinned": cfg["pin"],  # each rank bound to one core (--pin): another regime than the default
         "exact": all(r["exact"] for r in rows),
     }
 
@@ -452,6 +472,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="BLS channels' inline capacity per peer (default: the channel's)",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="bind each rank (all its threads, gloo's included) to one core, rank r to core r mod "
+        "cores; default: the scheduler places every thread",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-plot", action="store_true")
@@ -503,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute_ms": args.compute_ms,
         "seed": args.seed,
         "inline_bytes": args.inline_bytes,
+        "pin": args.pin,
     }
     schedules = {
         spec: DelayModel.parse(spec).schedule(
@@ -539,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     "none_ratio_by_bound",
                     "none_ratio_met",
                     "oversubscribed",
+                    "pinned",
                     "exact",
                 )
             },
