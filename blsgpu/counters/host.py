@@ -32,8 +32,9 @@ class HostCounters:
 
     def post(self, k: int) -> None:
         self.posted = k + 1
-        if self.peers and k + 1 - self._peer_posted_min > self.max_lag:  # lag(), written out
-            self.max_lag = k + 1 - self._peer_posted_min
+        lag = self.lag()
+        if lag > self.max_lag:
+            self.max_lag = lag
 
     def arrive(self, k: int) -> None:
         if k + 1 > self.arrived:
@@ -45,13 +46,9 @@ class HostCounters:
     def complete(self, k: int, released: list[int]) -> None:
         """learn_all(k, released), arrive(k) and release(k) at once: an iteration whose caller
         read its headers and took its rows in one step (the host fast path)."""
-        with self.lock:  # learn_all(), arrive() and release(), written out (once per iteration)
-            if k + 1 > self._peer_posted_min:
-                self._peer_posted_min = k + 1
-                self.peer_released = released
-        if k + 1 > self.arrived:
-            self.arrived = k + 1
-        self.released = k + 1
+        self.learn_all(k, released)
+        self.arrive(k)
+        self.release(k)
 
     def gate(self, k: int, bound: int) -> None:
         """Hold the comm stream before iteration k until `released` reaches k-B.

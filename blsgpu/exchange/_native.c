@@ -199,6 +199,18 @@ done:
     return result;
 }
 
+/* Rows from every rank in rank order into out (its bounds checked by the caller): a peer's from behind
+ * its header in the table, this rank's own from `own` (NULL, or `out`'s own place: in place already). */
+static void copy_rows(uint8_t *out, const uint8_t *table, Py_ssize_t stride, const int64_t *rows, Py_ssize_t W,
+                      Py_ssize_t me, int64_t rb, const uint8_t *own) {
+    for (Py_ssize_t p = 0; p < W; p++) {
+        int64_t nb = rows[p] * rb;
+        const uint8_t *from = p == me ? own : table + (p - (p > me)) * stride + H_BYTES;
+        if (nb && from && from != out) memcpy(out, from, (size_t)nb);
+        out += nb;
+    }
+}
+
 /* gather(out_addr, out_cap, table_addr, table_cap, stride, rows, me, own_addr, own_cap, row_bytes)
  *
  * Rows from every rank in rank order into out: a peer's from behind its header in the table, this
@@ -232,16 +244,8 @@ static PyObject *gather(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the rows do not fit the result");
         goto done;
     }
-    uint8_t *out = (uint8_t *)(uintptr_t)out_addr;
-    const uint8_t *table = (const uint8_t *)(uintptr_t)table_addr;
-    for (Py_ssize_t p = 0; p < W; p++) {
-        nb = rows[p] * rb_in;
-        if (!nb) continue;
-        const uint8_t *from = p == me ? (const uint8_t *)(uintptr_t)own_addr
-                                      : table + (p - (p > me)) * stride + H_BYTES;
-        if (from != out) memcpy(out, from, (size_t)nb); /* own rows may lie in place already */
-        out += nb;
-    }
+    copy_rows((uint8_t *)(uintptr_t)out_addr, (const uint8_t *)(uintptr_t)table_addr, stride, rows, W, me, rb_in,
+              (const uint8_t *)(uintptr_t)own_addr);
     result = Py_None;
     Py_INCREF(result);
 done:
@@ -434,12 +438,7 @@ static PyObject *receive_inline(PyObject *self, PyObject *args) {
     }
     if (out_addr) {
         if (total > out_cap) goto general; /* the general path says why */
-        uint8_t *out = (uint8_t *)(uintptr_t)out_addr;
-        for (Py_ssize_t p = 0; p < W; p++) {
-            nb = rows[p] * rb;
-            if (p != me && nb) memcpy(out, table + (p - (p > me)) * stride + H_BYTES, (size_t)nb);
-            out += nb;
-        }
+        copy_rows((uint8_t *)(uintptr_t)out_addr, table, stride, rows, W, me, rb, NULL); /* own rows in place */
     }
     PyObject *rl = int_list(rows, W), *el = int_list(rel, W);
     if (rl && el) result = PyTuple_Pack(2, rl, el);

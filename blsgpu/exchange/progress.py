@@ -358,15 +358,16 @@ class Progress:
             self._process(it)
             return self._finish(it, blocking)
         rows, released = got
+        total = sum(rows)
         try:
             if out is None:  # recv_splits were not given: sized now, own rows behind the messages
-                out = torch.empty((sum(rows), *kind.trailing), dtype=kind.dtype)
+                out = torch.empty((total, *kind.trailing), dtype=kind.dtype)
                 self._gather_native(it, out, rows, inbuf)
         except Exception as e:  # e.g. no memory for the result: as on the general path
             self._hand_error(it, e)
         else:
             it.result = (out, rows)
-            self._bytes_received += (sum(rows) - rows[self.rank]) * kind.row_bytes
+            self._bytes_received += (total - rows[self.rank]) * kind.row_bytes
         it.prev = None
         self._mark_finished(it)
         self._waiting_for_data_s += time.monotonic() - t0
